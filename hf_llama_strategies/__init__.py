@@ -1,0 +1,32 @@
+"""hf-llama-strategies: fine-tuning strategies for Llama-family models in the HF Trainer."""
+
+from .anatomy import ModelAnatomy, parse_layer_selection
+from .arguments import StrategyArguments
+from .callback import StrategyCallback
+from .errors import InvalidArgumentError, PlanError, StrategyError, UnknownArchitectureError
+from .hookspecs import hookimpl, hookspec
+from .plan import PLAN_FILE_NAME, ParamDecision, StrategyPlan, build_plan
+from .plugins import get_plugin_manager
+from .trainer import StrategyTrainer, StrategyTrainerMixin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InvalidArgumentError",
+    "ModelAnatomy",
+    "PLAN_FILE_NAME",
+    "ParamDecision",
+    "PlanError",
+    "StrategyArguments",
+    "StrategyCallback",
+    "StrategyError",
+    "StrategyPlan",
+    "StrategyTrainer",
+    "StrategyTrainerMixin",
+    "UnknownArchitectureError",
+    "build_plan",
+    "get_plugin_manager",
+    "hookimpl",
+    "hookspec",
+    "parse_layer_selection",
+]

@@ -1,0 +1,331 @@
+"""Where a model keeps its embeddings, decoder layers, final norm and head.
+
+The built-in finder works from structure, not from lists of class names: the decoder
+layers are the homogeneous ``nn.ModuleList`` holding most of the parameters; the backbone
+is ``model.base_model``; the head is whatever the task model holds beside its backbone
+(``lm_head``, ``score``, ``classifier``, ``cls``...). It sees through PEFT wrappers. An
+architecture it cannot read is taught by a plugin implementing ``hfls_model_anatomy``.
+
+Layer indices come from parsed parameter paths (``model.layers.3.mlp...`` is layer 3),
+never from substring matches, so ``experts.3.`` inside layer 0 is still layer 0.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError, UnknownArchitectureError
+from .hookspecs import hookimpl
+
+EMBEDDINGS = "embeddings"
+LAYER = "layer"
+NORM = "norm"
+HEAD = "head"
+OTHER = "other"
+BLOCK_KINDS = (EMBEDDINGS, LAYER, NORM, HEAD, OTHER)
+
+
+@dataclass(frozen=True)
+class ModelAnatomy:
+    """The parts of a model, as dotted module paths of ``model.named_modules()``.
+
+    Attributes:
+        model_class: class name of the model that was analysed (the outer wrapper's).
+        layers_path: path of the ``nn.ModuleList`` of decoder (or encoder) layers.
+        num_layers: how many layers it holds.
+        embedding_paths: modules that form the input embeddings (token, position...).
+        norm_paths: the final norm after the last layer (empty for post-norm models).
+        head_paths: modules of the task head (``lm_head``, ``score``, ``classifier``...).
+        tied_parameters: alias -> canonical parameter name, for tensors shared between
+            modules (tied input/output embeddings). The canonical name is the one that
+            ``model.named_parameters()`` yields.
+        found_by: who produced this anatomy (``"structure"`` or a plugin's name).
+    """
+
+    model_class: str
+    layers_path: str
+    num_layers: int
+    embedding_paths: tuple[str, ...] = ()
+    norm_paths: tuple[str, ...] = ()
+    head_paths: tuple[str, ...] = ()
+    tied_parameters: dict[str, str] = field(default_factory=dict)
+    found_by: str = "structure"
+
+    @classmethod
+    def from_paths(
+        cls,
+        model: nn.Module,
+        layers_path: str,
+        embedding_paths: Iterable[str] = (),
+        norm_paths: Iterable[str] = (),
+        head_paths: Iterable[str] = (),
+        found_by: str = "plugin",
+    ) -> "ModelAnatomy":
+        """Build an anatomy from module paths, checking that each path exists.
+
+        This is what a plugin teaching a new architecture usually calls.
+        """
+        modules = dict(model.named_modules())
+        for path in [layers_path, *embedding_paths, *norm_paths, *head_paths]:
+            if path not in modules:
+                raise UnknownArchitectureError(
+                    f"{found_by}: module path {path!r} does not exist in {type(model).__name__}."
+                )
+        layers = modules[layers_path]
+        if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+            raise UnknownArchitectureError(
+                f"{found_by}: {layers_path!r} is a {type(layers).__name__}, expected an nn.ModuleList of layers."
+            )
+        return cls(
+            model_class=type(model).__name__,
+            layers_path=layers_path,
+            num_layers=len(layers),
+            embedding_paths=tuple(embedding_paths),
+            norm_paths=tuple(norm_paths),
+            head_paths=tuple(head_paths),
+            tied_parameters=find_tied_parameters(model),
+            found_by=found_by,
+        )
+
+    def classify(self, param_name: str) -> tuple[str, Optional[int]]:
+        """Return ``(block kind, layer index or None)`` for a parameter name."""
+        layers_prefix = self.layers_path + "."
+        if param_name.startswith(layers_prefix):
+            index = param_name[len(layers_prefix) :].split(".", 1)[0]
+            return LAYER, int(index)
+        for kind, paths in ((EMBEDDINGS, self.embedding_paths), (NORM, self.norm_paths), (HEAD, self.head_paths)):
+            if any(_is_under(param_name, path) for path in paths):
+                return kind, None
+        return OTHER, None
+
+    def layer_relative_name(self, param_name: str) -> str:
+        """``model.layers.3.mlp.up_proj.weight`` -> ``mlp.up_proj.weight``."""
+        rest = param_name[len(self.layers_path) + 1 :]
+        return rest.split(".", 1)[1]
+
+
+def _is_under(name: str, path: str) -> bool:
+    return path == "" or name == path or name.startswith(path + ".")
+
+
+def find_tied_parameters(model: nn.Module) -> dict[str, str]:
+    """Map every alias of a shared parameter to its canonical name.
+
+    ``named_parameters()`` yields a shared tensor once, under its first name; tied
+    input/output embeddings therefore hide the head's weight. This recovers it.
+    """
+    canonical: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = id(param)
+        if key in canonical:
+            aliases[name] = canonical[key]
+        else:
+            canonical[key] = name
+    return aliases
+
+
+def _module_path(root: nn.Module, target: nn.Module) -> Optional[str]:
+    for path, module in root.named_modules():
+        if module is target:
+            return path
+    return None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _has_params(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _find_layer_list(root: nn.Module) -> Optional[str]:
+    """The homogeneous ModuleList of parameterised blocks that holds the most parameters."""
+    best: Optional[tuple[int, int, str]] = None
+    for path, module in root.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(child) for child in module}
+        if len(kinds) != 1 or not all(_has_params(child) for child in module):
+            continue
+        numel = sum(p.numel() for p in module.parameters())
+        candidate = (numel, -path.count("."), path)
+        if best is None or candidate[:2] > best[:2]:
+            best = candidate
+    return None if best is None else best[2]
+
+
+def _is_norm(name: str, module: nn.Module) -> bool:
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        return True
+    return "norm" in type(module).__name__.lower() or "norm" in name.lower() or name.startswith("ln")
+
+
+def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, str]:
+    """Return the task model inside a PEFT wrapper and its path, or the model itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and hasattr(model, "peft_config"):
+        inner = get_base_model()
+        path = _module_path(model, inner)
+        if path is not None:
+            return inner, path
+    return model, ""
+
+
+def find_anatomy_by_structure(model: nn.Module) -> Optional[ModelAnatomy]:
+    """The built-in finder; ``None`` when the model has no recognisable layer stack."""
+    task_model, prefix = _unwrap_peft(model)
+    layers_rel = _find_layer_list(task_model)
+    if layers_rel is None:
+        return None
+    layers_path = _join(prefix, layers_rel)
+    layers = task_model.get_submodule(layers_rel)
+
+    backbone = getattr(task_model, "base_model", None)
+    if not isinstance(backbone, nn.Module) or not layers_rel.startswith(_module_path(task_model, backbone) or ""):
+        # A plain nn.Module: the backbone is whatever directly holds the layer list.
+        backbone = task_model.get_submodule(layers_rel.rsplit(".", 1)[0]) if "." in layers_rel else task_model
+    backbone_rel = _module_path(task_model, backbone) or ""
+
+    input_embeddings: Optional[nn.Module] = None
+    get_input_embeddings = getattr(task_model, "get_input_embeddings", None)
+    if callable(get_input_embeddings):
+        try:
+            input_embeddings = get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            input_embeddings = None
+
+    embedding_rel: list[str] = []
+    if input_embeddings is not None:
+        emb_path = _module_path(task_model, input_embeddings)
+        if emb_path is not None:
+            parent = emb_path.rsplit(".", 1)[0] if "." in emb_path else ""
+            # BERT-style models keep token, position and type embeddings (and a norm) in
+            # one submodule of the backbone: that whole submodule is the embeddings block.
+            if parent != backbone_rel and parent.startswith(backbone_rel) and not layers_rel.startswith(parent):
+                embedding_rel.append(parent)
+            else:
+                embedding_rel.append(emb_path)
+
+    norm_rel: list[str] = []
+    head_rel: list[str] = []
+    layers_parent_rel = layers_rel.rsplit(".", 1)[0] if "." in layers_rel else ""
+    for container_rel in dict.fromkeys([backbone_rel, layers_parent_rel]):
+        container = task_model.get_submodule(container_rel) if container_rel else task_model
+        for name, child in container.named_children():
+            child_rel = _join(container_rel, name)
+            if not _has_params(child) or layers_rel.startswith(child_rel):
+                continue
+            if any(_is_under(child_rel, e) or _is_under(e, child_rel) for e in embedding_rel):
+                continue
+            if isinstance(child, nn.Embedding):
+                embedding_rel.append(child_rel)
+            elif name == "pooler":
+                # The pooler only feeds a classification head; it is part of that head.
+                head_rel.append(child_rel)
+            elif _is_norm(name, child):
+                norm_rel.append(child_rel)
+
+    if backbone is not task_model:
+        for name, child in task_model.named_children():
+            if child is backbone or not _has_params(child):
+                continue
+            head_rel.append(name)
+
+    return ModelAnatomy(
+        model_class=type(model).__name__,
+        layers_path=layers_path,
+        num_layers=len(layers),
+        embedding_paths=tuple(_join(prefix, p) for p in embedding_rel),
+        norm_paths=tuple(_join(prefix, p) for p in norm_rel),
+        head_paths=tuple(_join(prefix, p) for p in head_rel),
+        tied_parameters=find_tied_parameters(model),
+        found_by="structure",
+    )
+
+
+@hookimpl(trylast=True)
+def hfls_model_anatomy(model: nn.Module) -> Optional[ModelAnatomy]:
+    """Built-in answer: read the model's structure."""
+    return find_anatomy_by_structure(model)
+
+
+# ---------------------------------------------------------------------------------------
+# Layer selection syntax: "all", "none", or "0,5,10:12", "-2:", ":4", "::2".
+
+_INT = r"[+-]?\d+"
+_TOKEN_RE = re.compile(rf"^(?:(?P<index>{_INT})|(?P<start>{_INT})?:(?P<stop>{_INT})?(?::(?P<step>{_INT})?)?)$")
+LAYER_SELECTION_SYNTAX = (
+    "'all', 'none', or a comma list of layer indices and Python slices such as '-2:' (last two), "
+    "':4' (first four), '0,5,10:12' or '::2'"
+)
+
+
+def parse_layer_selection(
+    spec: str, num_layers: Optional[int], option: str = "trainable_layers"
+) -> Optional[tuple[int, ...]]:
+    """Resolve a layer selection to sorted layer indices.
+
+    With ``num_layers=None`` only the syntax is checked and ``None`` is returned.
+    Raises :class:`InvalidArgumentError` for bad syntax, and for indices or slice bounds
+    outside the model's ``num_layers`` layers.
+    """
+    if not isinstance(spec, str):
+        hint = None
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            hint = (
+                f"Write a string: '{-abs(spec)}:' for the last {abs(spec)} layers (LLaMA-Factory's "
+                f"freeze_trainable_layers: {abs(spec)}) or '{spec}' for layer {spec} alone."
+            )
+        raise InvalidArgumentError(option, spec, LAYER_SELECTION_SYNTAX, hint)
+    text = spec.strip().lower()
+    if text == "all":
+        return None if num_layers is None else tuple(range(num_layers))
+    if text == "none":
+        return None if num_layers is None else ()
+    tokens = [t.strip() for t in text.split(",")]
+    matches = []
+    for token in tokens:
+        m = _TOKEN_RE.match(token)
+        if not token or m is None:
+            raise InvalidArgumentError(option, spec, LAYER_SELECTION_SYNTAX, f"Cannot parse {token!r}.")
+        if m.group("step") is not None and int(m.group("step")) == 0:
+            raise InvalidArgumentError(option, spec, LAYER_SELECTION_SYNTAX, f"Slice step cannot be zero in {token!r}.")
+        matches.append((token, m))
+    if num_layers is None:
+        return None
+
+    selected: set[int] = set()
+    valid = f"the model has {num_layers} layers: indices 0..{num_layers - 1}, or -{num_layers}..-1 from the top"
+    for token, m in matches:
+        if m.group("index") is not None:
+            index = int(m.group("index"))
+            if not -num_layers <= index < num_layers:
+                raise InvalidArgumentError(option, spec, valid, f"Layer {index} is out of range.")
+            selected.add(index % num_layers)
+            continue
+        bounds = [None if m.group(g) is None else int(m.group(g)) for g in ("start", "stop", "step")]
+        for bound in bounds[:2]:
+            if bound is not None and not -num_layers <= bound <= num_layers:
+                raise InvalidArgumentError(option, spec, valid, f"Slice bound {bound} in {token!r} is out of range.")
+        chosen = range(num_layers)[slice(*bounds)]
+        if len(chosen) == 0:
+            raise InvalidArgumentError(option, spec, valid, f"Slice {token!r} selects no layer.")
+        selected.update(chosen)
+    return tuple(sorted(selected))
+
+
+def all_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the model's parameters, shared tensors once (as ``named_parameters``)."""
+    return [name for name, _ in model.named_parameters()]
+
+
+def parameter_nbytes(param: torch.Tensor) -> int:
+    """Bytes a tensor takes, also on the meta device."""
+    return param.numel() * param.element_size()

@@ -1,0 +1,177 @@
+"""``StrategyArguments``: every strategy option, as one dataclass.
+
+``transformers.HfArgumentParser`` parses it beside ``TrainingArguments`` (no field name
+collides with one of ``TrainingArguments``), so one flat YAML file or one command line can
+hold model, data, training and strategy keys. Values are checked in ``__post_init__``: a
+bad value fails when the arguments are parsed, not hours into a run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Union
+
+from .anatomy import parse_layer_selection
+from .errors import InvalidArgumentError
+
+_BOOL_OR_AUTO = "true, false, or unset (null) for the default"
+
+
+@dataclass
+class StrategyArguments:
+    """How to fine-tune: which parameters train, and (in later options) at which rate and precision.
+
+    With every field at its default, this is full fine-tuning. Freezing options compose:
+    the layer and module selection decides the decoder layers; ``train_embeddings``,
+    ``train_norm`` and ``train_head`` decide the parts around them; ``trainable_params``
+    then adds parameters by regex and ``frozen_params`` removes them (it wins over all).
+    """
+
+    trainable_layers: str = field(
+        default="all",
+        metadata={
+            "help": (
+                "Decoder layers to train: 'all' (default), 'none', or a comma list of layer indices and "
+                "Python slices, e.g. '-2:' (last two), ':4' (first four), '0,5,10:12', '::2'. Negative "
+                "indices count from the top. Note: LLaMA-Factory's `freeze_trainable_layers: 2` is '-2:' here."
+            )
+        },
+    )
+    trainable_modules: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Within the selected layers, train only these modules: a comma list of module names as they "
+                "appear inside a layer, e.g. 'mlp,self_attn' or 'q_proj,v_proj' or 'self_attn.o_proj'. "
+                "Unset or 'all' trains every module of the selected layers."
+            )
+        },
+    )
+    train_embeddings: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Train the input embeddings (token, and position embeddings where the model has them). "
+                "Default: true for full fine-tuning, false as soon as `trainable_layers` or "
+                "`trainable_modules` restricts the layers."
+            )
+        },
+    )
+    train_norm: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Train the final norm after the last layer. Default: true."},
+    )
+    train_head: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Train the task head (lm_head, score, classifier, a BERT pooler). Default: true, except that "
+                "a head tied to frozen input embeddings stays frozen (the plan says so); set true to train "
+                "the shared tensor."
+            )
+        },
+    )
+    trainable_params: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Regexes (re.search on full parameter names) of parameters to train in addition to the "
+                "selection above, like axolotl's `unfrozen_parameters`. Each must match a parameter."
+            )
+        },
+    )
+    frozen_params: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Regexes (re.search on full parameter names) of parameters to freeze; wins over every other "
+                "option. Each must match a parameter."
+            )
+        },
+    )
+    strategy_options: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Options for third-party strategy plugins: a mapping (YAML) or a JSON object (command "
+                "line), keyed by plugin."
+            )
+        },
+    )
+    print_plan: bool = field(
+        default=True,
+        metadata={"help": "Print the plan table at the start of training (main process only)."},
+    )
+
+    def __post_init__(self) -> None:
+        parse_layer_selection(self.trainable_layers, None)
+        self.trainable_modules = _normalise_module_list(self.trainable_modules)
+        for option in ("train_embeddings", "train_norm", "train_head"):
+            value = getattr(self, option)
+            if value is not None and not isinstance(value, bool):
+                raise InvalidArgumentError(option, value, _BOOL_OR_AUTO)
+        self.trainable_params = _normalise_regex_list("trainable_params", self.trainable_params)
+        self.frozen_params = _normalise_regex_list("frozen_params", self.frozen_params)
+        self.strategy_options = _normalise_options(self.strategy_options)
+        if not isinstance(self.print_plan, bool):
+            raise InvalidArgumentError("print_plan", self.print_plan, "true or false")
+        # Deferred import: plugins import this module for type hints.
+        from .plugins import get_plugin_manager
+
+        get_plugin_manager().hook.hfls_validate_arguments(strategy_args=self)
+
+    @property
+    def restricts_layers(self) -> bool:
+        """True when only some decoder layers or modules train (anything but full fine-tuning)."""
+        return self.trainable_layers.strip().lower() != "all" or self.trainable_modules is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, as stored in ``strategy_plan.json``."""
+        return asdict(self)
+
+
+def _normalise_module_list(value: Any) -> Optional[str]:
+    expected = "a comma list of module names inside a decoder layer, e.g. 'mlp,self_attn', or 'all'"
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    if not isinstance(value, str):
+        raise InvalidArgumentError("trainable_modules", value, expected)
+    names = [n.strip() for n in value.split(",")]
+    if value.strip().lower() == "all":
+        return None
+    if any(not n or not re.fullmatch(r"[\w.]+", n) for n in names):
+        raise InvalidArgumentError("trainable_modules", value, expected)
+    return ",".join(names)
+
+
+def _normalise_regex_list(option: str, value: Any) -> Optional[list[str]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        # One regex; never split on commas, which regexes use ("a{1,3}").
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidArgumentError(option, value, "a list of non-empty regular expressions")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise InvalidArgumentError(option, pattern, "a valid Python regular expression", f"({exc}).") from None
+    return list(value)
+
+
+def _normalise_options(value: Any) -> Optional[dict]:
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgumentError("strategy_options", value, "a JSON object", f"({exc}).") from None
+        if isinstance(parsed, dict):
+            return parsed
+    raise InvalidArgumentError("strategy_options", value, "a mapping (YAML) or a JSON object string")

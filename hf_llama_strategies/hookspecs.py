@@ -1,0 +1,98 @@
+"""Hook specifications: the contract between the core and every strategy plugin.
+
+Built-in strategies implement these hooks exactly as a third-party package does. A plugin
+is any object or module with functions named like the hooks below and decorated with
+:data:`hookimpl`; it is discovered from the ``hf_llama_strategies`` entry-point group, or
+passed in code (``StrategyTrainer(..., strategy_plugins=[MyPlugin()])``).
+
+The order in which a plan is built::
+
+    hfls_validate_arguments(strategy_args)              # every plugin, no model needed
+    hfls_model_anatomy(model)                           # first non-None answer wins
+    hfls_plan_parameters(plan, anatomy, strategy_args, training_args)   # every plugin
+    hfls_adjust_plan(plan, anatomy, strategy_args, training_args)       # every plugin
+    hfls_validate_plan(plan, anatomy, strategy_args, training_args)     # every plugin
+
+A plugin that implements ``hfls_plan_parameters`` adds a strategy; ``hfls_model_anatomy``
+teaches an architecture; ``hfls_adjust_plan`` has the last word on any decision.
+Use ``@hookimpl(tryfirst=True)`` / ``trylast=True`` to order a plugin among the others.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import TrainingArguments
+
+    from .anatomy import ModelAnatomy
+    from .arguments import StrategyArguments
+    from .plan import StrategyPlan
+
+PROJECT_NAME = "hf_llama_strategies"
+ENTRY_POINT_GROUP = "hf_llama_strategies"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def hfls_validate_arguments(strategy_args: "StrategyArguments") -> None:
+    """Check the options this plugin owns, before any model is seen.
+
+    Raise :class:`~hf_llama_strategies.errors.InvalidArgumentError` naming the option, the
+    bad value and what would be valid. Options of third-party strategies live in
+    ``strategy_args.strategy_options`` (a dict), under a key of the plugin's choosing.
+    """
+
+
+@hookspec(firstresult=True)
+def hfls_model_anatomy(model: "torch.nn.Module") -> Optional["ModelAnatomy"]:
+    """Describe ``model``'s embeddings, decoder layers, final norm and head.
+
+    Return ``None`` to let the next plugin (and finally the built-in structural finder)
+    answer. The first non-``None`` answer is used. A plugin that teaches a new
+    architecture returns a :class:`~hf_llama_strategies.anatomy.ModelAnatomy`, usually
+    built with :meth:`ModelAnatomy.from_paths`.
+    """
+
+
+@hookspec
+def hfls_plan_parameters(
+    plan: "StrategyPlan",
+    anatomy: "ModelAnatomy",
+    strategy_args: "StrategyArguments",
+    training_args: Optional["TrainingArguments"],
+) -> None:
+    """Write this strategy's decisions into ``plan`` (trainable, lr, weight decay, dtype...).
+
+    Every plugin's implementation runs; later implementations see what earlier ones
+    decided. Record why through :meth:`StrategyPlan.set`'s ``reason`` so that the plan
+    table and ``strategy_plan.json`` can explain every decision.
+    """
+
+
+@hookspec
+def hfls_adjust_plan(
+    plan: "StrategyPlan",
+    anatomy: "ModelAnatomy",
+    strategy_args: "StrategyArguments",
+    training_args: Optional["TrainingArguments"],
+) -> None:
+    """Change the plan after every strategy has written into it.
+
+    For policies that cut across strategies (for example "never train biases").
+    """
+
+
+@hookspec
+def hfls_validate_plan(
+    plan: "StrategyPlan",
+    anatomy: "ModelAnatomy",
+    strategy_args: "StrategyArguments",
+    training_args: Optional["TrainingArguments"],
+) -> None:
+    """Refuse a finished plan that cannot train correctly, with a :class:`PlanError`."""

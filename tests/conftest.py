@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny datasets and TrainingArguments for CPU runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
+
+VOCAB = 128
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random token sequences, as causal-LM examples or labelled classification examples."""
+
+    def __init__(self, n: int = 32, seq_len: int = 16, seed: int = 0, num_labels: int | None = None) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(3, VOCAB, (n, seq_len), generator=g)
+        self.labels = None if num_labels is None else torch.randint(0, num_labels, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[i]
+        labels = ids.clone() if self.labels is None else self.labels[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def make_training_args(output_dir, **overrides) -> TrainingArguments:
+    """Deterministic CPU TrainingArguments for short runs."""
+    values = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        seed=0,
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+@pytest.fixture
+def lm_dataset() -> TokenDataset:
+    return TokenDataset()
+
+
+@pytest.fixture
+def cls_dataset() -> TokenDataset:
+    return TokenDataset(num_labels=3)
