@@ -91,6 +91,17 @@ class StrategyArguments:
             )
         },
     )
+
+    # -- layer-wise learning rates: strategies/layerwise_lr.py ------------------------------
+
+    # -- dynamic freezing: strategies/gradual_unfreezing.py, strategies/lisa.py -------------
+
+    # -- mixed precision: strategies/precision.py -------------------------------------------
+
+    # -- speed: strategies/activation_checkpointing.py -------------------------------------
+
+    # -- plugins and reporting --------------------------------------------------------------
+
     strategy_options: Optional[Union[dict, str]] = field(
         default=None,
         metadata={

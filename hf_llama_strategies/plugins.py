@@ -21,7 +21,9 @@ logger = logging.get_logger(__name__)
 #: Built-in plugin modules, in registration order.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_llama_strategies.anatomy",
+    # the strategies, one module each
     "hf_llama_strategies.strategies.freezing",
+
 )
 
 
