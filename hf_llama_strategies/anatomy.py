@@ -216,11 +216,16 @@ def find_anatomy_by_structure(model: nn.Module) -> Optional[ModelAnatomy]:
     norm_rel: list[str] = []
     head_rel: list[str] = []
     layers_parent_rel = layers_rel.rsplit(".", 1)[0] if "." in layers_rel else ""
+    is_task_model = backbone is not task_model
     for container_rel in dict.fromkeys([backbone_rel, layers_parent_rel]):
         container = task_model.get_submodule(container_rel) if container_rel else task_model
+        after_layers = False
         for name, child in container.named_children():
             child_rel = _join(container_rel, name)
-            if not _has_params(child) or layers_rel.startswith(child_rel):
+            if layers_rel.startswith(child_rel + ".") or layers_rel == child_rel:
+                after_layers = True
+                continue
+            if not _has_params(child):
                 continue
             if any(_is_under(child_rel, e) or _is_under(e, child_rel) for e in embedding_rel):
                 continue
@@ -231,8 +236,12 @@ def find_anatomy_by_structure(model: nn.Module) -> Optional[ModelAnatomy]:
                 head_rel.append(child_rel)
             elif _is_norm(name, child):
                 norm_rel.append(child_rel)
+            elif after_layers and not is_task_model:
+                # A model that is its own backbone (a plain nn.Module): what follows the
+                # layers and is not a norm is the output head.
+                head_rel.append(child_rel)
 
-    if backbone is not task_model:
+    if is_task_model:
         for name, child in task_model.named_children():
             if child is backbone or not _has_params(child):
                 continue
@@ -277,13 +286,17 @@ def parse_layer_selection(
     outside the model's ``num_layers`` layers.
     """
     if not isinstance(spec, str):
+        syntax = LAYER_SELECTION_SYNTAX if num_layers is None else f"{LAYER_SELECTION_SYNTAX} (the model has {num_layers} layers)"
         hint = None
         if isinstance(spec, int) and not isinstance(spec, bool):
             hint = (
                 f"Write a string: '{-abs(spec)}:' for the last {abs(spec)} layers (LLaMA-Factory's "
                 f"freeze_trainable_layers: {abs(spec)}) or '{spec}' for layer {spec} alone."
             )
-        raise InvalidArgumentError(option, spec, LAYER_SELECTION_SYNTAX, hint)
+        raise InvalidArgumentError(option, spec, syntax, hint)
+    syntax = LAYER_SELECTION_SYNTAX
+    if num_layers is not None:
+        syntax += f" (the model has {num_layers} layers)"
     text = spec.strip().lower()
     if text == "all":
         return None if num_layers is None else tuple(range(num_layers))
@@ -294,15 +307,18 @@ def parse_layer_selection(
     for token in tokens:
         m = _TOKEN_RE.match(token)
         if not token or m is None:
-            raise InvalidArgumentError(option, spec, LAYER_SELECTION_SYNTAX, f"Cannot parse {token!r}.")
+            raise InvalidArgumentError(option, spec, syntax, f"Cannot parse {token!r}.")
         if m.group("step") is not None and int(m.group("step")) == 0:
-            raise InvalidArgumentError(option, spec, LAYER_SELECTION_SYNTAX, f"Slice step cannot be zero in {token!r}.")
+            raise InvalidArgumentError(option, spec, syntax, f"Slice step cannot be zero in {token!r}.")
         matches.append((token, m))
     if num_layers is None:
         return None
 
     selected: set[int] = set()
-    valid = f"the model has {num_layers} layers: indices 0..{num_layers - 1}, or -{num_layers}..-1 from the top"
+    valid = (
+        f"an index or slice within the model's layers (it has {num_layers} layers: indices 0..{num_layers - 1}, "
+        f"or -{num_layers}..-1 from the top)"
+    )
     for token, m in matches:
         if m.group("index") is not None:
             index = int(m.group("index"))

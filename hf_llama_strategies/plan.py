@@ -256,6 +256,8 @@ def build_plan(
     """
     strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
     pm = plugin_manager if plugin_manager is not None else get_plugin_manager(plugins)
+    # Again here: StrategyArguments.__post_init__ cannot see plugins passed in code.
+    pm.hook.hfls_validate_arguments(strategy_args=strategy_args)
     anatomy = pm.hook.hfls_model_anatomy(model=model)
     if anatomy is None:
         raise UnknownArchitectureError(

@@ -146,7 +146,7 @@ def test_model_init_gets_the_plan(tmp_path, lm_dataset):
 @pytest.mark.parametrize(
     "strategy, error, fragment",
     [
-        (dict(trainable_layers="5:"), InvalidArgumentError, "the model has 3 layers"),
+        (dict(trainable_layers="5:"), InvalidArgumentError, "it has 3 layers"),
         (dict(trainable_layers="7"), InvalidArgumentError, "out of range"),
         (dict(trainable_layers="all", trainable_modules="attention"), PlanError, "Valid module names: "),
         (dict(trainable_params=["^nothing\\.here"]), PlanError, "matches no parameter"),
