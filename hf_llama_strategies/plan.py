@@ -48,6 +48,7 @@ class ParamDecision:
         group: optimizer group name.
         tied_with: other names of the same tensor (tied input/output embeddings).
         requires_grad_before: ``requires_grad`` before the plan was applied (PEFT freezes base weights).
+        shape: the tensor's shape.
     """
 
     name: str
@@ -63,6 +64,7 @@ class ParamDecision:
     group: str = "default"
     tied_with: tuple[str, ...] = ()
     requires_grad_before: bool = True
+    shape: tuple[int, ...] = ()
 
     @property
     def block(self) -> str:
@@ -104,6 +106,7 @@ class StrategyPlan:
                 dtype=str(param.dtype),
                 tied_with=tuple(aliases_of.get(name, ())),
                 requires_grad_before=param.requires_grad,
+                shape=tuple(param.shape),
             )
         return cls(
             model_class=anatomy.model_class,
@@ -187,7 +190,7 @@ class StrategyPlan:
             "num_trainable": self.num_trainable,
             "strategy_args": self.strategy_args,
             "notes": list(self.notes),
-            "parameters": [{**asdict(d), "tied_with": list(d.tied_with)} for d in self],
+            "parameters": [{**asdict(d), "tied_with": list(d.tied_with), "shape": list(d.shape)} for d in self],
         }
 
     @classmethod
@@ -195,7 +198,7 @@ class StrategyPlan:
         """Inverse of :meth:`to_dict`."""
         decisions = {}
         for entry in data["parameters"]:
-            entry = dict(entry, tied_with=tuple(entry.get("tied_with", ())))
+            entry = dict(entry, tied_with=tuple(entry.get("tied_with", ())), shape=tuple(entry.get("shape", ())))
             decisions[entry["name"]] = ParamDecision(**entry)
         return cls(
             model_class=data["model_class"],

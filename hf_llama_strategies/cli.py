@@ -1,0 +1,458 @@
+"""The ``hf-llama-strategies`` command: ``train``, ``plan`` and ``plugins``.
+
+One flat YAML file holds model, data, ``TrainingArguments`` and ``StrategyArguments`` keys
+(as LLaMA-Factory users write them); ``--key value`` on the command line overrides it. Bad
+input exits with code 2 and one message, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Sequence
+
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.utils import logging
+
+from .arguments import StrategyArguments
+from .data import CAUSAL_LM, SEQ_CLS, TASKS, DataArguments
+from .errors import InvalidArgumentError, StrategyError
+
+logger = logging.get_logger(__name__)
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+DEMO_DIR = os.path.join(ASSETS, "demo")
+CONFIGS_DIR = os.path.join(ASSETS, "configs")
+_MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_PATH_KEYS = ("model_name_or_path", "model_config", "tokenizer_name_or_path", "train_file", "validation_file")
+
+
+class CliError(StrategyError):
+    """A command-line or configuration error: printed as one message, exit code 2."""
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "A local model directory or a Hub id: weights are loaded from it."}
+    )
+    model_config: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "A config.json (or a directory holding one) to build the model from, with fresh weights. "
+                "`plan` builds it on the meta device, so even a 70B config costs no memory."
+            )
+        },
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer directory or Hub id. Default: the model's (or config's) directory."}
+    )
+    task: str = field(
+        default="auto",
+        metadata={"help": "causal_lm, seq_cls, or auto: seq_cls when the data has `label_column`, else causal_lm."},
+    )
+    model_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype to load the weights in: auto (as saved), float32, bfloat16 or float16."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models with code from their repository."})
+
+
+@dataclass
+class RunArguments:
+    """How the CLI treats its outputs."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into an output_dir that already holds files (nothing is deleted)."},
+    )
+    metric: str = field(
+        default="accuracy", metadata={"help": "Evaluation metric for seq_cls, a module shipped with the package."}
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, StrategyArguments, RunArguments)
+
+DEMO_CONFIG: dict[str, Any] = {
+    # The classic recipe on a small Llama built from a bundled config: body frozen except the
+    # last two layers, the classification head trained.
+    "model_config": DEMO_DIR,
+    "tokenizer_name_or_path": DEMO_DIR,
+    "task": SEQ_CLS,
+    "train_file": os.path.join(DEMO_DIR, "train.csv"),
+    "validation_file": os.path.join(DEMO_DIR, "validation.csv"),
+    "max_seq_length": 48,
+    "trainable_layers": "-2:",
+    "train_embeddings": True,
+    "output_dir": "outputs/demo",
+    "overwrite_output_dir": True,
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 64,
+    "learning_rate": 2e-3,
+    "warmup_steps": 10,
+    "weight_decay": 0.01,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "logging_steps": 20,
+    "seed": 0,
+}
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser that raises instead of printing the whole usage and exiting."""
+
+    def __init__(self) -> None:
+        super().__init__(ARGUMENT_CLASSES, allow_abbrev=False)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(message)
+
+
+def known_keys() -> list[str]:
+    """Every key a config file may hold."""
+    return [f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init]
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a flat YAML (or JSON) config file into a dict."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise CliError(f"config file {path!r} does not exist.")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise CliError(f"config file {path!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CliError(f"config file {path!r} must hold a mapping of keys to values, not a {type(data).__name__}.")
+    base = os.path.dirname(os.path.abspath(path))
+    for key in _PATH_KEYS:
+        value = data.get(key)
+        # Next to the config file first (shipped configs), else as given (the current directory, a Hub id).
+        if isinstance(value, str) and not os.path.isabs(value) and os.path.exists(os.path.join(base, value)):
+            data[key] = os.path.join(base, value)
+    return data
+
+
+def _to_argv(config: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(f"--{key}={'true' if value else 'false'}")
+        elif isinstance(value, (list, tuple)):
+            argv.extend([f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)])
+        elif isinstance(value, dict):
+            argv.append(f"--{key}={json.dumps(value)}")
+        else:
+            argv.append(f"--{key}={value}")
+    return argv
+
+
+def _unknown_key_error(remaining: list[str]) -> CliError:
+    keys = known_keys()
+    messages = []
+    for token in remaining:
+        if not token.startswith("--"):
+            messages.append(f"unexpected value {token!r} (values follow a --key)")
+            continue
+        key = token[2:].split("=", 1)[0].replace("-", "_")
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        messages.append(f"unknown key {key!r}{hint}")
+    return CliError("; ".join(messages) + ". `hf-llama-strategies train --help` lists every key.")
+
+
+def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple[Any, ...]:
+    """Parse a flat config dict plus command-line overrides into the argument dataclasses.
+
+    Returns ``(model_args, data_args, training_args, strategy_args, run_args)``.
+    """
+    parser = _Parser()
+    argv = _to_argv(config) + list(overrides)
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except (CliError, StrategyError):
+        raise
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if remaining:
+        raise _unknown_key_error(remaining)
+    model_args, data_args, training_args, strategy_args, run_args = parsed
+    if model_args.task not in TASKS:
+        raise InvalidArgumentError("task", model_args.task, f"one of {list(TASKS)}")
+    if model_args.model_dtype not in _MODEL_DTYPES:
+        raise InvalidArgumentError("model_dtype", model_args.model_dtype, f"one of {list(_MODEL_DTYPES)}")
+    if (model_args.model_name_or_path is None) == (model_args.model_config is None):
+        raise CliError(
+            "give exactly one of model_name_or_path (load weights) and model_config (build from a config); "
+            f"got model_name_or_path={model_args.model_name_or_path!r}, model_config={model_args.model_config!r}."
+        )
+    return model_args, data_args, training_args, strategy_args, run_args
+
+
+def _check_output_dir(training_args: TrainingArguments, run_args: RunArguments) -> None:
+    out = training_args.output_dir
+    if not out or not os.path.isdir(out) or not os.listdir(out):
+        return
+    if training_args.resume_from_checkpoint or run_args.overwrite_output_dir:
+        return
+    raise CliError(
+        f"output_dir={out!r} already holds files ({', '.join(sorted(os.listdir(out))[:5])}); nothing was written. "
+        "Choose another output_dir, resume with --resume_from_checkpoint, or pass --overwrite_output_dir true "
+        "to write into it."
+    )
+
+
+def _config_source(model_args: ModelArguments) -> str:
+    return model_args.model_config or model_args.model_name_or_path  # type: ignore[return-value]
+
+
+def load_model_config(model_args: ModelArguments) -> Any:
+    """The model's ``PretrainedConfig`` from ``model_config`` or ``model_name_or_path``."""
+    from transformers import AutoConfig
+
+    source = _config_source(model_args)
+    option = "model_config" if model_args.model_config else "model_name_or_path"
+    if model_args.model_config and not os.path.exists(source):
+        raise InvalidArgumentError(option, source, "a config.json file or a directory holding one", "No such path.")
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(option, source, "a model directory, a config.json or a reachable Hub id", str(exc))
+
+
+def _auto_model_class(task: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == SEQ_CLS else AutoModelForCausalLM
+
+
+def _task_from_config(config: Any) -> str:
+    architectures = getattr(config, "architectures", None) or []
+    return SEQ_CLS if any("SequenceClassification" in a for a in architectures) else CAUSAL_LM
+
+
+def _dtype(model_args: ModelArguments) -> Any:
+    import torch
+
+    return "auto" if model_args.model_dtype == "auto" else getattr(torch, model_args.model_dtype)
+
+
+def build_model(model_args: ModelArguments, config: Any, task: str, meta: bool = False) -> Any:
+    """The model for ``task``: loaded with weights, or built from the config (on the meta device for ``meta``)."""
+    import torch
+
+    auto = _auto_model_class(task)
+    if model_args.model_config is not None or meta:
+        dtype = _dtype(model_args)
+        if dtype == "auto":
+            dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if meta:
+            with torch.device("meta"):
+                return auto.from_config(config, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+        torch.manual_seed(0)
+        return auto.from_config(config, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+    return auto.from_pretrained(
+        model_args.model_name_or_path, config=config, dtype=_dtype(model_args),
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+
+def _load_tokenizer(model_args: ModelArguments) -> Any:
+    from transformers import AutoTokenizer
+
+    source = model_args.tokenizer_name_or_path or _config_source(model_args)
+    if source and os.path.isfile(source):
+        source = os.path.dirname(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(
+            "tokenizer_name_or_path", source, "a tokenizer directory or a reachable Hub id", str(exc)
+        ) from None
+    if tokenizer.pad_token is None:
+        # Llama tokenizers ship without a pad token; EOS padding is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _compute_metrics_for(metric_name: str) -> Any:
+    import numpy as np
+
+    from .metrics import load_metric
+
+    try:
+        metric = load_metric(metric_name)
+    except ValueError as exc:
+        raise InvalidArgumentError("metric", metric_name, "a metric shipped with the package", str(exc)) from None
+
+    def compute_metrics(prediction: Any) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return metric.compute(predictions=np.argmax(logits, axis=-1), references=prediction.label_ids)
+
+    return compute_metrics
+
+
+def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Fine-tune as ``config`` says; returns the final metrics. Everything is checked before writing."""
+    import math
+
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    from .data import detect_task, load_raw, prepare
+    from .trainer import StrategyTrainer
+
+    model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
+    _check_output_dir(training_args, run_args)
+    model_config = load_model_config(model_args)
+    raw = load_raw(data_args)
+    task = detect_task(raw, data_args) if model_args.task == "auto" else model_args.task
+    tokenizer = _load_tokenizer(model_args)
+    data = prepare(raw, task, tokenizer, data_args)
+    compute_metrics = None
+    if task == SEQ_CLS:
+        model_config.num_labels = len(data.label_names)
+        model_config.id2label = dict(enumerate(data.label_names))
+        model_config.label2id = {name: i for i, name in enumerate(data.label_names)}
+        model_config.pad_token_id = tokenizer.pad_token_id
+        compute_metrics = _compute_metrics_for(run_args.metric)
+    model = build_model(model_args, model_config, task)
+    if training_args.eval_strategy != "no" and data.eval is None:
+        raise InvalidArgumentError(
+            "eval_strategy", str(training_args.eval_strategy), "'no' when there is no validation data",
+            "Give validation_file or validation_split.",
+        )
+    if "report_to" not in config and not any(o.lstrip("-").startswith("report_to") for o in overrides):
+        # The CLI promises TensorBoard logs unless the user chose reporters.
+        training_args.report_to = _default_reporters()
+    collator = DataCollatorWithPadding(tokenizer) if task == SEQ_CLS else default_data_collator
+
+    # StrategyTrainer builds and checks the plan before Trainer.__init__ creates output_dir.
+    trainer = StrategyTrainer(
+        model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
+        processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
+        strategy_args=strategy_args,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    metrics = dict(result.metrics)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    if data.eval is not None:
+        eval_metrics = trainer.evaluate()
+        if task == CAUSAL_LM and "eval_loss" in eval_metrics:
+            eval_metrics["perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    trainer.save_state()
+    print(f"model, tokenizer, strategy_plan.json, metrics and logs saved in {training_args.output_dir}")
+    return metrics
+
+
+def _default_reporters() -> list[str]:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return ["none"]
+    return ["tensorboard"]
+
+
+def run_plan(config: dict[str, Any], overrides: Sequence[str] = (), plot: Optional[str] = None) -> Any:
+    """Print the plan and a memory estimate with no weights loaded (meta device)."""
+    from .memory import estimate_memory
+    from .plan import build_plan
+
+    model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
+    model_config = load_model_config(model_args)
+    task = _task_from_config(model_config) if model_args.task == "auto" else model_args.task
+    model = build_model(model_args, model_config, task, meta=True)
+    plan = build_plan(model, strategy_args, training_args)
+    estimate = estimate_memory(plan, str(training_args.optim))
+    print(plan.table())
+    print(estimate.table())
+    if plot:
+        from .report import plot_plan
+
+        plot_plan(plan, plot, base_lr=training_args.learning_rate)
+        print(f"plot written to {plot}")
+    return plan
+
+
+def run_plugins() -> list[dict[str, object]]:
+    """Print the installed and active plugins with their hooks."""
+    from .plugins import describe_plugins, get_plugin_manager
+
+    rows = describe_plugins(get_plugin_manager())
+    width = max(len(str(r["name"])) for r in rows)
+    for row in rows:
+        print(f"{str(row['name']).ljust(width)}  {row['source']}")
+        print(f"{' ' * width}  hooks: {', '.join(row['hooks']) or '-'}")  # type: ignore[arg-type]
+    return rows
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-llama-strategies",
+        description="Fine-tune Llama-family models with freezing, layer-wise LR and precision strategies.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train", help="fine-tune from a YAML config (no config: the bundled offline demo)", add_help=False
+    )
+    train.add_argument("config", nargs="?", help="flat YAML file with model, data, training and strategy keys")
+    train.add_argument("-h", "--help", action="store_true")
+    plan = sub.add_parser("plan", help="print the plan and a memory estimate; loads no weights", add_help=False)
+    plan.add_argument("config", nargs="?", help="flat YAML file")
+    plan.add_argument("--plot", metavar="PNG", help="also write a PNG of per-layer LR and trainable mask")
+    plan.add_argument("-h", "--help", action="store_true")
+    sub.add_parser("plugins", help="list installed and active plugins with their hooks")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``hf-llama-strategies``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _main_parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.command == "plugins":
+            run_plugins()
+            return 0
+        if getattr(args, "help", False):
+            _Parser().print_help()
+            return 0
+        if args.config is not None and args.config.startswith("--"):
+            overrides.insert(0, args.config)
+            args.config = None
+        if args.command == "plan" and args.config is None and not overrides:
+            raise CliError(f"plan needs a config file, e.g. {os.path.join(CONFIGS_DIR, 'llama3-8b.yaml')}")
+        config = DEMO_CONFIG if args.config is None and args.command == "train" else (
+            load_config_file(args.config) if args.config else {}
+        )
+        if args.command == "train":
+            run_train(dict(config), overrides)
+        else:
+            run_plan(dict(config), overrides, plot=args.plot)
+        return 0
+    except StrategyError as exc:
+        print(f"hf-llama-strategies: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Metric modules shipped with the package, loaded by path (``evaluate.load`` by name needs the Hub)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+_METRICS_DIR = os.path.join(os.path.dirname(__file__), "assets", "metrics")
+
+
+def metric_path(name: str) -> str:
+    """Path of a shipped ``evaluate`` metric module (``accuracy``)."""
+    path = os.path.join(_METRICS_DIR, name, f"{name}.py")
+    if not os.path.isfile(path):
+        shipped = sorted(os.listdir(_METRICS_DIR))
+        raise ValueError(f"metric={name!r} is not shipped with hf-llama-strategies; shipped metrics: {shipped}")
+    return path
+
+
+def load_metric(name: str) -> Any:
+    """``evaluate.load`` of a shipped metric, offline."""
+    import evaluate
+
+    return evaluate.load(metric_path(name))
