@@ -1,5 +1,5 @@
 # Two entry points, each installing what it needs into .venv on first use:
-#   make demo   fine-tune a tiny Llama with a freezing strategy (offline, CPU, < 1 min)
+#   make demo   the main job: `hf-llama-strategies train` with no config runs the bundled offline demo
 #   make test   run the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -8,16 +8,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/hfls-plugin-example/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The CPU build of torch first: a bare range would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The example third-party plugin: the test suite checks that it is discovered.
+	$(BIN)/python -m pip install --quiet -e examples/hfls-plugin-example
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/freeze_last_layers.py
+	$(BIN)/hf-llama-strategies train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

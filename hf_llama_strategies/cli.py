@@ -316,8 +316,12 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     from .data import detect_task, load_raw, prepare
     from .trainer import StrategyTrainer
 
+    import datasets
+
     model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
     _check_output_dir(training_args, run_args)
+    # Local files load in moments; their progress bars would bury the plan and any error.
+    datasets.disable_progress_bars()
     model_config = load_model_config(model_args)
     raw = load_raw(data_args)
     task = detect_task(raw, data_args) if model_args.task == "auto" else model_args.task

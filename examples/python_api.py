@@ -4,7 +4,7 @@ Runs offline on a CPU in well under a minute: the model is built from a config a
 text is tokenised byte by byte, so nothing is downloaded. The three lines that differ from
 a plain ``Trainer`` script are marked ``# <-``.
 
-    python examples/freeze_last_layers.py [--output_dir outputs/freeze_last_layers]
+    python examples/python_api.py [--output_dir outputs/python_api]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ByteChunks(torch.utils.data.Dataset):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default="outputs/freeze_last_layers")
+    parser.add_argument("--output_dir", default="outputs/python_api")
     parser.add_argument("--max_steps", type=int, default=60)
     cli = parser.parse_args()
 

@@ -1,0 +1,208 @@
+"""The hf-llama-strategies command: train, plan, plugins, and its refusals (exit code 2, nothing written)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, TrainerCallback
+
+from hf_llama_strategies import StrategyArguments, StrategyTrainer, cli
+from hf_llama_strategies.memory import estimate_memory
+
+DEMO = cli.DEMO_DIR
+
+
+@pytest.fixture
+def tiny_config_dir(tmp_path):
+    path = tmp_path / "tiny-llama"
+    LlamaConfig(
+        vocab_size=106, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False,
+    ).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def cls_files(tmp_path):
+    rows = list(csv.reader(open(os.path.join(DEMO, "train.csv"), encoding="utf-8")))
+    train, valid = tmp_path / "train.csv", tmp_path / "valid.csv"
+    for path, part in ((train, rows[1:41]), (valid, rows[41:57])):
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows([rows[0], *part])
+    return str(train), str(valid)
+
+
+@pytest.fixture
+def lm_file(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    rows = list(csv.reader(open(os.path.join(DEMO, "train.csv"), encoding="utf-8")))[1:60]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text, _ in rows), encoding="utf-8")
+    return str(path)
+
+
+def base_config(tiny_config_dir, output_dir, **extra):
+    config = {
+        "model_config": tiny_config_dir, "tokenizer_name_or_path": DEMO, "output_dir": str(output_dir),
+        "max_steps": 3, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "logging_steps": 1,
+        "use_cpu": True, "save_strategy": "no", "disable_tqdm": True, "max_seq_length": 24, "seed": 0,
+    }
+    config.update(extra)
+    return config
+
+
+def write_yaml(path, config):
+    import yaml
+
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return str(path)
+
+
+def test_train_classification_from_yaml_leaves_model_plan_metrics_and_logs(tmp_path, tiny_config_dir, cls_files):
+    out = tmp_path / "run"
+    config = base_config(
+        tiny_config_dir, out, train_file=cls_files[0], validation_file=cls_files[1], trainable_layers="-1:"
+    )
+    assert cli.main(["train", write_yaml(tmp_path / "c.yaml", config)]) == 0
+    for name in ("config.json", "model.safetensors", "strategy_plan.json", "tokenizer.json", "all_results.json",
+                 "train_results.json", "eval_results.json", "trainer_state.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "all_results.json").read_text())
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForSequenceClassification"]
+    assert saved["id2label"] == {"0": "negative", "1": "positive"}
+    plan = json.loads((out / "strategy_plan.json").read_text())
+    assert plan["strategy_args"]["trainable_layers"] == "-1:"
+    events = [f for _, _, files in os.walk(out / "runs") for f in files if f.startswith("events.out.tfevents")]
+    assert events, "TensorBoard event file expected under output_dir/runs"
+
+
+def test_command_line_keys_override_the_file(tmp_path, tiny_config_dir, lm_file):
+    out = tmp_path / "run"
+    config = base_config(tiny_config_dir, out, train_file=lm_file, validation_split=0.2, trainable_layers="all")
+    path = write_yaml(tmp_path / "c.yaml", config)
+    assert cli.main(["train", path, "--trainable_layers=-2:", "--max_steps", "2"]) == 0
+    plan = json.loads((out / "strategy_plan.json").read_text())
+    assert plan["strategy_args"]["trainable_layers"] == "-2:"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert "perplexity" in json.loads((out / "eval_results.json").read_text())
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"trainable_layer": "-2:"}, "unknown key 'trainable_layer'; did you mean 'trainable_layers'"),
+        ({"learning_rat": 1e-3}, "did you mean 'learning_rate'"),
+        ({"train_file": "does/not/exist.csv"}, "train_file='does/not/exist.csv' is not valid"),
+        ({"text_column": "sentence"}, "text_column='sentence' is not valid: expected a column of"),
+        ({"trainable_layers": "7:"}, "it has 3 layers"),
+        ({"trainable_modules": "attention"}, "Valid module names"),
+        ({"task": "translation"}, "task='translation' is not valid"),
+        ({"model_config": None}, "exactly one of model_name_or_path"),
+        ({"num_train_epochs": "many"}, "num_train_epochs"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(
+    tmp_path, tiny_config_dir, cls_files, capsys, change, fragment
+):
+    out = tmp_path / "run"
+    config = base_config(tiny_config_dir, out, train_file=cls_files[0], validation_file=cls_files[1])
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None}
+    assert cli.main(["train", write_yaml(tmp_path / "c.yaml", config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-llama-strategies: error: ") and fragment in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    assert cli.main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_existing_output_dir_is_left_untouched(tmp_path, tiny_config_dir, cls_files, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"precious")
+    config = base_config(tiny_config_dir, out, train_file=cls_files[0], validation_file=cls_files[1])
+    assert cli.main(["train", write_yaml(tmp_path / "c.yaml", config)]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"precious"
+
+
+def test_plan_prints_table_and_memory_with_no_weights(tmp_path, tiny_config_dir, capsys):
+    path = write_yaml(tmp_path / "p.yaml", {"model_config": tiny_config_dir, "trainable_layers": "-1:"})
+    png = tmp_path / "plan.png"
+    assert cli.main(["plan", path, "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0-1" in out and "memory estimate" in out and "optimizer state" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "trainer_output").exists()
+
+
+def test_plan_of_shipped_llama3_70b_config_runs_on_meta_device():
+    code = (
+        "import resource, time; t = time.time();"
+        "from hf_llama_strategies import cli;"
+        "plan = cli.run_plan(cli.load_config_file(cli.CONFIGS_DIR + '/llama3-70b.yaml'));"
+        "print('PARAMS', plan.num_parameters, plan.num_layers)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "PARAMS 70553706496 80" in result.stdout
+    assert "layers.72-79" in result.stdout
+
+
+def test_memory_estimate_within_ten_percent_of_a_real_run(tmp_path, lm_dataset):
+    from tiny_models import tiny_model
+
+    measured = {}
+
+    class Measure(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            measured["weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
+            measured["grads"] = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
+                                    if p.grad is not None)
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            from hf_llama_strategies.optim import optimizer_state_bytes
+
+            measured["state"] = optimizer_state_bytes(optimizer)
+
+    from conftest import make_training_args
+
+    model = tiny_model("llama").train()
+    trainer = StrategyTrainer(
+        model=model, args=make_training_args(tmp_path, max_steps=1), train_dataset=lm_dataset,
+        callbacks=[Measure()], strategy_args=StrategyArguments(trainable_layers="-2:", print_plan=False),
+    )
+    trainer.train()
+    estimate = estimate_memory(trainer.strategy_plan, "adamw_torch")
+    real = measured["weights"] + measured["grads"] + measured["state"]
+    assert abs(estimate.total - real) / real < 0.10, (estimate, measured)
+    assert sum(estimate.gradients.values()) == measured["grads"]
+
+
+def test_plugins_command_lists_builtins(capsys):
+    assert cli.main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "hf_llama_strategies.strategies.freezing" in out and "built-in" in out
+    assert "hfls_plan_parameters" in out
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "hf_llama_strategies", "train", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "--trainable_layers" in result.stdout and "--model_config" in result.stdout
