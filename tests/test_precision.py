@@ -30,7 +30,7 @@ from hf_llama_strategies import (
 )
 from hf_llama_strategies.plan import _human_bytes as human_bytes
 from hf_llama_strategies.plan import decision_nbytes
-from hf_llama_strategies.strategies.precision import decide_precision
+from hf_llama_strategies.strategies.precision import decide_precision, precision_decision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +144,7 @@ def test_explicit_flags_win_under_auto(tmp_path):
     args = make_training_args(tmp_path, bf16=True)
     resolved = resolve_training_arguments(args, StrategyArguments(), probe=A100)
     assert resolved.bf16 and not resolved.fp16
-    assert resolved._hfls_precision.reason == "auto: TrainingArguments.bf16=true"
+    assert precision_decision(resolved, StrategyArguments()).reason == "auto: TrainingArguments.bf16=true"
     fp16 = resolve_training_arguments(make_training_args(tmp_path, fp16=True), StrategyArguments(), probe=A100)
     assert fp16.fp16 and not fp16.bf16
 
@@ -154,8 +154,8 @@ def test_resolving_twice_gives_the_same_decision(tmp_path, saved_llama):
     strategy = StrategyArguments(trainable_layers="-1:")
     once = resolve_training_arguments(make_training_args(tmp_path), strategy, model=model, probe=CPU)
     twice = resolve_training_arguments(once, strategy, probe=CPU)
-    assert once._hfls_precision == twice._hfls_precision
-    assert once._hfls_precision.reason.startswith("auto: CPU, and the model was loaded in bfloat16")
+    assert precision_decision(once, strategy) == precision_decision(twice, strategy) is not None
+    assert precision_decision(once, strategy).reason.startswith("auto: CPU, and the model was loaded in bfloat16")
     assert twice.bf16 and twice.use_cpu
 
 
@@ -165,7 +165,7 @@ def test_use_cpu_is_set_for_bf16_on_a_cpu(tmp_path):
         pytest.skip("needs a machine without an accelerator")
     resolved = resolve_training_arguments(args, StrategyArguments(precision="bf16"), probe=CPU)
     assert resolved.use_cpu and resolved.bf16 and resolved.mixed_precision == "bf16"
-    assert "use_cpu set to true" in resolved._hfls_precision.notes[0]
+    assert "use_cpu set to true" in precision_decision(resolved, StrategyArguments(precision="bf16")).notes[0]
 
 
 # -- refusals --------------------------------------------------------------------------------
