@@ -133,13 +133,15 @@ class StrategyPlan:
         unknown = set(changes) - valid
         if unknown:
             raise TypeError(f"StrategyPlan.set: unknown decision fields {sorted(unknown)}; valid: {sorted(valid)}")
-        reason_field = {"lr": "lr_reason", "dtype": "dtype_reason"}.get(next(iter(changes)), "reason")
-        if len(changes) != 1:
-            reason_field = "reason"
+        reason_field = "reason"
+        if len(changes) == 1:
+            reason_field = {"lr": "lr_reason", "dtype": "dtype_reason"}.get(next(iter(changes)), "reason")
         for name in names:
             decision = self.decisions[name]
             for key, value in changes.items():
                 setattr(decision, key, value)
+            if "dtype" in changes:
+                decision.nbytes = None  # measured for the old dtype
             setattr(decision, reason_field, reason)
 
     def select(self, predicate: Callable[[ParamDecision], bool]) -> list[str]:

@@ -402,6 +402,17 @@ def test_casting_keeps_ties_and_leaves_buffers_alone():
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == pointers
 
 
+def test_measured_bytes_are_dropped_when_a_dtype_is_replanned():
+    model = tiny_model("llama")
+    plan = build_plan(model, StrategyArguments())
+    plan.apply(model)
+    assert plan["lm_head.weight"].nbytes == model.lm_head.weight.numel() * 4
+    plan.set(["lm_head.weight"], "test", dtype=BF16)
+    assert plan["lm_head.weight"].nbytes is None and plan["lm_head.weight"].dtype_reason == "test"
+    assert decision_nbytes(plan["lm_head.weight"]) == model.lm_head.weight.numel() * 2
+    assert plan["lm_head.weight"].reason == "default: full fine-tuning"
+
+
 def test_plan_round_trip_keeps_settings_and_measured_bytes(tmp_path):
     model = tiny_model("llama").to(torch.bfloat16)
     strategy = StrategyArguments(trainable_layers="-1:", precision="bf16")
