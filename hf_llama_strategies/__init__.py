@@ -7,11 +7,13 @@ from .errors import InvalidArgumentError, PlanError, StrategyError, UnknownArchi
 from .hookspecs import hookimpl, hookspec
 from .plan import PLAN_FILE_NAME, ParamDecision, StrategyPlan, build_plan
 from .plugins import get_plugin_manager
+from .strategies.precision import HardwareProbe, resolve_training_arguments
 from .trainer import StrategyTrainer, StrategyTrainerMixin
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HardwareProbe",
     "InvalidArgumentError",
     "ModelAnatomy",
     "PLAN_FILE_NAME",
@@ -29,4 +31,5 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "parse_layer_selection",
+    "resolve_training_arguments",
 ]

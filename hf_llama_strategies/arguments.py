@@ -98,6 +98,38 @@ class StrategyArguments:
 
     # -- mixed precision: strategies/precision.py -------------------------------------------
 
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "Training precision: 'auto' (default), 'bf16', 'fp16' or 'fp32'; mapped onto TrainingArguments' "
+                "fp16/bf16 by resolve_training_arguments (StrategyTrainer does it at construction). 'auto': bf16 "
+                "autocast where the accelerator has native bf16, fp16 autocast on CUDA GPUs without it, and on a "
+                "CPU fp32 (bf16 autocast if the model was loaded in bf16). With autocast, trainable parameters "
+                "are kept in fp32 and frozen ones stay as loaded. TF32 is TrainingArguments' own `tf32` key."
+            )
+        },
+    )
+    pure_bf16: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Train bf16 weights directly, with no fp32 copy of the trainable parameters (every parameter "
+                "is cast to bf16). Less memory, less precise updates. Needs bf16 hardware; refused with fp16 "
+                "and with DeepSpeed ZeRO-3 (which keeps its own fp32 master weights)."
+            )
+        },
+    )
+    frozen_dtype: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Cast frozen parameters to this dtype: 'bf16', 'fp16' or 'fp32' (unset: keep them as loaded). "
+                "Under autocast it must be the autocast dtype or fp32; with precision fp32 only fp32."
+            )
+        },
+    )
+
     # -- speed: strategies/activation_checkpointing.py -------------------------------------
 
     # -- plugins and reporting --------------------------------------------------------------

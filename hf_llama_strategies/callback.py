@@ -1,9 +1,16 @@
 """``StrategyCallback``: the plan applied to an unmodified ``Trainer``.
 
-A callback can freeze (before the optimizer and any DDP wrapper exist, in
-``on_init_end``), print and save the plan, and keep it in every checkpoint. It cannot
-build optimizer groups; for per-parameter learning rates use ``StrategyTrainer`` (or
-``StrategyTrainerMixin``).
+A callback can freeze and cast parameters to their planned dtypes (before the optimizer
+and any DDP wrapper exist, in ``on_init_end``), print and save the plan, and keep it in
+every checkpoint. It cannot build optimizer groups; for per-parameter learning rates use
+``StrategyTrainer`` (or ``StrategyTrainerMixin``).
+
+Nor can it change ``TrainingArguments``: by ``on_init_end`` the Trainer has set up
+accelerate (autocast, loss scaling) from ``fp16``/``bf16``. So ``precision: auto`` follows
+those flags as they are, and an explicit ``precision`` that they do not already say is
+refused (see :func:`~hf_llama_strategies.strategies.precision.check_training_arguments`);
+pass the arguments through :func:`~hf_llama_strategies.resolve_training_arguments`
+before building the Trainer to let ``auto`` choose.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from transformers.utils import logging
 from .arguments import StrategyArguments
 from .errors import PlanError
 from .plan import StrategyPlan, build_plan
+from .strategies.precision import check_training_arguments
 
 logger = logging.get_logger(__name__)
 
@@ -43,8 +51,16 @@ class StrategyCallback(TrainerCallback):
         self._prepared_model: Optional[nn.Module] = None
 
     def prepare(self, model: nn.Module, training_args: Optional[TrainingArguments] = None) -> StrategyPlan:
-        """Build the plan for ``model`` (once) and set its parameters' ``requires_grad``."""
+        """Build the plan for ``model`` (once); set its parameters' ``requires_grad`` and dtype.
+
+        ``training_args`` are taken as final: checked against the precision options (an
+        explicit ``precision`` they contradict is refused), never changed.
+        """
         if self._prepared_model is not model:
+            if training_args is not None:
+                training_args = check_training_arguments(
+                    training_args, self.strategy_args, model=model, plugins=self.plugins
+                )
             self.plan = build_plan(model, self.strategy_args, training_args, plugins=self.plugins)
             self._prepared_model = model
         assert self.plan is not None

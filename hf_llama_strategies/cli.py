@@ -91,6 +91,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "max_seq_length": 48,
     "trainable_layers": "-2:",
     "train_embeddings": True,
+    "precision": "auto",
     "output_dir": "outputs/demo",
     "overwrite_output_dir": True,
     "num_train_epochs": 2,

@@ -14,7 +14,8 @@ The order in which a plan is built::
     hfls_validate_plan(plan, anatomy, strategy_args, training_args)     # every plugin
 
 A plugin that implements ``hfls_plan_parameters`` adds a strategy; ``hfls_model_anatomy``
-teaches an architecture; ``hfls_adjust_plan`` has the last word on any decision.
+teaches an architecture; ``hfls_hardware_probe`` (asked by ``resolve_training_arguments``)
+describes an accelerator; ``hfls_adjust_plan`` has the last word on any decision.
 Use ``@hookimpl(tryfirst=True)`` / ``trylast=True`` to order a plugin among the others.
 """
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .anatomy import ModelAnatomy
     from .arguments import StrategyArguments
     from .plan import StrategyPlan
+    from .strategies.precision import HardwareProbe
 
 PROJECT_NAME = "hf_llama_strategies"
 ENTRY_POINT_GROUP = "hf_llama_strategies"
@@ -96,3 +98,14 @@ def hfls_validate_plan(
     training_args: Optional["TrainingArguments"],
 ) -> None:
     """Refuse a finished plan that cannot train correctly, with a :class:`PlanError`."""
+
+
+@hookspec(firstresult=True)
+def hfls_hardware_probe(training_args: Optional["TrainingArguments"]) -> Optional["HardwareProbe"]:
+    """Describe the device that ``training_args`` will train on (type, name, bf16 and TF32 support).
+
+    Return ``None`` to let the next plugin (and finally the built-in probe, which asks
+    torch) answer. Used by :func:`~hf_llama_strategies.resolve_training_arguments` to map
+    ``precision`` onto the hardware; a plugin can teach a new accelerator, or a test can
+    stand in for hardware it does not have.
+    """

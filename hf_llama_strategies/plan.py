@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
+import torch
 from torch import nn
 from transformers.utils import logging
 
@@ -39,7 +40,8 @@ class ParamDecision:
         kind: ``embeddings``, ``layer``, ``norm``, ``head`` or ``other``.
         layer: decoder layer index for ``kind == "layer"``, else ``None``.
         numel: number of elements.
-        dtype: dtype of the tensor when the plan was built (``torch.float32`` ...).
+        dtype: the dtype the parameter trains in (``torch.float32`` ...): the loaded dtype
+            until a strategy plans otherwise; :meth:`StrategyPlan.apply` casts to it.
         trainable: whether it trains.
         reason: which option decided ``trainable``.
         lr: learning rate; ``None`` means ``TrainingArguments.learning_rate``.
@@ -49,6 +51,9 @@ class ParamDecision:
         tied_with: other names of the same tensor (tied input/output embeddings).
         requires_grad_before: ``requires_grad`` before the plan was applied (PEFT freezes base weights).
         shape: the tensor's shape.
+        dtype_reason: which option decided ``dtype`` (``None``: kept as loaded).
+        nbytes: bytes the tensor holds, measured by :meth:`StrategyPlan.apply` after casting;
+            ``None`` until then (the table then estimates ``numel`` x the dtype's size).
     """
 
     name: str
@@ -65,6 +70,8 @@ class ParamDecision:
     tied_with: tuple[str, ...] = ()
     requires_grad_before: bool = True
     shape: tuple[int, ...] = ()
+    dtype_reason: Optional[str] = None
+    nbytes: Optional[int] = None
 
     @property
     def block(self) -> str:
@@ -86,6 +93,9 @@ class StrategyPlan:
     decisions: dict[str, ParamDecision]
     strategy_args: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: Plan-wide decisions of strategies (for example ``"precision"``), JSON-serialisable
+    #: dicts keyed by the strategy; a ``"summary"`` entry is shown under the table.
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- building -------------------------------------------------------------------------
 
@@ -119,17 +129,22 @@ class StrategyPlan:
     def set(self, names: Iterable[str], reason: str, **changes: Any) -> None:
         """Change fields of the named decisions, recording ``reason``.
 
-        ``reason`` goes to ``lr_reason`` when only ``lr`` changes, else to ``reason``.
+        ``reason`` goes to ``lr_reason`` when only ``lr`` changes, to ``dtype_reason`` when
+        only ``dtype`` changes, else to ``reason``.
         """
-        valid = {f.name for f in fields(ParamDecision)} - {"name", "kind", "layer", "numel"}
+        valid = {f.name for f in fields(ParamDecision)} - {"name", "kind", "layer", "numel", "nbytes"}
         unknown = set(changes) - valid
         if unknown:
             raise TypeError(f"StrategyPlan.set: unknown decision fields {sorted(unknown)}; valid: {sorted(valid)}")
-        reason_field = "lr_reason" if set(changes) == {"lr"} else "reason"
+        reason_field = "reason"
+        if len(changes) == 1:
+            reason_field = {"lr": "lr_reason", "dtype": "dtype_reason"}.get(next(iter(changes)), "reason")
         for name in names:
             decision = self.decisions[name]
             for key, value in changes.items():
                 setattr(decision, key, value)
+            if "dtype" in changes:
+                decision.nbytes = None  # measured for the old dtype
             setattr(decision, reason_field, reason)
 
     def select(self, predicate: Callable[[ParamDecision], bool]) -> list[str]:
@@ -162,7 +177,12 @@ class StrategyPlan:
         return sum(d.numel for d in self if d.trainable)
 
     def apply(self, model: nn.Module) -> None:
-        """Set ``requires_grad`` of every parameter of ``model`` as planned.
+        """Set ``requires_grad`` and the dtype of every parameter of ``model`` as planned.
+
+        A parameter whose dtype differs from the planned one is cast in place (its
+        ``Parameter`` object is kept, so tied weights stay tied and references held
+        elsewhere stay valid); buffers are never touched. This must run before the
+        optimizer exists. Records each tensor's measured size in ``nbytes``.
 
         Raises :class:`PlanError` when the model's parameters are not the plan's.
         """
@@ -175,7 +195,11 @@ class StrategyPlan:
                 f"not in the plan {extra}."
             )
         for name, param in params.items():
-            param.requires_grad_(self.decisions[name].trainable)
+            decision = self.decisions[name]
+            if str(param.dtype) != decision.dtype:
+                _cast_parameter(name, param, decision.dtype)
+            param.requires_grad_(decision.trainable)
+            decision.nbytes = param.numel() * param.element_size()
 
     # -- output ---------------------------------------------------------------------------
 
@@ -190,6 +214,7 @@ class StrategyPlan:
             "num_trainable": self.num_trainable,
             "strategy_args": self.strategy_args,
             "notes": list(self.notes),
+            "settings": self.settings,
             "parameters": [{**asdict(d), "tied_with": list(d.tied_with), "shape": list(d.shape)} for d in self],
         }
 
@@ -207,6 +232,7 @@ class StrategyPlan:
             decisions=decisions,
             strategy_args=data.get("strategy_args", {}),
             notes=list(data.get("notes", [])),
+            settings=dict(data.get("settings", {})),
         )
 
     def save(self, directory: str) -> str:
@@ -283,6 +309,41 @@ def build_plan(
     return plan
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The ``torch.dtype`` written as ``name`` (``"torch.bfloat16"`` or ``"bfloat16"``)."""
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise PlanError(f"{name!r} is not a torch dtype (expected e.g. 'torch.float32', 'torch.bfloat16').")
+    return dtype
+
+
+def _cast_parameter(name: str, param: nn.Parameter, dtype_name: str) -> None:
+    target = torch_dtype(dtype_name)
+    if not (param.is_floating_point() and target.is_floating_point):
+        raise PlanError(f"The plan casts {name} from {param.dtype} to {target}; only floating-point casts are possible.")
+    with torch.no_grad():
+        # Assigning .data keeps the Parameter object: tied modules and hooks keep seeing it.
+        param.data = param.data.to(target)
+    param.grad = None
+
+
+def decision_nbytes(decision: ParamDecision) -> int:
+    """Bytes of one parameter: measured when the plan was applied, else estimated from its dtype."""
+    if decision.nbytes is not None:
+        return decision.nbytes
+    try:
+        return decision.numel * torch_dtype(decision.dtype).itemsize
+    except PlanError:
+        return 0
+
+
+def _human_bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return f"{count}B"
+
+
 def _human(count: int) -> str:
     for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
         if count >= size:
@@ -308,7 +369,8 @@ def _row(label: str, decisions: list[ParamDecision]) -> tuple[str, ...]:
     else:
         trained = f"{_human(trainable)} ({100 * trainable / total:.0f}%)"
     dtypes = ",".join(sorted({d.dtype.replace("torch.", "") for d in decisions}))
-    return (label, _human(total), trained, _lr_text(decisions), dtypes)
+    memory = _human_bytes(sum(decision_nbytes(d) for d in decisions))
+    return (label, _human(total), trained, _lr_text(decisions), dtypes, memory)
 
 
 def _layer_signature(plan: StrategyPlan, decisions: list[ParamDecision]) -> tuple:
@@ -320,7 +382,11 @@ def _layer_signature(plan: StrategyPlan, decisions: list[ParamDecision]) -> tupl
 
 
 def format_plan_table(plan: StrategyPlan) -> str:
-    """Render ``plan`` as a fixed-width table (block, params, trainable, lr, dtype)."""
+    """Render ``plan`` as a fixed-width table (block, params, trainable, lr, dtype, memory).
+
+    ``memory`` is what the block's parameters hold: measured from the tensors once the
+    plan was applied, estimated from the planned dtypes before.
+    """
     by_block: dict[str, list[ParamDecision]] = {}
     for decision in plan:
         by_block.setdefault(decision.block, []).append(decision)
@@ -349,7 +415,7 @@ def format_plan_table(plan: StrategyPlan) -> str:
             rows.append(_row(kind, by_block[kind]))
     rows.append(_row("total", list(plan)))
 
-    header = ("block", "params", "trainable", "lr", "dtype")
+    header = ("block", "params", "trainable", "lr", "dtype", "memory")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
     render = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -359,5 +425,6 @@ def format_plan_table(plan: StrategyPlan) -> str:
         f"{_human(plan.num_parameters)} parameters train ({100 * plan.num_trainable / max(plan.num_parameters, 1):.2f}%)"
     )
     out = [title, *body]
+    out.extend(f"{key}: {value['summary']}" for key, value in plan.settings.items() if value.get("summary"))
     out.extend(f"note: {n}" for n in plan.notes)
     return "\n".join(out)

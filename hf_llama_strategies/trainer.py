@@ -10,13 +10,14 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_optimizer import is_optimizer_factory
 
 from .arguments import StrategyArguments
 from .callback import StrategyCallback
 from .optim import build_param_groups
 from .plan import StrategyPlan
+from .strategies.precision import resolve_training_arguments
 
 # Optimizer kwargs with which transformers' optimizer handlers bring their own parameter
 # layout (GaLore, APOLLO, LOMO, layer-wise optimizers).
@@ -28,7 +29,9 @@ class StrategyTrainerMixin:
 
     Put it first among the bases. Keyword arguments: ``strategy_args``
     (:class:`StrategyArguments`) and ``strategy_plugins`` (extra plugin objects); every
-    other argument goes to the Trainer unchanged.
+    other argument goes to the Trainer unchanged, except ``args``: the Trainer gets
+    :func:`resolve_training_arguments`'s copy (``precision`` mapped onto fp16/bf16), which
+    is ``self.args``; the object passed in is not modified.
     """
 
     def __init__(
@@ -42,8 +45,19 @@ class StrategyTrainerMixin:
         self.strategy_callback = StrategyCallback(self.strategy_args, plugins=strategy_plugins)
         model = kwargs.get("model", args[0] if args else None)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is None:
+            # What Trainer.__init__ would create, created here so that it can be resolved.
+            training_args = TrainingArguments(output_dir="trainer_output")
+        # Before Trainer.__init__, which sets accelerate up from fp16/bf16: the resolved
+        # flags are the ones used, and a bad strategy fails before output_dir is created.
+        training_args = resolve_training_arguments(
+            training_args, self.strategy_args, model=model, plugins=self.strategy_callback.plugins
+        )
+        if len(args) > 1:
+            args = (args[0], training_args, *args[2:])
+        else:
+            kwargs["args"] = training_args
         if model is not None:
-            # Before Trainer.__init__: a bad strategy fails before output_dir is created.
             self.strategy_callback.prepare(model, training_args)
         super().__init__(*args, **kwargs)
         # First in line, so the plan table prints before the progress bar starts.

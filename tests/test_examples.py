@@ -50,9 +50,9 @@ def test_transformers_style_script(tmp_path):
 
 def test_example_plugin_package_is_installed_and_discovered():
     rows = {r["name"]: r for r in describe_plugins(get_plugin_manager())}
-    assert "no_bias" in rows, "examples/hfls-plugin-example is not installed: `make test` installs it"
-    assert rows["no_bias"]["source"] == "hfls-plugin-example 0.1.0"
-    assert rows["no_bias"]["hooks"] == ["hfls_plan_parameters", "hfls_validate_arguments"]
+    assert "freeze_bias" in rows, "examples/hfls-plugin-example is not installed: `make test` installs it"
+    assert rows["freeze_bias"]["source"] == "hfls-plugin-example 0.1.0"
+    assert rows["freeze_bias"]["hooks"] == ["hfls_plan_parameters", "hfls_validate_arguments"]
 
 
 def test_example_plugin_strategy_works_through_options():
@@ -60,12 +60,12 @@ def test_example_plugin_strategy_works_through_options():
 
     model = tiny_model("gpt2")
     plain = build_plan(model)
-    no_bias = build_plan(model, StrategyArguments(strategy_options={"no_bias": True}))
+    no_bias = build_plan(model, StrategyArguments(strategy_options={"freeze_bias": True}))
     biases = [n for n in plain.decisions if n.endswith(".bias")]
-    assert biases and all(not no_bias[n].trainable and no_bias[n].reason == "no_bias plugin" for n in biases)
+    assert biases and all(not no_bias[n].trainable and no_bias[n].reason.startswith("freeze_bias plugin") for n in biases)
     assert [n for n in plain.trainable_names() if not n.endswith(".bias")] == no_bias.trainable_names()
-    with pytest.raises(ValueError, match=r"strategy_options.no_bias='yes'"):
-        StrategyArguments(strategy_options={"no_bias": "yes"})
+    with pytest.raises(ValueError, match=r"strategy_options.freeze_bias='yes'"):
+        StrategyArguments(strategy_options={"freeze_bias": "yes"})
 
 
 def test_python_api_example(tmp_path):

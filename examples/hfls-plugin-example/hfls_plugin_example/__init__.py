@@ -1,4 +1,4 @@
-"""An installable third-party strategy: ``strategy_options: {no_bias: true}`` freezes every bias.
+"""An installable third-party strategy: ``strategy_options: {freeze_bias: true}`` freezes every bias.
 
 Installed, it is discovered through the ``hf_llama_strategies`` entry-point group; nothing in
 hf-llama-strategies names it.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from hf_llama_strategies import InvalidArgumentError, hookimpl
 
-OPTION = "no_bias"
+OPTION = "freeze_bias"
 
 
 def _enabled(strategy_args) -> bool:
@@ -25,4 +25,4 @@ def hfls_validate_arguments(strategy_args) -> None:
 @hookimpl
 def hfls_plan_parameters(plan, anatomy, strategy_args, training_args) -> None:
     if _enabled(strategy_args):
-        plan.set(plan.select(lambda d: d.name.endswith(".bias")), "no_bias plugin", trainable=False)
+        plan.set(plan.select(lambda d: d.name.endswith(".bias")), "freeze_bias plugin (hfls-plugin-example)", trainable=False)
