@@ -2,28 +2,28 @@
 
 Groups are deterministic: the same plan gives the same groups in the same order, so an
 optimizer checkpoint always loads into a resumed run. Inside every plan group the
-Trainer's weight-decay split (``Trainer.get_decay_parameter_names``) is kept.
+Trainer's weight-decay split (``Trainer.get_decay_parameter_names``) is kept. Also here:
+the optimizer built from those groups with the class ``optim=`` names (shared by
+``StrategyTrainer`` and the callback's optimizer factory), reading the per-group rates
+back for the logs, and the DeepSpeed check that the groups survive.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import torch
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_optimizer import is_optimizer_factory
-from transformers.utils import logging
 
 from .errors import PlanError
 from .plan import DEFAULT_GROUP, ParamDecision, StrategyPlan
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
-
-logger = logging.get_logger(__name__)
 
 # Name components that wrappers insert (FSDP1, activation checkpointing, torch.compile).
 _WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
