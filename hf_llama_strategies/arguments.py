@@ -94,6 +94,46 @@ class StrategyArguments:
 
     # -- layer-wise learning rates: strategies/layerwise_lr.py ------------------------------
 
+    head_lr: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Learning rate of the task head (lm_head, score, classifier), absolute, e.g. 5e-5 while "
+                "`learning_rate` (the body) is 1e-5. Unset: the head follows the other options."
+            )
+        },
+    )
+    embedding_lr: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Learning rate of the input embeddings, absolute (axolotl's `embedding_lr`). The embeddings "
+                "must train: with restricted layers also set `train_embeddings: true`."
+            )
+        },
+    )
+    layer_lr_decay: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Layer-wise LR decay d in (0, 1] (timm's `layer_decay`): decoder layer i of L trains at "
+                "learning_rate * d**(L-1-i), the embeddings at learning_rate * d**L, the final norm and the "
+                "head at learning_rate. `head_lr`, `embedding_lr` and `lr_rules` override it."
+            )
+        },
+    )
+    lr_rules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Per-parameter learning rates, applied in order after the options above (a later rule wins): "
+                "'PATTERN=LR' (absolute, e.g. 'self_attn=2e-5') or 'PATTERN=xSCALE' (times `learning_rate`, "
+                "e.g. 'mlp=x0.5'). PATTERN is a regex (re.search on full parameter names) and must match a "
+                "parameter that trains."
+            )
+        },
+    )
+
     # -- dynamic freezing: strategies/gradual_unfreezing.py, strategies/lisa.py -------------
 
     # -- mixed precision: strategies/precision.py -------------------------------------------

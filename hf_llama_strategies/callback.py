@@ -2,8 +2,10 @@
 
 A callback can freeze and cast parameters to their planned dtypes (before the optimizer
 and any DDP wrapper exist, in ``on_init_end``), print and save the plan, and keep it in
-every checkpoint. It cannot build optimizer groups; for per-parameter learning rates use
-``StrategyTrainer`` (or ``StrategyTrainerMixin``).
+every checkpoint. A callback cannot build the optimizer;
+:meth:`StrategyCallback.optimizer_cls_and_kwargs` gives the Trainer the plan's groups
+through ``Trainer(optimizer_cls_and_kwargs=...)`` (its optimizer-factory form), and the
+callback refuses to train when the plan's groups did not reach the optimizer.
 
 Nor can it change ``TrainingArguments``: by ``on_init_end`` the Trainer has set up
 accelerate (autocast, loss scaling) from ``fp16``/``bf16``. So ``precision: auto`` follows
@@ -15,17 +17,27 @@ before building the Trainer to let ``auto`` choose.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
+import torch
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .arguments import StrategyArguments
 from .errors import PlanError
-from .plan import StrategyPlan, build_plan
+from .optim import (
+    NO_DECAY_SUFFIX,
+    OptimizerClsAndKwargs,
+    base_learning_rate,
+    create_optimizer_from_plan,
+    group_learning_rates,
+)
+from .plan import DEFAULT_GROUP, StrategyPlan, build_plan
 from .strategies.precision import check_training_arguments
 
 logger = logging.get_logger(__name__)
@@ -39,6 +51,12 @@ class StrategyCallback(TrainerCallback):
         trainer = Trainer(model=model, args=training_args, train_dataset=ds,
                           callbacks=[StrategyCallback(StrategyArguments(trainable_layers="-2:"))])
 
+    With per-parameter learning rates, also hand the Trainer the plan's optimizer::
+
+        callback = StrategyCallback(StrategyArguments(head_lr=5e-5))
+        trainer = Trainer(model=model, args=training_args, train_dataset=ds, callbacks=[callback],
+                          optimizer_cls_and_kwargs=callback.optimizer_cls_and_kwargs())
+
     Args:
         strategy_args: the strategy; default: full fine-tuning.
         plugins: extra plugin objects, beside built-in and installed ones.
@@ -49,6 +67,10 @@ class StrategyCallback(TrainerCallback):
         self.plugins = tuple(plugins)
         self.plan: Optional[StrategyPlan] = None
         self._prepared_model: Optional[nn.Module] = None
+        self._training_args: Optional[TrainingArguments] = None
+        # Rates of the last optimizer step, read before the scheduler moves them.
+        self._step_lrs: dict[str, float] = {}
+        self._step_base_lr: Optional[float] = None
 
     def prepare(self, model: nn.Module, training_args: Optional[TrainingArguments] = None) -> StrategyPlan:
         """Build the plan for ``model`` (once); set its parameters' ``requires_grad`` and dtype.
@@ -67,9 +89,97 @@ class StrategyCallback(TrainerCallback):
         self.plan.apply(model)
         return self.plan
 
+    # -- the optimizer, for an unmodified Trainer --------------------------------------------
+
+    def optimizer_cls_and_kwargs(
+        self,
+        training_args: Optional[TrainingArguments] = None,
+        optimizer_cls_and_kwargs: Optional[OptimizerClsAndKwargs] = None,
+    ) -> tuple[Callable[[], Callable[..., torch.optim.Optimizer]], dict[str, Any]]:
+        """``Trainer(optimizer_cls_and_kwargs=...)`` value that builds the plan's optimizer.
+
+        transformers 5 accepts an optimizer factory there: a callable that the Trainer
+        calls with no argument, then calls the result with the model. Ours builds the same
+        groups as ``StrategyTrainer.create_optimizer``, with the class and kwargs from
+        ``optim=`` (``Trainer.get_optimizer_cls_and_kwargs``).
+
+        Args:
+            training_args: the Trainer's arguments; default: those the callback sees in
+                ``on_init_end``.
+            optimizer_cls_and_kwargs: your own ``(optimizer class, kwargs)``, which wins
+                over ``optim=`` as it does in the Trainer.
+        """
+
+        def factory() -> Callable[..., torch.optim.Optimizer]:
+            return functools.partial(
+                self.create_optimizer, training_args=training_args, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs
+            )
+
+        return factory, {}
+
+    def create_optimizer(
+        self,
+        model: nn.Module,
+        training_args: Optional[TrainingArguments] = None,
+        optimizer_cls_and_kwargs: Optional[OptimizerClsAndKwargs] = None,
+    ) -> torch.optim.Optimizer:
+        """The optimizer over the plan's groups for ``model`` (what the factory above calls).
+
+        Raises:
+            PlanError: the callback was not given to the Trainer (no plan), or ``optim=``
+                lays out its own groups while the plan needs its own.
+        """
+        args = training_args if training_args is not None else self._training_args
+        if self.plan is None or args is None:
+            raise PlanError(
+                "StrategyCallback.optimizer_cls_and_kwargs: the Trainer never ran this callback's on_init_end. Pass "
+                "the same StrategyCallback in `callbacks=`."
+            )
+        optimizer = create_optimizer_from_plan(model, self.plan, args, optimizer_cls_and_kwargs)
+        if optimizer is not None:
+            return optimizer
+        # optim= brings its own layout and the plan needs none: build it as the Trainer would.
+        cls, kwargs = optimizer_cls_and_kwargs or Trainer.get_optimizer_cls_and_kwargs(args, model)
+        kwargs = dict(kwargs)
+        if is_optimizer_factory(cls):
+            return cls()(model, **kwargs)
+        layout = next(kwargs.pop(k) for k in ("params", "model", "optimizer_dict") if k in kwargs)
+        return cls(layout, **kwargs)
+
+    # -- per-group learning rates -------------------------------------------------------------
+
+    def learning_rate_logs(self) -> dict[str, float]:
+        """``learning_rate/<group>`` of the last optimizer step, plus the scheduled base ``learning_rate``.
+
+        Empty with the default layout (one group: nothing to add to the stock log).
+        """
+        if set(self._step_lrs) <= {DEFAULT_GROUP}:
+            return {}
+        logs = {f"learning_rate/{name}": lr for name, lr in self._step_lrs.items()}
+        if self._step_base_lr is not None:
+            logs["learning_rate"] = self._step_base_lr
+        return logs
+
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        **kwargs,
+    ) -> None:
+        # After optimizer.step and before lr_scheduler.step: the rates this step used, which
+        # is also when the Trainer reads the `learning_rate` it logs.
+        if optimizer is not None:
+            self._step_lrs = group_learning_rates(optimizer)
+            self._step_base_lr = base_learning_rate(optimizer, args.learning_rate)
+
+    # -- events ------------------------------------------------------------------------------
+
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
     ) -> None:
+        self._training_args = args
         if model is not None:
             self.prepare(model, args)
 
@@ -83,10 +193,26 @@ class StrategyCallback(TrainerCallback):
                 "applies the plan inside `call_model_init`."
             )
         assert self.plan is not None
+        self._check_optimizer_groups(kwargs.get("optimizer"))
         if state.is_world_process_zero and self.strategy_args.print_plan:
             print(self.plan.table())
         if args.should_save:
             self.plan.save(args.output_dir)
+
+    def _check_optimizer_groups(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        assert self.plan is not None
+        if optimizer is None or not self.plan.has_custom_groups:
+            return
+        found = {str(g.get("name", "")).removesuffix(NO_DECAY_SUFFIX) for g in optimizer.param_groups}
+        missing = [name for name in self.plan.group_names() if name not in found]
+        if missing:
+            raise PlanError(
+                f"The plan gives parameters their own optimizer groups {self.plan.group_names()} (head_lr, "
+                f"embedding_lr, layer_lr_decay, lr_rules), but the optimizer has no group {missing}: it was not "
+                "built from the plan. With a plain Trainer pass "
+                "`optimizer_cls_and_kwargs=callback.optimizer_cls_and_kwargs()` (and no `optimizers=`), or use "
+                "StrategyTrainer."
+            )
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

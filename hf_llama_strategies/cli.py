@@ -82,7 +82,7 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, StrategyAr
 
 DEMO_CONFIG: dict[str, Any] = {
     # The classic recipe on a small Llama built from a bundled config: body frozen except the
-    # last two layers, the classification head trained.
+    # last two layers, the classification head trained at a higher rate.
     "model_config": DEMO_DIR,
     "tokenizer_name_or_path": DEMO_DIR,
     "task": SEQ_CLS,
@@ -91,6 +91,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "max_seq_length": 48,
     "trainable_layers": "-2:",
     "train_embeddings": True,
+    "head_lr": 5e-3,
     "precision": "auto",
     "output_dir": "outputs/demo",
     "overwrite_output_dir": True,

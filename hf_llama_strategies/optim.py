@@ -2,17 +2,28 @@
 
 Groups are deterministic: the same plan gives the same groups in the same order, so an
 optimizer checkpoint always loads into a resumed run. Inside every plan group the
-Trainer's weight-decay split (``Trainer.get_decay_parameter_names``) is kept.
+Trainer's weight-decay split (``Trainer.get_decay_parameter_names``) is kept. Also here:
+the optimizer built from those groups with the class ``optim=`` names (shared by
+``StrategyTrainer`` and the callback's optimizer factory), reading the per-group rates
+back for the logs, and the DeepSpeed check that the groups survive.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import json
+import os
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import torch
 from torch import nn
+from transformers import Trainer
+from transformers.trainer_optimizer import is_optimizer_factory
 
-from .plan import StrategyPlan
+from .errors import PlanError
+from .plan import DEFAULT_GROUP, ParamDecision, StrategyPlan
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 # Name components that wrappers insert (FSDP1, activation checkpointing, torch.compile).
 _WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
@@ -27,12 +38,30 @@ def unwrapped_name(name: str) -> str:
     return ".".join(parts)
 
 
-def group_key(plan: StrategyPlan, name: str, decays: bool, weight_decay: float) -> tuple[str, Optional[float], float]:
+def resolved_lr(decision: ParamDecision, base_lr: Optional[float]) -> Optional[float]:
+    """The absolute learning rate of ``decision``; ``None`` for ``TrainingArguments.learning_rate``.
+
+    A relative rate (``lr_scale``) that the plan could not resolve (built without
+    ``TrainingArguments``) is resolved against ``base_lr``.
+    """
+    if decision.lr is not None or decision.lr_scale is None:
+        return decision.lr
+    if base_lr is None:
+        raise PlanError(
+            f"{decision.name}: its learning rate is {decision.lr_scale} x learning_rate ({decision.lr_reason}), "
+            "but no base learning rate was given to resolve it."
+        )
+    return base_lr * decision.lr_scale
+
+
+def group_key(
+    plan: StrategyPlan, name: str, decays: bool, weight_decay: float, base_lr: Optional[float] = None
+) -> tuple[str, Optional[float], float]:
     """(group name, lr or None, weight decay) of one trainable parameter."""
     decision = plan[name]
     wd = decision.weight_decay if decision.weight_decay is not None else (weight_decay if decays else 0.0)
     group = decision.group if decays or decision.weight_decay is not None else decision.group + NO_DECAY_SUFFIX
-    return group, decision.lr, wd
+    return group, resolved_lr(decision, base_lr), wd
 
 
 def build_param_groups(
@@ -40,6 +69,7 @@ def build_param_groups(
     plan: StrategyPlan,
     decay_parameter_names: Iterable[str],
     weight_decay: float,
+    base_lr: Optional[float] = None,
 ) -> list[dict[str, Any]]:
     """Optimizer param groups for every parameter the plan trains.
 
@@ -49,6 +79,8 @@ def build_param_groups(
         plan: the plan; only its trainable parameters get a group.
         decay_parameter_names: names that take weight decay (``Trainer.get_decay_parameter_names``).
         weight_decay: ``TrainingArguments.weight_decay``.
+        base_lr: ``TrainingArguments.learning_rate``, for relative rates the plan left
+            unresolved (``lr_scale`` without ``lr``).
 
     Returns:
         A list of ``{"name", "params", "weight_decay"[, "lr"]}`` dicts, ordered by each plan
@@ -62,7 +94,7 @@ def build_param_groups(
         name = raw_name if raw_name in plan.decisions else unwrapped_name(raw_name)
         if not plan[name].trainable:
             continue
-        key = group_key(plan, name, name in decays, weight_decay)
+        key = group_key(plan, name, name in decays, weight_decay, base_lr)
         order.setdefault(plan[name].group, len(order))
         buckets.setdefault(key, []).append(param)
 
@@ -87,4 +119,169 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         for state in optimizer.state.values()
         for value in state.values()
         if torch.is_tensor(value)
+    )
+
+
+# Optimizer kwargs with which transformers' optimizer handlers bring their own parameter
+# layout (GaLore, APOLLO, LOMO, layer-wise optimizers).
+_OWN_LAYOUT_KWARGS = ("params", "model", "optimizer_dict")
+
+OptimizerClsAndKwargs = tuple[Any, dict[str, Any]]
+
+
+def brings_own_layout(optimizer_cls: Any, optimizer_kwargs: dict[str, Any]) -> bool:
+    """True when the optimizer lays out its own parameters (a factory, GaLore, LOMO...)."""
+    return is_optimizer_factory(optimizer_cls) or any(k in optimizer_kwargs for k in _OWN_LAYOUT_KWARGS)
+
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """``Trainer.get_decay_parameter_names(model)``, for code that has no Trainer at hand."""
+    # The method reads nothing from the Trainer; calling it keeps transformers' own rule
+    # (biases and norms do not decay) instead of a copy that could drift.
+    return Trainer.get_decay_parameter_names(None, model)  # type: ignore[arg-type]
+
+
+def create_optimizer_from_plan(
+    model: nn.Module,
+    plan: StrategyPlan,
+    training_args: "TrainingArguments",
+    optimizer_cls_and_kwargs: Optional[OptimizerClsAndKwargs] = None,
+    decay_names: Optional[Iterable[str]] = None,
+) -> Optional[torch.optim.Optimizer]:
+    """The optimizer over the plan's groups, or ``None`` where ``optim=`` brings its own layout.
+
+    Args:
+        model: the model being trained (possibly wrapped: FSDP1 passes the wrapped one).
+        plan: the plan applied to it.
+        training_args: ``learning_rate``, ``weight_decay`` and ``optim`` come from here.
+        optimizer_cls_and_kwargs: a user's ``(class, kwargs)``; wins over ``optim=``.
+        decay_names: the parameters that take weight decay; default: the Trainer's rule.
+
+    Returns ``None`` (the caller then takes the Trainer's own path) when the optimizer
+    lays out its own parameters and the plan needs nothing but the default layout.
+
+    Raises:
+        PlanError: such an optimizer, with a plan whose groups it would drop.
+    """
+    if optimizer_cls_and_kwargs is not None:
+        optimizer_cls, optimizer_kwargs = optimizer_cls_and_kwargs
+    else:
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    if brings_own_layout(optimizer_cls, optimizer_kwargs):
+        if plan.has_custom_groups:
+            raise PlanError(
+                f"optim={getattr(training_args, 'optim', None)!r} ({getattr(optimizer_cls, '__name__', optimizer_cls)}) "
+                f"lays out its own parameter groups, so the plan's groups {plan.group_names()} (per-parameter "
+                "learning rates or weight decay) cannot apply. Choose another `optim` (adamw_torch, adafactor, "
+                "sgd, ...) or drop head_lr, embedding_lr, layer_lr_decay and lr_rules."
+            )
+        return None
+    groups = build_param_groups(
+        model.named_parameters(),
+        plan,
+        decay_parameter_names(model) if decay_names is None else decay_names,
+        training_args.weight_decay,
+        base_lr=training_args.learning_rate,
+    )
+    return optimizer_cls(groups, **optimizer_kwargs)
+
+
+def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Current learning rate of every named plan group (``.no_decay`` halves folded in)."""
+    rates: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        name = group.get("name")
+        if name is None:
+            continue
+        lr = group["lr"]
+        rates.setdefault(name.removesuffix(NO_DECAY_SUFFIX), float(lr.item() if torch.is_tensor(lr) else lr))
+    return rates
+
+
+def base_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) -> Optional[float]:
+    """``learning_rate`` as the scheduler has moved it now, read from the optimizer's groups.
+
+    The default group holds it directly; otherwise group 0's current rate over its
+    initial rate is the schedule's factor. ``None`` when neither is known.
+    """
+    rates = group_learning_rates(optimizer)
+    if DEFAULT_GROUP in rates:
+        return rates[DEFAULT_GROUP]
+    first = optimizer.param_groups[0] if optimizer.param_groups else {}
+    initial = first.get("initial_lr")
+    if not initial:
+        return None
+    lr = first["lr"]
+    lr = lr.item() if torch.is_tensor(lr) else lr
+    initial = initial.item() if torch.is_tensor(initial) else initial
+    return learning_rate * (lr / initial)
+
+
+# -- DeepSpeed ---------------------------------------------------------------------------
+
+
+def deepspeed_config(training_args: Any) -> tuple[Optional[dict[str, Any]], str]:
+    """The DeepSpeed config a ``TrainingArguments`` will train with, and where it comes from.
+
+    Reads the parsed config (``hf_deepspeed_config``, or accelerate's plugin when launched
+    with ``accelerate launch --use_deepspeed``) when there is one, else ``deepspeed`` as a
+    dict, a JSON file path or a JSON string; without deepspeed installed too. ``(None, "")``
+    when DeepSpeed is not configured.
+    """
+    if training_args is None:
+        return None, ""
+    for holder, where in (
+        (getattr(training_args, "hf_deepspeed_config", None), "TrainingArguments.deepspeed"),
+        (getattr(getattr(training_args, "deepspeed_plugin", None), "hf_ds_config", None), "accelerate's DeepSpeed plugin"),
+    ):
+        config = getattr(holder, "config", None)
+        if isinstance(config, dict):
+            source = getattr(training_args, "deepspeed", None)
+            return config, (f"{where} ({source})" if isinstance(source, str) else where)
+    source = getattr(training_args, "deepspeed", None)
+    if isinstance(source, dict):
+        return source, "TrainingArguments.deepspeed (a dict)"
+    if isinstance(source, str) and source:
+        if os.path.isfile(source):
+            with open(source, encoding="utf-8") as fh:
+                return json.load(fh), f"the DeepSpeed config file {source}"
+        try:
+            parsed = json.loads(source)
+        except json.JSONDecodeError:
+            return None, ""
+        if isinstance(parsed, dict):
+            return parsed, "TrainingArguments.deepspeed (a JSON string)"
+    return None, ""
+
+
+def check_deepspeed_keeps_groups(plan: StrategyPlan, training_args: Any, options: str) -> None:
+    """Refuse a DeepSpeed config that would replace the plan's optimizer groups.
+
+    With an ``"optimizer"`` block the Trainer lets DeepSpeed build the optimizer over all
+    parameters and never calls ``create_optimizer``; with a ``"scheduler"`` block
+    DeepSpeed's schedulers (``WarmupLR``, ``WarmupDecayLR``...) set one absolute rate on
+    every group. Either way per-group rates would be lost silently.
+
+    Args:
+        plan: the finished plan; nothing is checked when it needs only the default layout.
+        training_args: ``TrainingArguments`` (or any object with its DeepSpeed attributes).
+        options: the options that made the groups, for the message.
+
+    Raises:
+        PlanError: naming the config, the blocks to remove and the alternative.
+    """
+    if not plan.has_custom_groups:
+        return
+    config, where = deepspeed_config(training_args)
+    blocks = [key for key in ("optimizer", "scheduler") if isinstance(config, dict) and key in config]
+    if not blocks:
+        return
+    quoted = " and ".join(f'"{b}"' for b in blocks)
+    raise PlanError(
+        f"{where} has {'an' if blocks[0] == 'optimizer' else 'a'} {quoted} block, which would make DeepSpeed "
+        f"replace the plan's optimizer groups {plan.group_names()} (set by {options}) without a word: an "
+        '"optimizer" block makes the Trainer skip create_optimizer, a "scheduler" block sets one rate on every '
+        f"group. Remove the {quoted} {'blocks' if len(blocks) > 1 else 'block'} from the DeepSpeed config: the "
+        "Trainer then builds the optimizer from `optim=` and the plan, and its `lr_scheduler_type` schedule, and "
+        f"DeepSpeed wraps them. Or drop {options}."
     )

@@ -29,6 +29,9 @@ logger = logging.get_logger(__name__)
 
 PLAN_FILE_NAME = "strategy_plan.json"
 PLAN_FORMAT_VERSION = 1
+#: The optimizer group of every parameter no strategy has given a group.
+DEFAULT_GROUP = "default"
+_LR_FIELDS = frozenset({"lr", "lr_scale", "group"})
 
 
 @dataclass
@@ -44,7 +47,12 @@ class ParamDecision:
             until a strategy plans otherwise; :meth:`StrategyPlan.apply` casts to it.
         trainable: whether it trains.
         reason: which option decided ``trainable``.
-        lr: learning rate; ``None`` means ``TrainingArguments.learning_rate``.
+        lr: absolute learning rate; ``None`` means ``TrainingArguments.learning_rate``, or
+            ``learning_rate * lr_scale`` when ``lr_scale`` is set and the plan was built
+            without ``TrainingArguments`` (a dry run).
+        lr_scale: for a rate relative to ``TrainingArguments.learning_rate`` (``layer_lr_decay``,
+            ``PATTERN=xSCALE`` rules), the factor; ``None`` for an absolute or default rate.
+            With ``TrainingArguments`` known, ``lr`` holds ``learning_rate * lr_scale``.
         lr_reason: which option decided ``lr``.
         weight_decay: weight decay; ``None`` means the Trainer's rule (decay except biases and norms).
         group: optimizer group name.
@@ -64,9 +72,10 @@ class ParamDecision:
     trainable: bool = True
     reason: str = "default: full fine-tuning"
     lr: Optional[float] = None
+    lr_scale: Optional[float] = None
     lr_reason: Optional[str] = None
     weight_decay: Optional[float] = None
-    group: str = "default"
+    group: str = DEFAULT_GROUP
     tied_with: tuple[str, ...] = ()
     requires_grad_before: bool = True
     shape: tuple[int, ...] = ()
@@ -129,16 +138,19 @@ class StrategyPlan:
     def set(self, names: Iterable[str], reason: str, **changes: Any) -> None:
         """Change fields of the named decisions, recording ``reason``.
 
-        ``reason`` goes to ``lr_reason`` when only ``lr`` changes, to ``dtype_reason`` when
-        only ``dtype`` changes, else to ``reason``.
+        ``reason`` goes to ``lr_reason`` when only learning-rate fields change (``lr``,
+        ``lr_scale``, ``group``), to ``dtype_reason`` when only ``dtype`` changes, else to
+        ``reason``.
         """
         valid = {f.name for f in fields(ParamDecision)} - {"name", "kind", "layer", "numel", "nbytes"}
         unknown = set(changes) - valid
         if unknown:
             raise TypeError(f"StrategyPlan.set: unknown decision fields {sorted(unknown)}; valid: {sorted(valid)}")
         reason_field = "reason"
-        if len(changes) == 1:
-            reason_field = {"lr": "lr_reason", "dtype": "dtype_reason"}.get(next(iter(changes)), "reason")
+        if changes and set(changes) <= _LR_FIELDS:
+            reason_field = "lr_reason"
+        elif set(changes) == {"dtype"}:
+            reason_field = "dtype_reason"
         for name in names:
             decision = self.decisions[name]
             for key, value in changes.items():
@@ -167,6 +179,22 @@ class StrategyPlan:
     def trainable_names(self) -> list[str]:
         """Names of the parameters that train, in model order."""
         return self.select(lambda d: d.trainable)
+
+    def group_names(self) -> list[str]:
+        """Optimizer group names of the trainable parameters, in model order, each once."""
+        return list(dict.fromkeys(d.group for d in self if d.trainable))
+
+    @property
+    def has_custom_groups(self) -> bool:
+        """True when the optimizer needs more than the Trainer's default layout.
+
+        That is: a trainable parameter has its own group, learning rate or weight decay.
+        """
+        return any(
+            d.group != DEFAULT_GROUP or d.lr is not None or d.lr_scale is not None or d.weight_decay is not None
+            for d in self
+            if d.trainable
+        )
 
     @property
     def num_parameters(self) -> int:
@@ -352,11 +380,18 @@ def _human(count: int) -> str:
 
 
 def _lr_text(decisions: list[ParamDecision]) -> str:
-    rates = sorted({d.lr for d in decisions if d.trainable}, key=lambda lr: -1.0 if lr is None else lr)
-    if not rates:
+    trained = [d for d in decisions if d.trainable]
+    if not trained:
         return "-"
-    texts = ["base" if lr is None else f"{lr:.3g}" for lr in rates]
-    return texts[0] if len(texts) == 1 else f"{texts[0]}..{texts[-1]}"
+    # "base": TrainingArguments.learning_rate; "x0.5": relative to it, in a plan built
+    # without TrainingArguments; a number: an absolute rate.
+    base = any(d.lr is None and d.lr_scale is None for d in trained)
+    scales = sorted({d.lr_scale for d in trained if d.lr is None and d.lr_scale is not None})
+    rates = sorted({d.lr for d in trained if d.lr is not None})
+    texts = ["base"] * base + [f"x{s:.3g}" for s in scales] + [f"{lr:.3g}" for lr in rates]
+    if len(texts) <= 2:
+        return ", ".join(texts)
+    return f"{texts[0]}..{texts[-1]}"
 
 
 def _row(label: str, decisions: list[ParamDecision]) -> tuple[str, ...]:
@@ -377,7 +412,8 @@ def _layer_signature(plan: StrategyPlan, decisions: list[ParamDecision]) -> tupl
     # Layers whose parameters are decided alike (by name inside the layer) share a row.
     skip = len(plan.layers_path) + 1
     return tuple(
-        (d.name[skip:].split(".", 1)[-1], d.trainable, d.lr, d.dtype, d.weight_decay) for d in decisions
+        (d.name[skip:].split(".", 1)[-1], d.trainable, d.lr, d.lr_scale, d.dtype, d.weight_decay)
+        for d in decisions
     )
 
 

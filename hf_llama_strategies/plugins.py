@@ -24,6 +24,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     # the strategies, one module each
     "hf_llama_strategies.strategies.freezing",
     "hf_llama_strategies.strategies.precision",
+    "hf_llama_strategies.strategies.layerwise_lr",
 
 )
 

@@ -11,17 +11,12 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_optimizer import is_optimizer_factory
 
 from .arguments import StrategyArguments
 from .callback import StrategyCallback
-from .optim import build_param_groups
+from .optim import create_optimizer_from_plan
 from .plan import StrategyPlan
 from .strategies.precision import resolve_training_arguments
-
-# Optimizer kwargs with which transformers' optimizer handlers bring their own parameter
-# layout (GaLore, APOLLO, LOMO, layer-wise optimizers).
-_OWN_LAYOUT_KWARGS = ("params", "model", "optimizer_dict")
 
 
 class StrategyTrainerMixin:
@@ -77,27 +72,42 @@ class StrategyTrainerMixin:
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         """Build the optimizer from the plan's groups; the class comes from ``optim=``.
 
+        Every plan group becomes an optimizer group named after it (split in two by the
+        Trainer's weight-decay rule, ``NAME`` and ``NAME.no_decay``) with its learning rate.
+        The class and kwargs come from ``Trainer.get_optimizer_cls_and_kwargs``, or from a
+        user's ``optimizer_cls_and_kwargs``, which wins. An optimizer that lays out its own
+        parameters (an optimizer factory, GaLore, LOMO) takes the Trainer's path on the
+        frozen model, and is refused when the plan needs its own groups.
+
         Keeps the ``if self.optimizer is None`` guard (DeepSpeed calls this twice) and
         accepts ``model=`` (FSDP passes the wrapped model).
         """
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
-        if self.optimizer_cls_and_kwargs is not None:
-            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
-        else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        if is_optimizer_factory(optimizer_cls) or any(k in optimizer_kwargs for k in _OWN_LAYOUT_KWARGS):
-            # The optimizer lays out its own parameters: the Trainer's path, on the frozen model.
-            return super().create_optimizer(model)  # type: ignore[misc]
-        groups = build_param_groups(
-            opt_model.named_parameters(),
+        optimizer = create_optimizer_from_plan(
+            opt_model,
             self.strategy_plan,
-            self.get_decay_parameter_names(opt_model),
-            self.args.weight_decay,
+            self.args,
+            optimizer_cls_and_kwargs=self.optimizer_cls_and_kwargs,
+            decay_names=self.get_decay_parameter_names(opt_model),
         )
-        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        if optimizer is None:
+            return super().create_optimizer(model)  # type: ignore[misc]
+        self.optimizer = optimizer
         return self.optimizer
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """``Trainer.log`` plus ``learning_rate/<group>`` for every optimizer group of the plan.
+
+        Done here and not in a callback's ``on_log``: ``log`` feeds ``log_history`` and
+        every reporter from one dict. ``learning_rate`` itself becomes the scheduled
+        ``TrainingArguments.learning_rate`` (the stock Trainer reports group 0, which may
+        be the embeddings at their own rate). Nothing changes with the default layout.
+        """
+        if "learning_rate" in logs:
+            logs.update(self.strategy_callback.learning_rate_logs())
+        super().log(logs, start_time)  # type: ignore[misc]
 
 
 class StrategyTrainer(StrategyTrainerMixin, Trainer):
