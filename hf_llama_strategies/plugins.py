@@ -23,6 +23,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_llama_strategies.anatomy",
     # the strategies, one module each
     "hf_llama_strategies.strategies.freezing",
+    "hf_llama_strategies.strategies.gradual_unfreezing",
+    "hf_llama_strategies.strategies.lisa",
 
 )
 
