@@ -238,7 +238,7 @@ class StrategyPlan:
 
         Compares what decides training (the model's parameters, and for each: trainable,
         start step, schedule, lr, weight decay, group, dtype) and the schedules' specs, not
-        the wording of reasons or notes. Parameters that differ alike in one block share a
+        the wording of reasons, notes or descriptions. Parameters that differ alike in one block share a
         line. An empty list means the two plans train identically.
         """
         lines: list[str] = []
@@ -266,12 +266,10 @@ class StrategyPlan:
             lines.append(f"{block}: {attr} {a} -> {b} ({count} parameter{'s' if count > 1 else ''})")
         for name in sorted(set(self.schedules) | set(other.schedules)):
             mine_spec, theirs_spec = self.schedules.get(name), other.schedules.get(name)
-            if mine_spec == theirs_spec:
-                continue
             if mine_spec is None or theirs_spec is None:
                 lines.append(f"schedule {name!r}: {mine_spec!r} -> {theirs_spec!r}")
                 continue
-            for key in sorted(set(mine_spec) | set(theirs_spec)):
+            for key in sorted((set(mine_spec) | set(theirs_spec)) - {"description"}):
                 if mine_spec.get(key) != theirs_spec.get(key):
                     lines.append(f"schedule {name!r}: {key} {mine_spec.get(key)!r} -> {theirs_spec.get(key)!r}")
         return lines
