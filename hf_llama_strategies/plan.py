@@ -511,6 +511,7 @@ def format_plan_table(plan: StrategyPlan) -> str:
         f"({100 * plan.num_trainable / max(plan.num_parameters, 1):.2f}%)"
     )
     out = [title, *body]
-    out.extend(f"schedule {name}: {spec['description']}" for name, spec in plan.schedules.items() if spec.get("description"))
+    out.extend(f"schedule {name}: {spec['description']}" for name, spec in plan.schedules.items()
+               if spec.get("description"))
     out.extend(f"note: {n}" for n in plan.notes)
     return "\n".join(out)

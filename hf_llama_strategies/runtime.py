@@ -109,10 +109,11 @@ class ScheduleRunner:
                     change.dropped_state_bytes += _state_bytes(state.pop(param))
         self._active = active
         if change.activated or change.deactivated or change.dropped_state_bytes:
+            dropped = change.dropped_state_bytes
             logger.info(
                 f"step {global_step}: {len(active)} parameter tensors train; {_blocks(self.plan, change.activated)} "
                 f"start, {_blocks(self.plan, change.deactivated)} stop"
-                + (f"; dropped {change.dropped_state_bytes} bytes of optimizer state" if change.dropped_state_bytes else "")
+                + (f"; dropped {dropped} bytes of optimizer state" if dropped else "")
             )
         return change
 

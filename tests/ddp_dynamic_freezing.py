@@ -33,7 +33,9 @@ from transformers import TrainerCallback  # noqa: E402
 from hf_llama_strategies import StrategyArguments, StrategyTrainer  # noqa: E402
 
 MAX_STEPS = 6
-GRADUAL = dict(unfreeze_schedule="gradual", unfreeze_interval_steps=2, unfreeze_layers_per_step=2, train_embeddings=False)
+GRADUAL = dict(
+    unfreeze_schedule="gradual", unfreeze_interval_steps=2, unfreeze_layers_per_step=2, train_embeddings=False
+)
 SCENARIOS = {
     "lisa": dict(lisa_layers=1, lisa_interval_steps=2),
     "gradual": GRADUAL,

@@ -174,7 +174,8 @@ def test_lisa_plan_draws_are_pure_functions_of_plan_and_step():
 
     # Another process, another global RNG state, the plan read back from JSON: same draws.
     torch.manual_seed(123)
-    again = StrategyPlan.from_dict(json.loads(json.dumps(build_plan(model4(), args, make_training_args("u", seed=7)).to_dict())))
+    rebuilt = build_plan(model4(), args, make_training_args("unused", seed=7))
+    again = StrategyPlan.from_dict(json.loads(json.dumps(rebuilt.to_dict())))
     assert [active_layers(again, step) for step in range(30)] == draws
     other_seed = build_plan(model4(), args, make_training_args("unused", seed=8))
     assert [active_layers(other_seed, step) for step in range(30)] != draws
@@ -426,10 +427,11 @@ def test_bad_options_fail_when_parsed(strategy, fragment):
 @pytest.mark.parametrize(
     "strategy, error, fragment",
     [
-        (dict(lisa_layers=5), InvalidArgumentError, "lisa_layers=5 is not valid: expected at most 4, the decoder layers "
-         "the plan trains (0-3 of LlamaForCausalLM's 4)"),
-        (dict(lisa_layers=3, trainable_layers="-2:"), InvalidArgumentError, "expected at most 2, the decoder layers the "
-         "plan trains (2-3"),
+        (dict(lisa_layers=5), InvalidArgumentError,
+         "lisa_layers=5 is not valid: expected at most 4, the decoder layers the plan trains "
+         "(0-3 of LlamaForCausalLM's 4)"),
+        (dict(lisa_layers=3, trainable_layers="-2:"), InvalidArgumentError,
+         "expected at most 2, the decoder layers the plan trains (2-3"),
         (dict(lisa_layers=1, frozen_params=[r"\.layers\."]), PlanError, "LISA has nothing to draw from"),
         (dict(unfreeze_schedule="gradual", unfreeze_interval_steps=5, frozen_params=[r"\.layers\."]), PlanError,
          "unfreeze_schedule='gradual' has no decoder layer left to unfreeze"),
@@ -460,7 +462,8 @@ def test_ddp_find_unused_parameters_is_set_or_a_forced_false_refused(tmp_path):
     assert static.ddp_find_unused_parameters is None
 
     output_dir = tmp_path / "c"
-    with pytest.raises(InvalidArgumentError, match="ddp_find_unused_parameters=False is not valid: expected true or unset"):
+    refused = "ddp_find_unused_parameters=False is not valid: expected true or unset"
+    with pytest.raises(InvalidArgumentError, match=refused):
         StrategyTrainer(model=model4(), args=make_training_args(output_dir, ddp_find_unused_parameters=False),
                         strategy_args=StrategyArguments(**lisa))
     assert not output_dir.exists()
