@@ -109,7 +109,7 @@ class StrategyCallback(TrainerCallback):
         if args.should_save:
             self.plan.save(args.output_dir)
         # The optimizer (and its resumed state) exists now; the step about to run decides.
-        self.runner.apply(model, state.global_step, kwargs.get("optimizer"), force=True)
+        self.runner.apply(model, state.global_step, kwargs.get("optimizer"))
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
@@ -126,9 +126,8 @@ class StrategyCallback(TrainerCallback):
         # train() call (and its optimizer or DDP wrapper) must start from.
         self.resume_checkpoint = None
         self._checked = None
-        if self.plan is not None and self.runner is not None and model is not None and self.plan.is_dynamic:
+        if self.plan is not None and model is not None and self.plan.is_dynamic:
             self.plan.apply(model)
-            self.runner.reset()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

@@ -2,8 +2,7 @@
 
 The callback stays thin: it calls these at the right Trainer events. Which parameters
 train at a step is never remembered, always recomputed from ``(plan, global_step)``
-(:meth:`StrategyPlan.active_names`), so the only thing kept between calls is a cache of
-the last set applied, to skip work when nothing changes.
+(:meth:`StrategyPlan.active_names`).
 """
 
 from __future__ import annotations
@@ -59,7 +58,6 @@ class ScheduleRunner:
     def __init__(self, plan: StrategyPlan, plugin_manager: Optional["pluggy.PluginManager"] = None) -> None:
         self.plan = plan
         self.plugin_manager = plugin_manager
-        self._active: Optional[frozenset[str]] = None
         self._droppable = {
             d.name
             for d in plan
@@ -71,25 +69,24 @@ class ScheduleRunner:
         model: nn.Module,
         global_step: int,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        force: bool = False,
     ) -> Optional[ActivationChange]:
         """Make ``model`` train exactly the parameters active at ``global_step``.
+
+        Runs in full at every call (one pass over the parameters): ``requires_grad``, a
+        gradient or optimizer state may have been set by someone else since the last step
+        (a resumed optimizer, ``zero_grad(set_to_none=False)``).
 
         Args:
             model: the (unwrapped or wrapped) model.
             global_step: optimizer steps already taken; the step about to run.
             optimizer: the Trainer's optimizer (accelerate's wrapper is fine), for dropping state.
-            force: apply even if the active set equals the last one applied (train begin,
-                resume: ``requires_grad`` and optimizer state may come from elsewhere).
 
         Returns:
-            What changed, or ``None`` for a static plan or when nothing had to change.
+            What changed, or ``None`` for a static plan.
         """
         if not self.plan.is_dynamic:
             return None
         active = self.plan.active_names(global_step, self.plugin_manager)
-        if not force and active == self._active:
-            return None
         change = ActivationChange(global_step)
         state = getattr(optimizer, "state", None) if optimizer is not None else None
         for raw_name, param in model.named_parameters():
@@ -102,12 +99,11 @@ class ScheduleRunner:
                 param.requires_grad_(wanted)
                 (change.activated if wanted else change.deactivated).append(name)
             if not wanted:
-                # Normally None already (Trainer zero_grad sets None); a left-over gradient
-                # would make the optimizer step a parameter that must not train.
+                # Normally None already (the Trainer's zero_grad sets None); a left-over
+                # gradient would make the optimizer step a parameter that must not train.
                 param.grad = None
                 if state is not None and name in self._droppable and param in state:
                     change.dropped_state_bytes += _state_bytes(state.pop(param))
-        self._active = active
         if change.activated or change.deactivated or change.dropped_state_bytes:
             dropped = change.dropped_state_bytes
             logger.info(
@@ -116,10 +112,6 @@ class ScheduleRunner:
                 + (f"; dropped {dropped} bytes of optimizer state" if dropped else "")
             )
         return change
-
-    def reset(self) -> None:
-        """Forget the last set applied (the next :meth:`apply` does the full work)."""
-        self._active = None
 
 
 def _state_bytes(state: dict) -> int:
@@ -142,6 +134,12 @@ def check_resumed_plan(plan: StrategyPlan, checkpoint: str, allow_change: bool) 
             differences (checkpoint -> now) and how to resume anyway.
     """
     path = os.path.join(checkpoint, PLAN_FILE_NAME)
+    if not os.path.isdir(checkpoint):
+        logger.warning(
+            f"The run resumes, but {checkpoint} does not exist: the plan it was trained with cannot be checked "
+            "(StrategyCallback does not see resume_from_checkpoint; StrategyTrainer checks the checkpoint passed)."
+        )
+        return
     if not os.path.isfile(path):
         logger.warning(
             f"Resuming from {checkpoint}, which holds no {PLAN_FILE_NAME} (saved without hf-llama-strategies?): "

@@ -284,6 +284,26 @@ def test_inactive_layers_do_not_move_under_any_optimizer(tmp_path, optim):
         assert {layer_of(n) for n in recorder.with_state[-1]} - {None} == set().union(*map(set, recorder.layers[:-1]))
 
 
+def test_a_left_over_gradient_does_not_move_a_deactivated_layer(tmp_path):
+    # As if zero_grad(set_to_none=False) ran: every parameter keeps a zero gradient, which
+    # AdamW would decay and step with its momentum unless the runtime clears it.
+    class ZeroGradients(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            for param in model.parameters():
+                param.grad = torch.zeros_like(param)
+
+    recorder = Recorder()
+    train_strategy(tmp_path, "zeros", dict(lisa_layers=1, lisa_interval_steps=2, lisa_drop_optimizer_state=False),
+                   [ZeroGradients(), recorder], max_steps=6, weight_decay=0.1)
+    assert len({tuple(x) for x in recorder.layers}) > 1
+    for step in range(6):
+        before, after = recorder.snapshots[step], recorder.snapshots[step + 1]
+        for name in before:
+            layer = layer_of(name)
+            if layer is not None and layer not in recorder.layers[step]:
+                assert before[name] == after[name], (step, name)
+
+
 def test_schedule_moves_at_optimizer_step_boundaries_under_gradient_accumulation(tmp_path):
     seen: list[tuple[int, str, list[int]]] = []
 
