@@ -136,6 +136,64 @@ class StrategyArguments:
 
     # -- dynamic freezing: strategies/gradual_unfreezing.py, strategies/lisa.py -------------
 
+    unfreeze_schedule: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "'gradual' (ULMFiT-style gradual unfreezing): the decoder layers start frozen (head, and norm/"
+                "embeddings as configured, train from step 0) and one more layer from the top (or "
+                "`unfreeze_layers_per_step`) starts training every `unfreeze_interval_steps` optimizer steps, "
+                "until every layer `trainable_layers` selects trains. Unset or 'none': no schedule."
+            )
+        },
+    )
+    unfreeze_interval_steps: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Optimizer steps between two unfreezing stages of `unfreeze_schedule: gradual` (required with "
+                "it). With gradient accumulation a step is an optimizer step, as `global_step` counts them."
+            )
+        },
+    )
+    unfreeze_layers_per_step: Optional[int] = field(
+        default=None,
+        metadata={"help": "Decoder layers unfrozen at each stage of `unfreeze_schedule: gradual`. Default: 1."},
+    )
+    lisa_layers: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "LISA (layer-wise importance sampling, as in LMFlow): train this many decoder layers at a time, "
+                "drawn anew every `lisa_interval_steps` among the layers `trainable_layers` selects; embeddings "
+                "and head train throughout unless the static plan freezes them. Unset: no LISA."
+            )
+        },
+    )
+    lisa_interval_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Optimizer steps between two LISA draws. Default: 20 (LMFlow's)."},
+    )
+    lisa_drop_optimizer_state: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Drop the optimizer state (Adam moments) of the layers LISA deactivates, so optimizer memory is "
+                "bounded by the active layers; a layer drawn again starts with fresh state. false keeps it, as "
+                "LMFlow does."
+            )
+        },
+    )
+    allow_plan_change_on_resume: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Resume from a checkpoint whose strategy_plan.json differs from the current plan (by default an "
+                "error that shows the difference): the resumed run then no longer equals an uninterrupted one."
+            )
+        },
+    )
+
     # -- mixed precision: strategies/precision.py -------------------------------------------
 
     precision: str = field(

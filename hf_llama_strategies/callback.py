@@ -13,6 +13,12 @@ those flags as they are, and an explicit ``precision`` that they do not already 
 refused (see :func:`~hf_llama_strategies.strategies.precision.check_training_arguments`);
 pass the arguments through :func:`~hf_llama_strategies.resolve_training_arguments`
 before building the Trainer to let ``auto`` choose.
+
+It also moves dynamic schedules at step boundaries and checks a resumed run's plan. Resume
+check: a callback does not see ``resume_from_checkpoint``. When training begins at
+``global_step > 0`` (a resumed run) it checks ``output_dir/checkpoint-<global_step>``, the
+checkpoint ``resume_from_checkpoint=True`` picks; ``StrategyTrainer`` checks the exact
+checkpoint passed, before any weight is loaded.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from .optim import (
 )
 from .plan import DEFAULT_GROUP, StrategyPlan, build_plan
 from .strategies.precision import check_training_arguments
+from .plugins import get_plugin_manager
+from .runtime import ScheduleRunner, check_ddp_arguments, check_resumed_plan
 
 logger = logging.get_logger(__name__)
 
@@ -66,24 +74,45 @@ class StrategyCallback(TrainerCallback):
         self.strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
         self.plugins = tuple(plugins)
         self.plan: Optional[StrategyPlan] = None
+        self.runner: Optional[ScheduleRunner] = None
+        #: The checkpoint a resumed run starts from, when known (StrategyTrainer sets it).
+        self.resume_checkpoint: Optional[str] = None
         self._prepared_model: Optional[nn.Module] = None
         self._training_args: Optional[TrainingArguments] = None
         # Rates of the last optimizer step, read before the scheduler moves them.
         self._step_lrs: dict[str, float] = {}
         self._step_base_lr: Optional[float] = None
+        self._plugin_manager = None
+        self._checked: Optional[tuple[str, int]] = None
+
+    def check_resume(self, checkpoint: str) -> None:
+        """Compare the plan with the one saved in ``checkpoint`` (once per checkpoint and plan).
+
+        Raises:
+            PlanError: they differ and ``allow_plan_change_on_resume`` is not set.
+        """
+        assert self.plan is not None
+        if self._checked != (checkpoint, id(self.plan)):
+            check_resumed_plan(self.plan, checkpoint, self.strategy_args.allow_plan_change_on_resume)
+            self._checked = (checkpoint, id(self.plan))
 
     def prepare(self, model: nn.Module, training_args: Optional[TrainingArguments] = None) -> StrategyPlan:
         """Build the plan for ``model`` (once); set its parameters' ``requires_grad`` and dtype.
 
         ``training_args`` are taken as final: checked against the precision options (an
-        explicit ``precision`` they contradict is refused), never changed.
+        explicit ``precision`` they contradict is refused), never changed. Every parameter
+        that may ever train requires grad afterwards (what the optimizer and a DDP reducer
+        must see); schedules take over when training begins.
         """
+        if self._plugin_manager is None:
+            self._plugin_manager = get_plugin_manager(self.plugins)
         if self._prepared_model is not model:
             if training_args is not None:
                 training_args = check_training_arguments(
                     training_args, self.strategy_args, model=model, plugins=self.plugins
                 )
-            self.plan = build_plan(model, self.strategy_args, training_args, plugins=self.plugins)
+            self.plan = build_plan(model, self.strategy_args, training_args, plugin_manager=self._plugin_manager)
+            self.runner = ScheduleRunner(self.plan, self._plugin_manager)
             self._prepared_model = model
         assert self.plan is not None
         self.plan.apply(model)
@@ -182,6 +211,7 @@ class StrategyCallback(TrainerCallback):
         self._training_args = args
         if model is not None:
             self.prepare(model, args)
+            check_ddp_arguments(self.plan, args, model, can_set=False)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
@@ -192,12 +222,37 @@ class StrategyCallback(TrainerCallback):
                 "re-created it with `model_init`, after the optimizer was built). Use StrategyTrainer, which "
                 "applies the plan inside `call_model_init`."
             )
-        assert self.plan is not None
+        assert self.plan is not None and self.runner is not None
         self._check_optimizer_groups(kwargs.get("optimizer"))
+        if state.global_step > 0:
+            checkpoint = self.resume_checkpoint or os.path.join(
+                args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            )
+            self.check_resume(checkpoint)
         if state.is_world_process_zero and self.strategy_args.print_plan:
             print(self.plan.table())
         if args.should_save:
             self.plan.save(args.output_dir)
+        # The optimizer (and its resumed state) exists now; the step about to run decides.
+        self.runner.apply(model, state.global_step, kwargs.get("optimizer"))
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
+    ) -> None:
+        # Called once per optimizer step, before its first micro-batch: schedules move
+        # at optimizer-step boundaries, also under gradient accumulation.
+        if self.runner is not None and model is not None:
+            self.runner.apply(model, state.global_step, kwargs.get("optimizer"))
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
+    ) -> None:
+        # Back to "every parameter that may train requires grad", the state a next
+        # train() call (and its optimizer or DDP wrapper) must start from.
+        self.resume_checkpoint = None
+        self._checked = None
+        if self.plan is not None and model is not None and self.plan.is_dynamic:
+            self.plan.apply(model)
 
     def _check_optimizer_groups(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
         assert self.plan is not None

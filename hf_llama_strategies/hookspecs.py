@@ -13,9 +13,14 @@ The order in which a plan is built::
     hfls_adjust_plan(plan, anatomy, strategy_args, training_args)       # every plugin
     hfls_validate_plan(plan, anatomy, strategy_args, training_args)     # every plugin
 
+During training, at every optimizer-step boundary, for each schedule the plan defines::
+
+    hfls_active_parameters(plan, schedule, global_step)  # first non-None answer wins
+
 A plugin that implements ``hfls_plan_parameters`` adds a strategy; ``hfls_model_anatomy``
 teaches an architecture; ``hfls_hardware_probe`` (asked by ``resolve_training_arguments``)
-describes an accelerator; ``hfls_adjust_plan`` has the last word on any decision.
+describes an accelerator; ``hfls_adjust_plan`` has the last word on any decision;
+``hfls_active_parameters`` drives a dynamic schedule (LISA) that it wrote into the plan.
 Use ``@hookimpl(tryfirst=True)`` / ``trylast=True`` to order a plugin among the others.
 """
 
@@ -26,6 +31,8 @@ from typing import TYPE_CHECKING, Optional
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import torch
     from transformers import TrainingArguments
 
@@ -108,4 +115,24 @@ def hfls_hardware_probe(training_args: Optional["TrainingArguments"]) -> Optiona
     torch) answer. Used by :func:`~hf_llama_strategies.resolve_training_arguments` to map
     ``precision`` onto the hardware; a plugin can teach a new accelerator, or a test can
     stand in for hardware it does not have.
+    """
+
+
+@hookspec(firstresult=True)
+def hfls_active_parameters(plan: "StrategyPlan", schedule: str, global_step: int) -> Optional["Iterable[str]"]:
+    """Which parameters of ``schedule`` train at optimizer step ``global_step`` (0-based).
+
+    A plugin that writes a dynamic schedule into a plan, in ``hfls_plan_parameters``,
+    stores its spec as ``plan.schedules[schedule]`` (a JSON-serialisable dict) and marks
+    the parameters it governs with ``ParamDecision.schedule = schedule``. At every
+    optimizer-step boundary the runtime asks, for each schedule of the plan, which of its
+    parameters train; the plugin that owns ``schedule`` answers with their names (a subset
+    of the parameters it governs), every other plugin returns ``None``.
+
+    The answer must be a pure function of ``plan`` (its JSON form: the plan may have been
+    loaded from ``strategy_plan.json``) and ``global_step``: no state, no global RNG.
+    Random draws come from a generator seeded from the spec (for example its seed and
+    the interval index), so a resumed run and every DDP rank agree without
+    communicating. Parameters without a schedule train from ``ParamDecision.active_from``
+    on, with no hook involved.
     """

@@ -62,6 +62,14 @@ class ParamDecision:
         dtype_reason: which option decided ``dtype`` (``None``: kept as loaded).
         nbytes: bytes the tensor holds, measured by :meth:`StrategyPlan.apply` after casting;
             ``None`` until then (the table then estimates ``numel`` x the dtype's size).
+        active_from: first optimizer step (``global_step``, 0-based) at which a trainable
+            parameter trains; ``0`` for static plans. Gradual unfreezing sets it.
+        schedule: name of the dynamic schedule (a key of :attr:`StrategyPlan.schedules`) that
+            decides, step by step, whether this trainable parameter trains (LISA); ``None``
+            means it trains at every step from ``active_from`` on.
+
+    ``trainable`` means "may ever train": the optimizer and a DDP reducer hold every such
+    parameter from step 0; ``active_from`` and ``schedule`` say when it actually trains.
     """
 
     name: str
@@ -81,6 +89,8 @@ class ParamDecision:
     shape: tuple[int, ...] = ()
     dtype_reason: Optional[str] = None
     nbytes: Optional[int] = None
+    active_from: int = 0
+    schedule: Optional[str] = None
 
     @property
     def block(self) -> str:
@@ -105,6 +115,11 @@ class StrategyPlan:
     #: Plan-wide decisions of strategies (for example ``"precision"``), JSON-serialisable
     #: dicts keyed by the strategy; a ``"summary"`` entry is shown under the table.
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Dynamic schedules by name: a JSON-serialisable spec that the plugin owning the
+    #: schedule reads in ``hfls_active_parameters``. Keys the core reads:
+    #: ``description`` (shown under the table) and ``drop_optimizer_state`` (the runtime
+    #: drops the optimizer state of the schedule's parameters while they do not train).
+    schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- building -------------------------------------------------------------------------
 
@@ -204,6 +219,107 @@ class StrategyPlan:
     def num_trainable(self) -> int:
         return sum(d.numel for d in self if d.trainable)
 
+    @property
+    def is_dynamic(self) -> bool:
+        """True when some trainable parameter does not train at every step (a schedule)."""
+        return any(d.trainable and (d.active_from > 0 or d.schedule is not None) for d in self)
+
+    def active_names(
+        self, global_step: int, plugin_manager: Optional["pluggy.PluginManager"] = None
+    ) -> frozenset[str]:
+        """Names of the parameters that train at optimizer step ``global_step`` (0-based).
+
+        A pure function of the plan and the step: a resumed run and every DDP rank compute
+        the same set without communicating. Trainable parameters without a schedule train
+        from their ``active_from`` step on; those with a schedule are asked of the plugin
+        that owns it, through the ``hfls_active_parameters`` hook.
+
+        Args:
+            global_step: optimizer steps already taken (``TrainerState.global_step`` when
+                the step begins); with gradient accumulation one step spans several batches.
+            plugin_manager: the manager the plan was built with (default: built-in and
+                installed plugins).
+
+        Raises:
+            PlanError: no installed plugin implements one of the plan's schedules, or a
+                plugin answered with parameters its schedule does not govern.
+        """
+        if global_step < 0:
+            raise ValueError(f"global_step must be >= 0, got {global_step}")
+        pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+        active: set[str] = set()
+        governed: dict[str, set[str]] = {name: set() for name in self.schedules}
+        for d in self:
+            if not d.trainable:
+                continue
+            if d.schedule is None:
+                if global_step >= d.active_from:
+                    active.add(d.name)
+            else:
+                governed.setdefault(d.schedule, set()).add(d.name)
+        for schedule, names in governed.items():
+            if schedule not in self.schedules:
+                raise PlanError(
+                    f"Parameters such as {sorted(names)[0]!r} follow the schedule {schedule!r}, which the plan does "
+                    f"not define (defined: {sorted(self.schedules) or 'none'})."
+                )
+            answer = pm.hook.hfls_active_parameters(plan=self, schedule=schedule, global_step=global_step)
+            if answer is None:
+                raise PlanError(
+                    f"No installed plugin implements the schedule {schedule!r} of this plan (hook "
+                    "`hfls_active_parameters`). Install or pass the plugin that built the plan."
+                )
+            chosen = set(answer)
+            stray = chosen - names
+            if stray:
+                raise PlanError(
+                    f"The plugin implementing schedule {schedule!r} activated parameters it does not govern: "
+                    f"{sorted(stray)[:5]}."
+                )
+            active.update(n for n in chosen if global_step >= self.decisions[n].active_from)
+        return frozenset(active)
+
+    def differences(self, other: "StrategyPlan") -> list[str]:
+        """What would train differently under ``other`` than under this plan, one line each.
+
+        Compares what decides training (the model's parameters, and for each: trainable,
+        start step, schedule, lr, weight decay, group, dtype) and the schedules' specs, not
+        the wording of reasons, notes or descriptions. Parameters that differ alike in one block share a
+        line. An empty list means the two plans train identically.
+        """
+        lines: list[str] = []
+        for attr in ("model_class", "num_layers", "layers_path"):
+            mine, theirs = getattr(self, attr), getattr(other, attr)
+            if mine != theirs:
+                lines.append(f"{attr}: {mine!r} -> {theirs!r}")
+        only_mine = [n for n in self.decisions if n not in other.decisions]
+        only_theirs = [n for n in other.decisions if n not in self.decisions]
+        if only_mine:
+            lines.append(f"{len(only_mine)} parameters only in the first plan, e.g. {only_mine[:3]}")
+        if only_theirs:
+            lines.append(f"{len(only_theirs)} parameters only in the second plan, e.g. {only_theirs[:3]}")
+        counts: dict[tuple[str, str, str, str], int] = {}
+        for name, mine in self.decisions.items():
+            theirs = other.decisions.get(name)
+            if theirs is None:
+                continue
+            for attr in _COMPARED_FIELDS:
+                a, b = getattr(mine, attr), getattr(theirs, attr)
+                if a != b:
+                    key = (mine.block, attr, repr(a), repr(b))
+                    counts[key] = counts.get(key, 0) + 1
+        for (block, attr, a, b), count in counts.items():
+            lines.append(f"{block}: {attr} {a} -> {b} ({count} parameter{'s' if count > 1 else ''})")
+        for name in sorted(set(self.schedules) | set(other.schedules)):
+            mine_spec, theirs_spec = self.schedules.get(name), other.schedules.get(name)
+            if mine_spec is None or theirs_spec is None:
+                lines.append(f"schedule {name!r}: {mine_spec!r} -> {theirs_spec!r}")
+                continue
+            for key in sorted((set(mine_spec) | set(theirs_spec)) - {"description"}):
+                if mine_spec.get(key) != theirs_spec.get(key):
+                    lines.append(f"schedule {name!r}: {key} {mine_spec.get(key)!r} -> {theirs_spec.get(key)!r}")
+        return lines
+
     def apply(self, model: nn.Module) -> None:
         """Set ``requires_grad`` and the dtype of every parameter of ``model`` as planned.
 
@@ -243,6 +359,7 @@ class StrategyPlan:
             "strategy_args": self.strategy_args,
             "notes": list(self.notes),
             "settings": self.settings,
+            "schedules": self.schedules,
             "parameters": [{**asdict(d), "tied_with": list(d.tied_with), "shape": list(d.shape)} for d in self],
         }
 
@@ -261,6 +378,7 @@ class StrategyPlan:
             strategy_args=data.get("strategy_args", {}),
             notes=list(data.get("notes", [])),
             settings=dict(data.get("settings", {})),
+            schedules=dict(data.get("schedules", {})),
         )
 
     def save(self, directory: str) -> str:
@@ -288,6 +406,11 @@ class StrategyPlan:
 
     def __str__(self) -> str:
         return self.table()
+
+
+# What decides training, compared when a run resumes (reasons and notes are wording only).
+_COMPARED_FIELDS = ("kind", "layer", "numel", "dtype", "trainable", "active_from", "schedule", "lr", "weight_decay",
+                    "group", "tied_with")
 
 
 def build_plan(
@@ -333,6 +456,12 @@ def build_plan(
             "Nothing would train: every parameter is frozen. Check trainable_layers="
             f"{strategy_args.trainable_layers!r}, trainable_modules={strategy_args.trainable_modules!r}, "
             f"train_head={strategy_args.train_head!r} and frozen_params={strategy_args.frozen_params!r}."
+        )
+    if plan.is_dynamic and not plan.active_names(0, pm):
+        first = min(d.active_from for d in plan if d.trainable)
+        raise PlanError(
+            f"Nothing would train at step 0: every trainable parameter waits for its schedule (the first starts at "
+            f"step {first}). Train something from the start, e.g. train_head: true or train_norm: true."
         )
     return plan
 
@@ -394,7 +523,24 @@ def _lr_text(decisions: list[ParamDecision]) -> str:
     return f"{texts[0]}..{texts[-1]}"
 
 
-def _row(label: str, decisions: list[ParamDecision]) -> tuple[str, ...]:
+def _starts_text(decisions: list[ParamDecision]) -> str:
+    """When the block's trainable parameters train: ``step 0``, ``step 20``, ``lisa``, ``step 0..40``."""
+    trained = [d for d in decisions if d.trainable]
+    if not trained:
+        return "-"
+    parts = []
+    for schedule in [None, *sorted({d.schedule for d in trained if d.schedule is not None})]:
+        steps = sorted({d.active_from for d in trained if d.schedule == schedule})
+        if not steps:
+            continue
+        text = f"step {steps[0]}" if len(steps) == 1 else f"step {steps[0]}..{steps[-1]}"
+        if schedule is not None:
+            text = schedule if steps == [0] else f"{schedule} from {text}"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _row(label: str, decisions: list[ParamDecision], dynamic: bool = False) -> tuple[str, ...]:
     total = sum(d.numel for d in decisions)
     trainable = sum(d.numel for d in decisions if d.trainable)
     if trainable == total:
@@ -405,14 +551,17 @@ def _row(label: str, decisions: list[ParamDecision]) -> tuple[str, ...]:
         trained = f"{_human(trainable)} ({100 * trainable / total:.0f}%)"
     dtypes = ",".join(sorted({d.dtype.replace("torch.", "") for d in decisions}))
     memory = _human_bytes(sum(decision_nbytes(d) for d in decisions))
-    return (label, _human(total), trained, _lr_text(decisions), dtypes, memory)
+    row = (label, _human(total), trained, _lr_text(decisions), dtypes, memory)
+    # The start column appears only for dynamic plans, so a static table stays as it was.
+    return row[:3] + (_starts_text(decisions),) + row[3:] if dynamic else row
 
 
 def _layer_signature(plan: StrategyPlan, decisions: list[ParamDecision]) -> tuple:
     # Layers whose parameters are decided alike (by name inside the layer) share a row.
     skip = len(plan.layers_path) + 1
     return tuple(
-        (d.name[skip:].split(".", 1)[-1], d.trainable, d.lr, d.lr_scale, d.dtype, d.weight_decay)
+        (d.name[skip:].split(".", 1)[-1], d.trainable, d.lr, d.lr_scale, d.dtype, d.weight_decay, d.active_from,
+         d.schedule)
         for d in decisions
     )
 
@@ -421,21 +570,24 @@ def format_plan_table(plan: StrategyPlan) -> str:
     """Render ``plan`` as a fixed-width table (block, params, trainable, lr, dtype, memory).
 
     ``memory`` is what the block's parameters hold: measured from the tensors once the
-    plan was applied, estimated from the planned dtypes before.
+    plan was applied, estimated from the planned dtypes before. A dynamic plan gets a
+    ``starts`` column (the step from which each block trains, or its schedule's name) and
+    one line per schedule under the table.
     """
+    dynamic = plan.is_dynamic
     by_block: dict[str, list[ParamDecision]] = {}
     for decision in plan:
         by_block.setdefault(decision.block, []).append(decision)
     rows: list[tuple[str, ...]] = []
     for kind in (EMBEDDINGS,):
         if kind in by_block:
-            rows.append(_row(kind, by_block[kind]))
+            rows.append(_row(kind, by_block[kind], dynamic))
     run: list[int] = []
 
     def flush() -> None:
         if run:
             label = f"layers.{run[0]}" if len(run) == 1 else f"layers.{run[0]}-{run[-1]}"
-            rows.append(_row(label, [d for i in run for d in by_block[f"layers.{i}"]]))
+            rows.append(_row(label, [d for i in run for d in by_block[f"layers.{i}"]], dynamic))
             run.clear()
 
     for index in range(plan.num_layers):
@@ -448,19 +600,24 @@ def format_plan_table(plan: StrategyPlan) -> str:
     flush()
     for kind in (NORM, HEAD, OTHER):
         if kind in by_block:
-            rows.append(_row(kind, by_block[kind]))
-    rows.append(_row("total", list(plan)))
+            rows.append(_row(kind, by_block[kind], dynamic))
+    rows.append(_row("total", list(plan), dynamic))
 
     header = ("block", "params", "trainable", "lr", "dtype", "memory")
+    if dynamic:
+        header = header[:3] + ("starts",) + header[3:]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
     render = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     body = [render(header), line, *(render(r) for r in rows[:-1]), line, render(rows[-1])]
     title = (
         f"hf-llama-strategies plan for {plan.model_class}: {_human(plan.num_trainable)} of "
-        f"{_human(plan.num_parameters)} parameters train ({100 * plan.num_trainable / max(plan.num_parameters, 1):.2f}%)"
+        f"{_human(plan.num_parameters)} parameters {'may ' if dynamic else ''}train "
+        f"({100 * plan.num_trainable / max(plan.num_parameters, 1):.2f}%)"
     )
     out = [title, *body]
     out.extend(f"{key}: {value['summary']}" for key, value in plan.settings.items() if value.get("summary"))
+    out.extend(f"schedule {name}: {spec['description']}" for name, spec in plan.schedules.items()
+               if spec.get("description"))
     out.extend(f"note: {n}" for n in plan.notes)
     return "\n".join(out)

@@ -25,6 +25,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_llama_strategies.strategies.freezing",
     "hf_llama_strategies.strategies.precision",
     "hf_llama_strategies.strategies.layerwise_lr",
+    "hf_llama_strategies.strategies.gradual_unfreezing",
+    "hf_llama_strategies.strategies.lisa",
 
 )
 

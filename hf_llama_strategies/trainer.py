@@ -6,17 +6,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import StrategyArguments
 from .callback import StrategyCallback
 from .optim import create_optimizer_from_plan
 from .plan import StrategyPlan
 from .strategies.precision import resolve_training_arguments
+from .runtime import check_ddp_arguments
 
 
 class StrategyTrainerMixin:
@@ -53,7 +55,10 @@ class StrategyTrainerMixin:
         else:
             kwargs["args"] = training_args
         if model is not None:
-            self.strategy_callback.prepare(model, training_args)
+            # Before Trainer.__init__: a bad strategy fails before output_dir is created,
+            # and DDP settings are fixed before the Trainer builds its accelerator.
+            plan = self.strategy_callback.prepare(model, training_args)
+            check_ddp_arguments(plan, training_args, model, can_set=True)
         super().__init__(*args, **kwargs)
         # First in line, so the plan table prints before the progress bar starts.
         self.callback_handler.callbacks.insert(0, self.strategy_callback)
@@ -63,6 +68,22 @@ class StrategyTrainerMixin:
         """The plan applied to ``self.model``."""
         assert self.strategy_callback.plan is not None
         return self.strategy_callback.plan
+
+    def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; a resumed run is first checked against the checkpoint's plan.
+
+        Raises:
+            PlanError: the checkpoint's ``strategy_plan.json`` differs from the current plan
+                (unless ``allow_plan_change_on_resume``), before any weight is loaded.
+        """
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer raises its own error
+        if isinstance(checkpoint, str):
+            if self.strategy_callback.plan is not None:
+                self.strategy_callback.check_resume(checkpoint)
+            self.strategy_callback.resume_checkpoint = checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
         model = super().call_model_init(trial)  # type: ignore[misc]
