@@ -261,7 +261,7 @@ def build_model(model_args: ModelArguments, config: Any, task: str, meta: bool =
     if model_args.model_config is not None or meta:
         dtype = _dtype(model_args)
         if dtype == "auto":
-            dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+            dtype = getattr(config, "dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if meta:
             with torch.device("meta"):
@@ -342,9 +342,12 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
             "eval_strategy", str(training_args.eval_strategy), "'no' when there is no validation data",
             "Give validation_file or validation_split.",
         )
-    if "report_to" not in config and not any(o.lstrip("-").startswith("report_to") for o in overrides):
+    if not _given("report_to", config, overrides):
         # The CLI promises TensorBoard logs unless the user chose reporters.
         training_args.report_to = _default_reporters()
+    if not _given("dataloader_pin_memory", config, overrides) and training_args.device.type == "cpu":
+        # Pinned memory only helps host-to-GPU copies; on a CPU run it only warns.
+        training_args.dataloader_pin_memory = False
     collator = DataCollatorWithPadding(tokenizer) if task == SEQ_CLS else default_data_collator
 
     # StrategyTrainer builds and checks the plan before Trainer.__init__ creates output_dir.
@@ -368,6 +371,11 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     trainer.save_state()
     print(f"model, tokenizer, strategy_plan.json, metrics and logs saved in {training_args.output_dir}")
     return metrics
+
+
+def _given(key: str, config: dict[str, Any], overrides: Sequence[str]) -> bool:
+    """Whether the user set ``key``, in the file or on the command line."""
+    return key in config or any(o.lstrip("-").split("=", 1)[0] == key for o in overrides)
 
 
 def _default_reporters() -> list[str]:
