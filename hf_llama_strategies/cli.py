@@ -7,7 +7,6 @@ input exits with code 2 and one message, before anything is written.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import os
@@ -147,34 +146,23 @@ def load_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-def _to_argv(config: dict[str, Any]) -> list[str]:
-    argv: list[str] = []
-    for key, value in config.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            argv.append(f"--{key}={'true' if value else 'false'}")
-        elif isinstance(value, (list, tuple)):
-            argv.extend([f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)])
-        elif isinstance(value, dict):
-            argv.append(f"--{key}={json.dumps(value)}")
-        else:
-            argv.append(f"--{key}={value}")
-    return argv
-
-
-def _unknown_key_error(remaining: list[str]) -> CliError:
-    keys = known_keys()
+def _unknown_key_error(keys: Sequence[str]) -> CliError:
+    valid = known_keys()
     messages = []
-    for token in remaining:
-        if not token.startswith("--"):
-            messages.append(f"unexpected value {token!r} (values follow a --key)")
-            continue
-        key = token[2:].split("=", 1)[0].replace("-", "_")
-        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    for key in keys:
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         messages.append(f"unknown key {key!r}{hint}")
     return CliError("; ".join(messages) + ". `hf-llama-strategies train --help` lists every key.")
+
+
+def _override_keys(remaining: Sequence[str]) -> list[str]:
+    keys = []
+    for token in remaining:
+        if not token.startswith("--"):
+            raise CliError(f"unexpected value {token!r} on the command line (values follow a --key).")
+        keys.append(token[2:].split("=", 1)[0].replace("-", "_"))
+    return keys
 
 
 def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple[Any, ...]:
@@ -183,15 +171,21 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple
     Returns ``(model_args, data_args, training_args, strategy_args, run_args)``.
     """
     parser = _Parser()
-    argv = _to_argv(config) + list(overrides)
+    unknown = [key for key in config if key not in set(known_keys())]
+    if unknown:
+        raise _unknown_key_error(unknown)
+    # The file's values become the parser's defaults: they keep their YAML types (lists,
+    # bools, mappings), strings still go through each field's type, and the command line
+    # overrides them.
+    parser.set_defaults(**config)
     try:
-        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=list(overrides), return_remaining_strings=True)
     except (CliError, StrategyError):
         raise
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if remaining:
-        raise _unknown_key_error(remaining)
+        raise _unknown_key_error(_override_keys(remaining))
     model_args, data_args, training_args, strategy_args, run_args = parsed
     if model_args.task not in TASKS:
         raise InvalidArgumentError("task", model_args.task, f"one of {list(TASKS)}")
@@ -202,7 +196,28 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple
             "give exactly one of model_name_or_path (load weights) and model_config (build from a config); "
             f"got model_name_or_path={model_args.model_name_or_path!r}, model_config={model_args.model_config!r}."
         )
+    training_args.resume_from_checkpoint = _resolve_resume(training_args)
     return model_args, data_args, training_args, strategy_args, run_args
+
+
+def _resolve_resume(training_args: TrainingArguments) -> Optional[str]:
+    """``resume_from_checkpoint``: a checkpoint directory, or true for the last one in output_dir."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    text = str(value).strip().lower() if value is not None else None
+    if value is None or value is False or text in ("false", "no", "0", ""):
+        return None
+    expected = "a checkpoint directory, or true for the last checkpoint in output_dir"
+    if value is True or text in ("true", "yes", "1"):
+        out = training_args.output_dir
+        last = get_last_checkpoint(out) if out and os.path.isdir(out) else None
+        if last is None:
+            raise InvalidArgumentError("resume_from_checkpoint", value, expected, f"No checkpoint-* folder in {out!r}.")
+        return last
+    if not os.path.isdir(str(value)):
+        raise InvalidArgumentError("resume_from_checkpoint", value, expected, "No such directory.")
+    return str(value)
 
 
 def _check_output_dir(training_args: TrainingArguments, run_args: RunArguments) -> None:
@@ -339,7 +354,8 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     model = build_model(model_args, model_config, task)
     if training_args.eval_strategy != "no" and data.eval is None:
         raise InvalidArgumentError(
-            "eval_strategy", str(training_args.eval_strategy), "'no' when there is no validation data",
+            "eval_strategy", getattr(training_args.eval_strategy, "value", training_args.eval_strategy),
+            "'no' when there is no validation data",
             "Give validation_file or validation_split.",
         )
     if not _given("report_to", config, overrides):
@@ -375,7 +391,7 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
 
 def _given(key: str, config: dict[str, Any], overrides: Sequence[str]) -> bool:
     """Whether the user set ``key``, in the file or on the command line."""
-    return key in config or any(o.lstrip("-").split("=", 1)[0] == key for o in overrides)
+    return key in config or any(o.lstrip("-").split("=", 1)[0].replace("-", "_") == key for o in overrides)
 
 
 def _default_reporters() -> list[str]:
@@ -419,49 +435,67 @@ def run_plugins() -> list[dict[str, object]]:
     return rows
 
 
-def _main_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-llama-strategies",
-        description="Fine-tune Llama-family models with freezing, layer-wise LR and precision strategies.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
-        "train", help="fine-tune from a YAML config (no config: the bundled offline demo)", add_help=False
-    )
-    train.add_argument("config", nargs="?", help="flat YAML file with model, data, training and strategy keys")
-    train.add_argument("-h", "--help", action="store_true")
-    plan = sub.add_parser("plan", help="print the plan and a memory estimate; loads no weights", add_help=False)
-    plan.add_argument("config", nargs="?", help="flat YAML file")
-    plan.add_argument("--plot", metavar="PNG", help="also write a PNG of per-layer LR and trainable mask")
-    plan.add_argument("-h", "--help", action="store_true")
-    sub.add_parser("plugins", help="list installed and active plugins with their hooks")
-    return parser
+_USAGE = """usage: hf-llama-strategies COMMAND [CONFIG.yaml] [--key value ...]
+
+commands:
+  train [CONFIG.yaml] [--key value ...]   fine-tune (no config: the bundled offline demo)
+  plan CONFIG.yaml [--plot PNG] [--key value ...]
+                                          print the plan and a memory estimate; loads no weights
+  plugins                                 list installed and active plugins with their hooks
+
+`hf-llama-strategies train --help` lists every key a config file or the command line may set.
+"""
+_COMMANDS = ("train", "plan", "plugins")
+
+
+def _split_plot(overrides: list[str]) -> tuple[Optional[str], list[str]]:
+    rest: list[str] = []
+    plot = None
+    tokens = iter(overrides)
+    for token in tokens:
+        if token == "--plot":
+            plot = next(tokens, None)
+            if plot is None:
+                raise CliError("--plot needs a file name, e.g. --plot plan.png")
+        elif token.startswith("--plot="):
+            plot = token.split("=", 1)[1]
+        else:
+            rest.append(token)
+    return plot, rest
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``hf-llama-strategies``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _main_parser()
-    args, overrides = parser.parse_known_args(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
     try:
-        if args.command == "plugins":
+        if command not in _COMMANDS:
+            close = difflib.get_close_matches(command, _COMMANDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise CliError(f"unknown command {command!r}{hint} Commands: {', '.join(_COMMANDS)}.")
+        if command == "plugins":
             run_plugins()
             return 0
-        if getattr(args, "help", False):
+        if "-h" in rest or "--help" in rest:
+            print(_USAGE)
             _Parser().print_help()
             return 0
-        if args.config is not None and args.config.startswith("--"):
-            overrides.insert(0, args.config)
-            args.config = None
-        if args.command == "plan" and args.config is None and not overrides:
-            raise CliError(f"plan needs a config file, e.g. {os.path.join(CONFIGS_DIR, 'llama3-8b.yaml')}")
-        config = DEMO_CONFIG if args.config is None and args.command == "train" else (
-            load_config_file(args.config) if args.config else {}
-        )
-        if args.command == "train":
-            run_train(dict(config), overrides)
+        # The config file is the first word that is not a --key or its value.
+        config_path = rest[0] if rest and not rest[0].startswith("-") else None
+        overrides = rest[1:] if config_path is not None else rest
+        plot = None
+        if command == "plan":
+            plot, overrides = _split_plot(overrides)
+            if config_path is None:
+                raise CliError(f"plan needs a config file, e.g. {os.path.join(CONFIGS_DIR, 'llama3-8b.yaml')}")
+        config = load_config_file(config_path) if config_path else dict(DEMO_CONFIG)
+        if command == "train":
+            run_train(config, overrides)
         else:
-            run_plan(dict(config), overrides, plot=args.plot)
+            run_plan(config, overrides, plot=plot)
         return 0
     except StrategyError as exc:
         print(f"hf-llama-strategies: error: {exc}", file=sys.stderr)

@@ -206,3 +206,49 @@ def test_console_script_help():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "--trainable_layers" in result.stdout and "--model_config" in result.stdout
+
+
+def test_overrides_without_a_config_run_the_demo_and_come_before_the_config(tmp_path, tiny_config_dir, cls_files):
+    # No config: the bundled demo with overrides (the first --key is not taken for a file name).
+    parsed = cli.parse_config(dict(cli.DEMO_CONFIG), ["--learning_rate", "0.001", "--max_steps", "-1"])
+    assert parsed[2].learning_rate == 0.001 and parsed[2].max_steps == -1
+    path = write_yaml(tmp_path / "p.yaml", {"model_config": tiny_config_dir, "trainable_layers": "-1:"})
+    assert cli.main(["plan", path, "--num_train_epochs", "1"]) == 0
+    assert cli.main(["plan", "--num_train_epochs", "1"]) == 2  # plan needs a file
+
+
+def test_yaml_values_keep_their_types(tiny_config_dir):
+    config = {
+        "model_config": tiny_config_dir, "trainable_modules": ["mlp", "self_attn"], "report_to": [],
+        "frozen_params": ["-?bias$"], "lr_rules": ["mlp=x0.5"], "train_head": False, "learning_rate": "5e-5",
+        "strategy_options": {"freeze_bias": False},
+    }
+    _, _, training, strategy, _ = cli.parse_config(config, ["--report-to", "none"])
+    assert strategy.trainable_modules == "mlp,self_attn"
+    assert strategy.frozen_params == ["-?bias$"]
+    assert strategy.lr_rules == ["mlp=x0.5"]
+    assert strategy.train_head is False
+    assert strategy.strategy_options == {"freeze_bias": False}
+    assert training.learning_rate == 5e-5
+    assert cli._given("report_to", {}, ["--report-to", "none"])
+
+
+def test_resume_true_means_the_last_checkpoint(tmp_path, tiny_config_dir):
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-4").mkdir()
+    base = {"model_config": tiny_config_dir, "output_dir": str(out)}
+    training = cli.parse_config(dict(base, resume_from_checkpoint=True))[2]
+    assert training.resume_from_checkpoint == str(out / "checkpoint-4")
+    assert cli.parse_config(dict(base), ["--resume_from_checkpoint", "false"])[2].resume_from_checkpoint is None
+    with pytest.raises(cli.InvalidArgumentError, match="No checkpoint-"):
+        cli.parse_config(dict(base, output_dir=str(tmp_path / "empty"), resume_from_checkpoint="true"))
+    with pytest.raises(cli.InvalidArgumentError, match="No such directory"):
+        cli.parse_config(dict(base, resume_from_checkpoint=str(tmp_path / "nope")))
+
+
+def test_unknown_command_and_usage(capsys):
+    assert cli.main(["trian"]) == 2
+    assert "did you mean 'train'" in capsys.readouterr().err
+    assert cli.main([]) == 2
+    assert cli.main(["--help"]) == 0 and "commands:" in capsys.readouterr().out
