@@ -27,7 +27,6 @@ LAYER = "layer"
 NORM = "norm"
 HEAD = "head"
 OTHER = "other"
-BLOCK_KINDS = (EMBEDDINGS, LAYER, NORM, HEAD, OTHER)
 
 
 @dataclass(frozen=True)
@@ -335,13 +334,3 @@ def parse_layer_selection(
             raise InvalidArgumentError(option, spec, valid, f"Slice {token!r} selects no layer.")
         selected.update(chosen)
     return tuple(sorted(selected))
-
-
-def all_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the model's parameters, shared tensors once (as ``named_parameters``)."""
-    return [name for name, _ in model.named_parameters()]
-
-
-def parameter_nbytes(param: torch.Tensor) -> int:
-    """Bytes a tensor takes, also on the meta device."""
-    return param.numel() * param.element_size()

@@ -268,6 +268,11 @@ class StrategyArguments:
         """True when only some decoder layers or modules train (anything but full fine-tuning)."""
         return self.trainable_layers.strip().lower() != "all" or self.trainable_modules is not None
 
+    @property
+    def selects_no_layer(self) -> bool:
+        """True for ``trainable_layers: none``."""
+        return self.trainable_layers.strip().lower() == "none"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form, as stored in ``strategy_plan.json``."""
         return asdict(self)

@@ -11,12 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .plan import StrategyPlan
+from .plan import StrategyPlan, torch_dtype
 
-_DTYPE_BYTES = {
-    "torch.float32": 4, "torch.float16": 2, "torch.bfloat16": 2, "torch.float64": 8,
-    "torch.int8": 1, "torch.uint8": 1, "torch.float8_e4m3fn": 1, "torch.float8_e5m2": 1,
-}
 
 # Optimizer state as (bytes per element when kept in the parameter's dtype, fixed bytes per element).
 # AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype; 8-bit variants keep 2 bytes.
@@ -32,9 +28,7 @@ _STATE_PER_ELEMENT = {
 
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of a dtype written as ``str(torch.dtype)``."""
-    if dtype in _DTYPE_BYTES:
-        return _DTYPE_BYTES[dtype]
-    return torch.empty((), dtype=getattr(torch, dtype.replace("torch.", ""))).element_size()
+    return torch_dtype(dtype).itemsize
 
 
 @dataclass

@@ -91,7 +91,7 @@ def build_param_groups(
     buckets: dict[tuple[str, Optional[float], float], list[nn.Parameter]] = {}
     order: dict[str, int] = {}
     for raw_name, param in named_parameters:
-        name = raw_name if raw_name in plan.decisions else unwrapped_name(raw_name)
+        name = plan_name(plan, raw_name)
         if not plan[name].trainable:
             continue
         key = group_key(plan, name, name in decays, weight_decay, base_lr)
@@ -112,14 +112,19 @@ def build_param_groups(
     return groups
 
 
+def plan_name(plan: StrategyPlan, name: str) -> str:
+    """The plan's name for a parameter named ``name`` in a possibly wrapped model."""
+    return name if name in plan.decisions else unwrapped_name(name)
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes held by the tensors of one parameter's optimizer state."""
+    return sum(value.numel() * value.element_size() for value in state.values() if torch.is_tensor(value))
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by the optimizer's state tensors (moments, etc.)."""
-    return sum(
-        value.numel() * value.element_size()
-        for state in optimizer.state.values()
-        for value in state.values()
-        if torch.is_tensor(value)
-    )
+    return sum(state_bytes(state) for state in optimizer.state.values())
 
 
 # Optimizer kwargs with which transformers' optimizer handlers bring their own parameter

@@ -579,9 +579,8 @@ def format_plan_table(plan: StrategyPlan) -> str:
     for decision in plan:
         by_block.setdefault(decision.block, []).append(decision)
     rows: list[tuple[str, ...]] = []
-    for kind in (EMBEDDINGS,):
-        if kind in by_block:
-            rows.append(_row(kind, by_block[kind], dynamic))
+    if EMBEDDINGS in by_block:
+        rows.append(_row(EMBEDDINGS, by_block[EMBEDDINGS], dynamic))
     run: list[int] = []
 
     def flush() -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .errors import InvalidArgumentError, PlanError
-from .optim import unwrapped_name
+from .optim import plan_name, state_bytes
 from .plan import PLAN_FILE_NAME, StrategyPlan
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class ScheduleRunner:
         change = ActivationChange(global_step)
         state = getattr(optimizer, "state", None) if optimizer is not None else None
         for raw_name, param in model.named_parameters():
-            name = raw_name if raw_name in self.plan.decisions else unwrapped_name(raw_name)
+            name = plan_name(self.plan, raw_name)
             decision = self.plan.decisions.get(name)
             if decision is None or not decision.trainable:
                 continue
@@ -103,7 +103,7 @@ class ScheduleRunner:
                 # gradient would make the optimizer step a parameter that must not train.
                 param.grad = None
                 if state is not None and name in self._droppable and param in state:
-                    change.dropped_state_bytes += _state_bytes(state.pop(param))
+                    change.dropped_state_bytes += state_bytes(state.pop(param))
         if change.activated or change.deactivated or change.dropped_state_bytes:
             dropped = change.dropped_state_bytes
             logger.info(
@@ -112,10 +112,6 @@ class ScheduleRunner:
                 + (f"; dropped {dropped} bytes of optimizer state" if dropped else "")
             )
         return change
-
-
-def _state_bytes(state: dict) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
 
 
 def _blocks(plan: StrategyPlan, names: list[str]) -> str:

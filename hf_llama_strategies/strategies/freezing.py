@@ -162,7 +162,7 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
         patterns = getattr(args, option) or []
         if len(set(patterns)) != len(patterns):
             raise InvalidArgumentError(option, patterns, "a list without repeated regexes")
-    if args.trainable_modules is not None and args.trainable_layers.strip().lower() == "none":
+    if args.trainable_modules is not None and args.selects_no_layer:
         raise InvalidArgumentError(
             "trainable_modules",
             args.trainable_modules,

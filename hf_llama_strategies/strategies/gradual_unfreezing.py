@@ -80,7 +80,7 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
             "unfreeze_interval_steps", None, "a positive integer with unfreeze_schedule: gradual",
             "It is the number of optimizer steps after which one more layer starts training.",
         )
-    if args.trainable_layers.strip().lower() == "none":
+    if args.selects_no_layer:
         raise InvalidArgumentError(
             "unfreeze_schedule", value, "unset when trainable_layers='none'",
             "Gradual unfreezing unfreezes the layers trainable_layers selects, and it selects none.",

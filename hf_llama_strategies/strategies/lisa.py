@@ -64,7 +64,7 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
             "lisa_layers", args.lisa_layers, "unset when unfreeze_schedule='gradual'",
             "LISA and gradual unfreezing both decide when decoder layers train; use one of them.",
         )
-    if args.trainable_layers.strip().lower() == "none":
+    if args.selects_no_layer:
         raise InvalidArgumentError(
             "lisa_layers", args.lisa_layers, "unset when trainable_layers='none'",
             "LISA draws among the layers trainable_layers selects, and it selects none.",
