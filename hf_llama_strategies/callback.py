@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional
 
+import pluggy
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -19,6 +20,7 @@ from transformers.utils import logging
 from .arguments import StrategyArguments
 from .errors import PlanError
 from .plan import StrategyPlan, build_plan
+from .plugins import get_plugin_manager
 
 logger = logging.get_logger(__name__)
 
@@ -41,11 +43,19 @@ class StrategyCallback(TrainerCallback):
         self.plugins = tuple(plugins)
         self.plan: Optional[StrategyPlan] = None
         self._prepared_model: Optional[nn.Module] = None
+        self._plugin_manager: Optional[pluggy.PluginManager] = None
+
+    @property
+    def plugin_manager(self) -> pluggy.PluginManager:
+        """The plugin manager of this run: built-in, installed and ``plugins``."""
+        if self._plugin_manager is None:
+            self._plugin_manager = get_plugin_manager(self.plugins)
+        return self._plugin_manager
 
     def prepare(self, model: nn.Module, training_args: Optional[TrainingArguments] = None) -> StrategyPlan:
         """Build the plan for ``model`` (once) and set its parameters' ``requires_grad``."""
         if self._prepared_model is not model:
-            self.plan = build_plan(model, self.strategy_args, training_args, plugins=self.plugins)
+            self.plan = build_plan(model, self.strategy_args, training_args, plugin_manager=self.plugin_manager)
             self._prepared_model = model
         assert self.plan is not None
         self.plan.apply(model)
@@ -67,6 +77,8 @@ class StrategyCallback(TrainerCallback):
                 "applies the plan inside `call_model_init`."
             )
         assert self.plan is not None
+        if model is not None:
+            self.plugin_manager.hook.hfls_on_train_begin(model=model, plan=self.plan, training_args=args)
         if state.is_world_process_zero and self.strategy_args.print_plan:
             print(self.plan.table())
         if args.should_save:

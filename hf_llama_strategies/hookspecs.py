@@ -13,8 +13,13 @@ The order in which a plan is built::
     hfls_adjust_plan(plan, anatomy, strategy_args, training_args)       # every plugin
     hfls_validate_plan(plan, anatomy, strategy_args, training_args)     # every plugin
 
+At run time, in every ``Trainer.train()`` call::
+
+    hfls_on_train_begin(model, plan, training_args)     # every plugin, before the first step
+
 A plugin that implements ``hfls_plan_parameters`` adds a strategy; ``hfls_model_anatomy``
-teaches an architecture; ``hfls_adjust_plan`` has the last word on any decision.
+teaches an architecture; ``hfls_adjust_plan`` has the last word on any decision; ``hfls_on_train_begin`` changes how the
+model runs (module hooks, checkpointing) without changing the plan.
 Use ``@hookimpl(tryfirst=True)`` / ``trylast=True`` to order a plugin among the others.
 """
 
@@ -96,3 +101,20 @@ def hfls_validate_plan(
     training_args: Optional["TrainingArguments"],
 ) -> None:
     """Refuse a finished plan that cannot train correctly, with a :class:`PlanError`."""
+
+
+@hookspec
+def hfls_on_train_begin(
+    model: "torch.nn.Module",
+    plan: "StrategyPlan",
+    training_args: Optional["TrainingArguments"],
+) -> None:
+    """Prepare ``model`` for the training loop, right before its first step.
+
+    Called from the callback's ``on_train_begin`` in every ``Trainer.train()`` call, with the
+    unwrapped model the plan was applied to. By then the Trainer has enabled activation
+    checkpointing (``activation_checkpointing_enable``), built the optimizer and wrapped the
+    model for DDP/FSDP; no forward pass has run. For changes to how the model runs (module
+    hooks, checkpointing functions) that leave ``requires_grad``, parameters and optimizer
+    groups alone: those are the plan's, applied before the optimizer existed.
+    """

@@ -23,6 +23,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_llama_strategies.anatomy",
     # the strategies, one module each
     "hf_llama_strategies.strategies.freezing",
+    "hf_llama_strategies.strategies.activation_checkpointing",
 
 )
 
