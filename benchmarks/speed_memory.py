@@ -18,15 +18,22 @@ What it measures, on a tiny Llama (8 layers, hidden 256, vocab 4096, batch 8 x 1
 (e) peak memory: the process's peak resident set during training (Linux ``VmHWM``, reset
     before each run) and, exactly, the activation bytes autograd keeps for backward.
 
-Each figure is printed beside its target and its FLOP floor: the ratio of the step's matrix
-multiplication FLOPs (forward, recompute, weight and input gradients that backward needs),
-computed from the model's shapes, beside the floors the issue quotes.
+Timings come three ways: wall-clock step time (what the targets are about), the fastest step
+of each variant (load only ever adds time) and process CPU time. Two extra steps per variant
+(first round) count the work itself, which no load disturbs: the FLOPs of matrix products and
+attention and the ATen operator calls as they run (backward and recomputation included), and the Python
+function calls. Each ratio is printed beside its target and its FLOP floor: the ratio of the
+step's matrix-product FLOPs (forward, recomputation, and the weight and input gradients that
+backward needs), computed from the model's shapes (:func:`flop_floor`), beside the floors the
+issue quotes.
 
 Usage::
 
-    python benchmarks/speed_memory.py                 # the full run (about 10 minutes on 2 cores)
-    python benchmarks/speed_memory.py --quick         # fewer rounds and steps
+    python benchmarks/speed_memory.py                 # the full run (7 rounds of 6 steps)
+    python benchmarks/speed_memory.py --quick         # 3 rounds of 4 steps
     python benchmarks/speed_memory.py --smoke         # a tiny model, 1 round: checks that it runs
+    python benchmarks/speed_memory.py --threads 1     # on a busy machine: 2 threads that wait for
+                                                      # each other at every operator suffer most
 
 Writes ``benchmarks/results/speed_memory.json`` (``--out``) and prints a Markdown table.
 """
@@ -35,10 +42,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import ctypes
 import gc
 import json
 import os
 import platform
+import pstats
 import random
 import statistics
 import sys
@@ -49,6 +59,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -232,7 +244,27 @@ def _rss_kib(field_name: str) -> Optional[int]:
     return None
 
 
+def _pin_malloc() -> Optional[Any]:
+    """Fix glibc's mmap threshold so that freed tensors go back to the system.
+
+    By default glibc raises the threshold as large blocks are freed, after which one run's
+    freed tensors serve the next run from the heap and its peak resident set shows nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = None
+
+
 def _reset_peak_rss() -> bool:
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
             fh.write("5")
@@ -241,11 +273,51 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class Probe(TrainerCallback):
-    """Step times, gradient bytes (every step) and optimizer-state bytes (after each step)."""
+class WorkCounter(TorchDispatchMode):
+    """Counts ATen operator calls and the FLOPs of matrix products and attention, as they run.
+
+    Below autograd, so backward and the recomputation of checkpointed layers count too (a
+    non-reentrant checkpoint stops recomputing once backward has what it needs: its saving
+    shows here).
+    """
 
     def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.calls += 1
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
+        elif packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            q, k, v = args[:3]
+            self.flops += sdpa_flop_count(q.shape, k.shape, v.shape)
+        elif packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            grad_out, q, k, v = args[:4]
+            self.flops += sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape)
+        return out
+
+
+class Probe(TrainerCallback):
+    """Step times, gradient bytes (every step), optimizer-state bytes, and the work of a step.
+
+    With ``count_from`` set, step ``count_from`` (1-based, after the timed ones) runs under
+    cProfile (Python function calls) and the next one under :class:`WorkCounter` (ATen calls,
+    FLOPs): measures of work that no load on the machine disturbs.
+    """
+
+    def __init__(self, count_from: Optional[int] = None) -> None:
         self.step_ends: list[tuple[float, float]] = []  # (wall clock, process CPU time)
+        self.count_from = count_from
+        self.python_calls: Optional[int] = None
+        self.aten_calls: Optional[int] = None
+        self.flops: Optional[int] = None
+        self._python: Optional[cProfile.Profile] = None
+        self._work: Optional[WorkCounter] = None
         self.grad_bytes: list[int] = []
         self.frozen_with_grad: set[str] = set()
         self.moment_bytes: Optional[int] = None
@@ -281,8 +353,27 @@ class Probe(TrainerCallback):
                         counters += value.numel() * value.element_size()
         self.moment_bytes, self.step_counter_bytes, self.optimizer_params = moments, counters, params
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.count_from is None:
+            return
+        if state.global_step + 1 == self.count_from:
+            self._python = cProfile.Profile()
+            self._python.enable()
+        elif state.global_step + 1 == self.count_from + 1:
+            self._work = WorkCounter()
+            self._work.__enter__()
+
     def on_step_end(self, args, state, control, **kwargs):
-        self.step_ends.append((time.perf_counter(), time.process_time()))
+        if self._python is not None:
+            self._python.disable()
+            self.python_calls = pstats.Stats(self._python).total_calls  # type: ignore[attr-defined]
+            self._python = None
+        elif self._work is not None:
+            self._work.__exit__(None, None, None)
+            self.aten_calls, self.flops = self._work.calls, self._work.flops
+            self._work = None
+        elif self.count_from is None or state.global_step < self.count_from:
+            self.step_ends.append((time.perf_counter(), time.process_time()))
 
 
 def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
@@ -323,14 +414,17 @@ class RunResult:
     trainable_params: int
     total_params: int
     saved_activation_bytes: Optional[int] = None
+    python_calls_per_step: Optional[int] = None
+    aten_calls_per_step: Optional[int] = None
+    flops_per_step: Optional[int] = None
 
 
 def run_variant(
-    variant: Variant, shape: ModelShape, warmup: int, steps: int, round_index: int, measure_activations: bool
+    variant: Variant, shape: ModelShape, warmup: int, steps: int, round_index: int, count_work: bool
 ) -> RunResult:
     torch.manual_seed(0)
     model = LlamaForCausalLM(shape.config()).train()
-    total_steps = warmup + steps
+    total_steps = warmup + steps + (2 if count_work else 0)
     data = RandomTokens(shape.batch * total_steps, shape.seq, shape.vocab)
     ckpt_kwargs = {}
     if variant.checkpointing is not None:
@@ -338,7 +432,7 @@ def run_variant(
             activation_checkpointing=True,
             activation_checkpointing_kwargs={"use_reentrant": variant.checkpointing == "reentrant"},
         )
-    probe = Probe()
+    probe = Probe(count_from=warmup + steps + 1 if count_work else None)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
@@ -364,14 +458,14 @@ def run_variant(
             trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[probe])
         trainer.remove_callback(PrinterCallback)
         gc.collect()
-        rss_before = _rss_kib("VmRSS")
         has_peak = _reset_peak_rss()
+        rss_before = _rss_kib("VmRSS")
         trainer.train()
         peak = _rss_kib("VmHWM") if has_peak else None
     times = [b[0] - a[0] for a, b in zip(probe.step_ends, probe.step_ends[1:])][warmup:]
     cpu_times = [b[1] - a[1] for a, b in zip(probe.step_ends, probe.step_ends[1:])][warmup:]
     activations = None
-    if measure_activations:
+    if count_work:
         batch = {k: v[: shape.batch] for k, v in {"input_ids": data.ids, "labels": data.ids}.items()}
         activations = saved_activation_bytes(model, batch)
     result = RunResult(
@@ -390,6 +484,9 @@ def run_variant(
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
         saved_activation_bytes=activations,
+        python_calls_per_step=probe.python_calls,
+        aten_calls_per_step=probe.aten_calls,
+        flops_per_step=probe.flops,
     )
     del trainer, model
     gc.collect()
@@ -444,18 +541,31 @@ def summarise(results: list[RunResult], shape: ModelShape) -> dict[str, Any]:
             continue
         ratios = [num.step_time / den.step_time for num, den in pairs]
         cpu_ratios = [num.step_cpu_time / den.step_cpu_time for num, den in pairs]
+        # Load only ever adds time: the fastest steps are the least disturbed estimate.
+        best = min(t for num, _ in pairs for t in num.step_times) / min(t for _, den in pairs for t in den.step_times)
+        best_cpu = min(t for num, _ in pairs for t in num.step_cpu_times) / min(
+            t for _, den in pairs for t in den.step_cpu_times
+        )
         stats = spread(ratios)
         floor = flop_floor(shape, *c.floor) if c.floor else None
+        work = {}
+        for key in ("flops_per_step", "aten_calls_per_step", "python_calls_per_step"):
+            num = next((getattr(r, key) for r in results if r.variant == c.numerator and getattr(r, key)), None)
+            den = next((getattr(r, key) for r in results if r.variant == c.denominator and getattr(r, key)), None)
+            work[key.replace("_per_step", "_ratio")] = num / den if num and den else None
         comparisons.append(
             {
                 **asdict(c),
                 "ratio": stats,
                 "ratios": ratios,
+                "best_step_ratio": best,
                 "cpu_time_ratio": spread(cpu_ratios),
+                "best_cpu_step_ratio": best_cpu,
                 "cpu_time_ratios": cpu_ratios,
                 "flop_floor": floor,
                 "issue_flop_floor": ISSUE_FLOORS.get(c.issue_floor) if c.issue_floor else None,
                 "meets_target": None if c.target is None else stats["median"] <= c.target,
+                **work,
             }
         )
     variants = {}
@@ -466,6 +576,7 @@ def summarise(results: list[RunResult], shape: ModelShape) -> dict[str, Any]:
         first = runs[0]
         peaks = [r.peak_rss_mib for r in runs if r.peak_rss_mib is not None]
         activations = next((r.saved_activation_bytes for r in runs if r.saved_activation_bytes is not None), None)
+        counted = next((r for r in runs if r.aten_calls_per_step is not None), None)
         variants[name] = {
             **asdict(BY_NAME[name]),
             "step_time_s": spread([r.step_time for r in runs]),
@@ -481,6 +592,9 @@ def summarise(results: list[RunResult], shape: ModelShape) -> dict[str, Any]:
             "frozen_params_with_grad": sorted({n for r in runs for n in r.frozen_with_grad}),
             "peak_rss_increase_mib": spread(peaks) if peaks else None,
             "saved_activation_bytes": activations,
+            "python_calls_per_step": counted.python_calls_per_step if counted else None,
+            "aten_calls_per_step": counted.aten_calls_per_step if counted else None,
+            "flops_per_step": counted.flops_per_step if counted else None,
         }
     return {"comparisons": comparisons, "variants": variants}
 
@@ -489,40 +603,51 @@ def _fmt_ratio(stats: dict[str, float]) -> str:
     return f"{stats['median']:.3f} ({stats['min']:.3f}-{stats['max']:.3f})"
 
 
+def _num(value: Optional[float], fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The comparisons and the per-variant figures as Markdown tables, with the machine."""
     lines = [
-        "| | figure | step-time ratio: median (min-max) | CPU-time ratio | target | FLOP floor (here / issue) |",
-        "|---|---|---|---|---|---|",
+        "| | figure | step time: median (min-max) | fastest steps | CPU time | target | FLOPs counted | FLOP floor (model / issue) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in summary["comparisons"]:
-        target = "" if c["target"] is None else f"<= {c['target']:.2f}" + (" ok" if c["meets_target"] else " MISSED")
-        floor = "" if c["flop_floor"] is None else f"{c['flop_floor']:.3f}"
+        target = "" if c["target"] is None else f"<= {c['target']:.2f}" + (" ok" if c["meets_target"] else " **missed**")
+        floor = _num(c["flop_floor"], ".3f")
         if c["issue_flop_floor"] is not None:
             floor += f" / {c['issue_flop_floor']:.2f}"
         lines.append(
-            f"| ({c['section']}) | {c['label']} | {_fmt_ratio(c['ratio'])} | {c['cpu_time_ratio']['median']:.3f} "
-            f"| {target} | {floor} |"
+            f"| ({c['section']}) | {c['label']} | {_fmt_ratio(c['ratio'])} | {c['best_step_ratio']:.3f} "
+            f"| {c['cpu_time_ratio']['median']:.3f} | {target} | {_num(c['flops_ratio'], '.3f')} | {floor} |"
         )
     lines += [
         "",
-        "| variant | step s (median) | trainable | AdamW moments B/param | grad B/param | frozen params with a grad | peak RSS +MiB | saved activations MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | step s: median (min-max) | trainable / total | AdamW state B per trainable param | grad B per "
+        "trainable param | frozen params with a grad | peak RSS +MiB | saved activations MiB | GFLOP per step "
+        "| ATen calls per step | Python calls per step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in summary["variants"].items():
         peak = "" if v["peak_rss_increase_mib"] is None else f"{v['peak_rss_increase_mib']['median']:.0f}"
         acts = "" if v["saved_activation_bytes"] is None else f"{v['saved_activation_bytes'] / 2**20:.1f}"
+        t = v["step_time_s"]
         lines.append(
-            f"| {name} | {v['step_time_s']['median']:.3f} | {v['trainable_params'] / 1e6:.2f}M "
+            f"| {name} | {t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f}) | {v['trainable_params'] / 1e6:.2f}M "
             f"/ {v['total_params'] / 1e6:.2f}M | {v['adamw_moment_bytes_per_trainable_param']:.2f} "
-            f"| {v['grad_bytes_per_trainable_param']:.2f} | {len(v['frozen_params_with_grad'])} | {peak} | {acts} |"
+            f"| {v['grad_bytes_per_trainable_param']:.2f} | {len(v['frozen_params_with_grad'])} | {peak} | {acts} "
+            f"| {_num(v['flops_per_step'] and v['flops_per_step'] / 1e9, '.2f')} "
+            f"| {_num(v['aten_calls_per_step'], 'd')} | {_num(v['python_calls_per_step'], 'd')} |"
         )
     m = meta["machine"]
+    load = lambda key: "/".join(f"{x:.1f}" for x in meta[key]) if meta.get(key) else "?"  # noqa: E731
     lines += [
         "",
-        f"Measured on {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
-        f"transformers {m['transformers']}; {meta['rounds']} rounds x {meta['steps']} steps (after "
-        f"{meta['warmup']} warm-up), load average {meta['load_average_before']} before, "
-        f"{meta['load_average_after']} after.",
+        f"Measured on {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
+        f"transformers {m['transformers']}: {meta['rounds']} interleaved rounds of {meta['steps']} steps (after "
+        f"{meta['warmup']} warm-up steps); load average (1/5/15 min) {load('load_average_before')} before, "
+        f"{load('load_average_after')} after; {meta['wall_s'] / 60:.0f} min.",
     ]
     return "\n".join(lines)
 
@@ -549,6 +674,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"unknown variants {unknown}; valid: {', '.join(BY_NAME)}")
     torch.set_num_threads(opts.threads)
+    global _LIBC
+    _LIBC = _pin_malloc()
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)

@@ -350,3 +350,24 @@ def test_peft_lora_gradients_equal_without_checkpointing():
     expected = lora_grads(False)
     assert sum(g is not None for g in expected.values()) == 12  # q/v LoRA A and B in 3 layers
     assert_same_gradients(lora_grads(True), expected)
+
+
+def test_hfls_on_train_begin_runs_after_checkpointing_and_optimizer_in_every_train_call(tmp_path):
+    from hf_llama_strategies import hookimpl
+
+    seen = []
+
+    class Recorder:
+        @hookimpl
+        def hfls_on_train_begin(self, model, plan, training_args):
+            seen.append((model, plan, training_args, model.is_activation_checkpointing, trainer.optimizer is not None))
+
+    model = tiny_model("llama").train()
+    args = make_training_args(tmp_path, activation_checkpointing=True, max_steps=1)
+    trainer = StrategyTrainer(
+        model=model, args=args, train_dataset=TokenDataset(), strategy_args=StrategyArguments(trainable_layers="-1:"),
+        strategy_plugins=[Recorder()],
+    )
+    trainer.train()
+    trainer.train()
+    assert seen == [(model, trainer.strategy_plan, args, True, True)] * 2

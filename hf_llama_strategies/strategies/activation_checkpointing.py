@@ -14,8 +14,8 @@ layer with :class:`FrozenPrefixCheckpoint`, which decides per call, from ``requi
 that moment (so dynamic freezing schedules are followed without being known):
 
 * nothing entering the layer requires grad and none of its parameters does (a layer of the
-  frozen prefix): the layer runs once, plainly. Its output needs no grad, so it is neither
-  recomputed nor back-propagated through, and it keeps no activations;
+  frozen prefix): the layer runs once, under ``no_grad``. Its output needs no grad, so it is
+  neither recomputed nor back-propagated through, and it keeps no activations;
 * nothing entering the layer requires grad but some of its parameters do (the first trainable
   layer): the layer is checkpointed with one extra, empty input that requires grad, so its
   output requires grad under ``use_reentrant`` true or false, while the recomputed layer sees
@@ -33,7 +33,7 @@ keep transformers' behaviour, with a log message.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ from transformers.utils import logging
 
 from ..hookspecs import hookimpl
 from ..plan import StrategyPlan
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 logger = logging.get_logger(__name__)
 
@@ -110,15 +113,16 @@ class FrozenPrefixCheckpoint:
             self.checkpointed_calls += 1
             return self.checkpoint_func(function, *args)
         if not any(p.requires_grad for p in self._params):
-            # Output cannot require grad: nothing to recompute, nothing to back-propagate.
+            # The output cannot require grad: nothing to recompute, nothing to back-propagate, and
+            # no_grad spares autograd's bookkeeping without changing a single value.
             self.plain_calls += 1
-            return function(*args)
+            with torch.no_grad():
+                return function(*args)
         # A reentrant checkpoint's output requires grad only if a tensor input does. An empty anchor
         # provides one, without making the real input require grad (which would extend backward
         # below this layer's lowest trainable module).
         self.anchored_calls += 1
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        anchor = torch.empty(0, device=device, requires_grad=True)
+        anchor = torch.empty(0, device=self._params[0].device, requires_grad=True)
         return self.checkpoint_func(_WithoutLastArgument(function), *args, anchor)
 
 
@@ -171,7 +175,7 @@ def skip_frozen_prefix(model: nn.Module, layers: Optional[nn.Module] = None) -> 
 
 
 @hookimpl
-def hfls_on_train_begin(model: nn.Module, plan: StrategyPlan, training_args: Any) -> None:
+def hfls_on_train_begin(model: nn.Module, plan: StrategyPlan, training_args: Optional["TrainingArguments"]) -> None:
     """Skip the frozen prefix when the Trainer (or the user) enabled activation checkpointing."""
     layers = _get_submodule(model, plan.layers_path)
     replaced = skip_frozen_prefix(model, layers)
