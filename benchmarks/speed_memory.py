@@ -127,14 +127,17 @@ class RandomTokens(torch.utils.data.Dataset):
 # -- FLOP floors ------------------------------------------------------------------------------
 
 
-def flop_floor(shape: ModelShape, freezing: str, checkpointing: bool) -> float:
+def flop_floor(shape: ModelShape, freezing: str, checkpointing: Optional[str]) -> float:
     """Matmul FLOPs of one step with ``freezing``, relative to full fine-tuning (same checkpointing).
 
-    Counted per token, in multiply-accumulates: every projection's forward; in backward, its
-    weight gradient where the weight trains and its input gradient where anything below it
-    trains; the attention products backward where anything at or below them trains; with
-    checkpointing, one more forward of every layer that backward reaches. Element-wise work,
-    the loss and the optimizer are left out (they only lower the ratios measured).
+    Counted per token, in multiply-accumulates: every projection's and attention product's
+    forward; in backward, the weight gradient where the weight trains and the input gradient
+    where anything below trains (so not the input gradient of the lowest trainable layer's
+    q/k/v projections); with ``checkpointing``, one more forward of every layer that backward
+    reaches, except, for ``"non_reentrant"``, its last projection (``down_proj``): torch stops
+    recomputing once backward has the tensors it saved. Element-wise work, the loss and the
+    optimizer are left out (the optimizer and gradient clipping, proportional to what trains,
+    would lower the ratios).
     """
     h, i, hd = shape.hidden, shape.intermediate, shape.hidden // shape.heads
     q, kv, o = h * shape.heads * hd, 2 * h * shape.kv_heads * hd, shape.heads * hd * h
@@ -142,14 +145,14 @@ def flop_floor(shape: ModelShape, freezing: str, checkpointing: bool) -> float:
     layer = q + kv + o + 3 * h * i + attn
     head = h * shape.vocab
     forward = shape.layers * layer + head
+    recomputed = {None: 0, "reentrant": layer, "non_reentrant": layer - h * i}[checkpointing]
 
     def step(trainable_layers: int, head_trains: bool, embeddings_train: bool) -> int:
-        backward = 2 * head if head_trains else head  # input gradient always (a layer below trains)
+        backward = 2 * head if head_trains else head  # the input gradient: a layer below trains
         backward += 2 * layer * trainable_layers
         if not embeddings_train:
-            backward -= q + kv  # the lowest trainable layer's input needs no gradient
-        recompute = layer * trainable_layers if checkpointing else 0
-        return forward + backward + recompute
+            backward -= q + kv
+        return forward + backward + recomputed * trainable_layers
 
     full = step(shape.layers, True, True)
     part = {"lf": step(2, False, False), "l2nh": step(2, True, False), "full": full}[freezing]
@@ -192,21 +195,21 @@ class Comparison:
     numerator: str
     denominator: str
     target: Optional[float] = None
-    floor: Optional[tuple[str, bool]] = None  # (freezing, checkpointing) for flop_floor
+    floor: Optional[tuple[str, Optional[str]]] = None  # (freezing, checkpointing) for flop_floor
     issue_floor: Optional[str] = None
 
 
 COMPARISONS = [
     Comparison("a", "StrategyTrainer / Trainer, full fine-tuning", "ours_full", "plain_full", 1.02),
     Comparison("a", "StrategyTrainer / Trainer, full fine-tuning, checkpointing", "ours_full_ckpt", "plain_full_ckpt", 1.02),
-    Comparison("b", "last 2 layers only (LLaMA-Factory) / full", "ours_lf", "ours_full", None, ("lf", False), "lf"),
-    Comparison("b", "last 2 layers only / full, checkpointing", "ours_lf_ckpt", "ours_full_ckpt", 0.46, ("lf", True), "lf_ckpt"),
-    Comparison("b", "last 2 layers only / full, checkpointing, reentrant", "ours_lf_ckpt_r", "ours_full_ckpt_r", 0.46, ("lf", True), "lf_ckpt"),
-    Comparison("b", "last 2 layers + norm + head / full", "ours_l2nh", "ours_full", 0.60, ("l2nh", False), "l2nh"),
-    Comparison("b", "last 2 layers + norm + head / full, checkpointing", "ours_l2nh_ckpt", "ours_full_ckpt", 0.52, ("l2nh", True), "l2nh_ckpt"),
-    Comparison("b", "last 2 layers + norm + head / full, checkpointing, reentrant", "ours_l2nh_ckpt_r", "ours_full_ckpt_r", 0.52, ("l2nh", True), "l2nh_ckpt"),
-    Comparison("c", "transformers' default: last 2 layers only / full, checkpointing", "plain_lf_ckpt", "plain_full_ckpt", None, ("lf", True)),
-    Comparison("c", "transformers' default: last 2 + norm + head / full, checkpointing", "plain_l2nh_ckpt", "plain_full_ckpt", None, ("l2nh", True)),
+    Comparison("b", "last 2 layers only (LLaMA-Factory) / full", "ours_lf", "ours_full", None, ("lf", None), "lf"),
+    Comparison("b", "last 2 layers only / full, checkpointing", "ours_lf_ckpt", "ours_full_ckpt", 0.46, ("lf", "non_reentrant"), "lf_ckpt"),
+    Comparison("b", "last 2 layers only / full, checkpointing, reentrant", "ours_lf_ckpt_r", "ours_full_ckpt_r", 0.46, ("lf", "reentrant"), "lf_ckpt"),
+    Comparison("b", "last 2 layers + norm + head / full", "ours_l2nh", "ours_full", 0.60, ("l2nh", None), "l2nh"),
+    Comparison("b", "last 2 layers + norm + head / full, checkpointing", "ours_l2nh_ckpt", "ours_full_ckpt", 0.52, ("l2nh", "non_reentrant"), "l2nh_ckpt"),
+    Comparison("b", "last 2 layers + norm + head / full, checkpointing, reentrant", "ours_l2nh_ckpt_r", "ours_full_ckpt_r", 0.52, ("l2nh", "reentrant"), "l2nh_ckpt"),
+    Comparison("c", "transformers' default: last 2 layers only / full, checkpointing", "plain_lf_ckpt", "plain_full_ckpt", None, ("lf", "non_reentrant")),
+    Comparison("c", "transformers' default: last 2 + norm + head / full, checkpointing", "plain_l2nh_ckpt", "plain_full_ckpt", None, ("l2nh", "non_reentrant")),
     Comparison("c", "ours / transformers' default, last 2 layers only, checkpointing", "ours_lf_ckpt", "plain_lf_ckpt"),
     Comparison("c", "ours / transformers' default, last 2 + norm + head, checkpointing", "ours_l2nh_ckpt", "plain_l2nh_ckpt"),
 ]
@@ -600,7 +603,7 @@ def summarise(results: list[RunResult], shape: ModelShape) -> dict[str, Any]:
 
 
 def _fmt_ratio(stats: dict[str, float]) -> str:
-    return f"{stats['median']:.3f} ({stats['min']:.3f}-{stats['max']:.3f})"
+    return f"{stats['median']:.3f} [{stats['q1']:.3f}-{stats['q3']:.3f}]"
 
 
 def _num(value: Optional[float], fmt: str) -> str:
@@ -610,7 +613,7 @@ def _num(value: Optional[float], fmt: str) -> str:
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     """The comparisons and the per-variant figures as Markdown tables, with the machine."""
     lines = [
-        "| | figure | step time: median (min-max) | fastest steps | CPU time | target | FLOPs counted | FLOP floor (model / issue) |",
+        "| | figure | step time: median [IQR] | fastest steps | CPU time | target | FLOPs counted | FLOP floor (model / issue) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in summary["comparisons"]:
@@ -624,7 +627,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| variant | step s: median (min-max) | trainable / total | AdamW state B per trainable param | grad B per "
+        "| variant | step s: median [IQR] | trainable / total | AdamW state B per trainable param | grad B per "
         "trainable param | frozen params with a grad | peak RSS +MiB | saved activations MiB | GFLOP per step "
         "| ATen calls per step | Python calls per step |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -634,7 +637,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         acts = "" if v["saved_activation_bytes"] is None else f"{v['saved_activation_bytes'] / 2**20:.1f}"
         t = v["step_time_s"]
         lines.append(
-            f"| {name} | {t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f}) | {v['trainable_params'] / 1e6:.2f}M "
+            f"| {name} | {t['median']:.3f} [{t['q1']:.3f}-{t['q3']:.3f}] | {v['trainable_params'] / 1e6:.2f}M "
             f"/ {v['total_params'] / 1e6:.2f}M | {v['adamw_moment_bytes_per_trainable_param']:.2f} "
             f"| {v['grad_bytes_per_trainable_param']:.2f} | {len(v['frozen_params_with_grad'])} | {peak} | {acts} "
             f"| {_num(v['flops_per_step'] and v['flops_per_step'] / 1e9, '.2f')} "
@@ -663,7 +666,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--variants", default=None, help="comma list of variant names (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-round variant order")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON file to write ('' for none)")
+    parser.add_argument("--summarise", metavar="JSON", default=None, help="recompute the tables of a saved run")
     opts = parser.parse_args(argv)
+    if opts.summarise:
+        with open(opts.summarise, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        results = [RunResult(**r) for r in saved["runs"]]
+        shape = ModelShape(**saved["meta"]["shape"])
+        return _report(results, shape, saved["meta"], opts.out)
     shape = ModelShape()
     if opts.quick:
         opts.rounds, opts.steps = min(opts.rounds, 3), min(opts.steps, 4)
@@ -700,16 +710,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             print(f"round {round_index + 1}/{opts.rounds}  {name:18s} {result.step_time * 1000:8.1f} ms/step", flush=True)
     meta["load_average_after"] = load_average()
     meta["wall_s"] = time.perf_counter() - started
+    return _report(results, shape, meta, opts.out)
+
+
+def _report(results: list[RunResult], shape: ModelShape, meta: dict[str, Any], out: str) -> dict[str, Any]:
     summary = summarise(results, shape)
     report = {"meta": meta, **summary, "runs": [asdict(r) for r in results]}
     print()
     print(markdown(summary, meta))
-    if opts.out:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-        with open(opts.out, "w", encoding="utf-8") as fh:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2)
             fh.write("\n")
-        print(f"\nwrote {opts.out}")
+        print(f"\nwrote {out}")
     return report
 
 

@@ -49,19 +49,22 @@ def test_smoke_run_writes_exact_memory_figures(bench, tmp_path):
 
 def test_flop_floors(bench):
     shape = bench.ModelShape()
-    assert bench.flop_floor(shape, "full", False) == 1.0
-    floors = {(f, c): bench.flop_floor(shape, f, c) for f in ("lf", "l2nh") for c in (False, True)}
+    assert bench.flop_floor(shape, "full", None) == 1.0
+    modes = (None, "reentrant", "non_reentrant")
+    floors = {(f, c): bench.flop_floor(shape, f, c) for f in ("lf", "l2nh") for c in modes}
     # Checkpointing recomputes every layer for full fine-tuning but only two here.
-    assert floors["lf", True] < floors["lf", False] and floors["l2nh", True] < floors["l2nh", False]
+    assert floors["lf", "reentrant"] < floors["lf", "non_reentrant"] < floors["lf", None]
     # Training the head costs its weight gradient on top.
-    assert floors["lf", False] < floors["l2nh", False]
+    assert floors["lf", None] < floors["l2nh", None]
     # Against a count written out for the default shape (multiply-accumulates per token).
     layer = 4 * 256 * 256 + 3 * 256 * 688 + 2 * 128 * 256
     head = 256 * 4096
     forward = 8 * layer + head
     lf = forward + head + 4 * layer - 3 * 256 * 256
-    assert floors["lf", False] == pytest.approx(lf / (3 * forward), rel=1e-12)
-    assert floors["lf", True] == pytest.approx((lf + 2 * layer) / (3 * forward + 8 * layer), rel=1e-12)
+    assert floors["lf", None] == pytest.approx(lf / (3 * forward), rel=1e-12)
+    assert floors["lf", "reentrant"] == pytest.approx((lf + 2 * layer) / (3 * forward + 8 * layer), rel=1e-12)
+    short = layer - 256 * 688  # a non-reentrant recomputation stops before down_proj
+    assert floors["lf", "non_reentrant"] == pytest.approx((lf + 2 * short) / (3 * forward + 8 * short), rel=1e-12)
 
 
 def test_strategy_trainer_does_the_same_work_as_plain_trainer(bench, tmp_path):
