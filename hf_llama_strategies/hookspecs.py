@@ -18,8 +18,9 @@ At run time, in every ``Trainer.train()`` call::
     hfls_on_train_begin(model, plan, training_args)     # every plugin, before the first step
 
 A plugin that implements ``hfls_plan_parameters`` adds a strategy; ``hfls_model_anatomy``
-teaches an architecture; ``hfls_adjust_plan`` has the last word on any decision; ``hfls_on_train_begin`` changes how the
-model runs (module hooks, checkpointing) without changing the plan.
+teaches an architecture; ``hfls_adjust_plan`` has the last word on any decision;
+``hfls_on_train_begin`` changes how the model runs (module hooks, checkpointing) without
+changing the plan.
 Use ``@hookimpl(tryfirst=True)`` / ``trylast=True`` to order a plugin among the others.
 """
 
