@@ -1,12 +1,13 @@
-# Two entry points, each installing what it needs into .venv on first use:
+# Entry points, each installing what it needs into .venv on first use:
 #   make demo   the main job: `hf-llama-strategies train` with no config runs the bundled offline demo
 #   make test   run the whole test suite
+#   make bench  speed and memory against a plain Trainer (benchmarks/speed_memory.py, ~10 min)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml examples/hfls-plugin-example/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/speed_memory.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -27,6 +27,7 @@ import functools
 import os
 from typing import Any, Callable, Iterable, Optional
 
+import pluggy
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -82,7 +83,7 @@ class StrategyCallback(TrainerCallback):
         # Rates of the last optimizer step, read before the scheduler moves them.
         self._step_lrs: dict[str, float] = {}
         self._step_base_lr: Optional[float] = None
-        self._plugin_manager = None
+        self._plugin_manager: Optional[pluggy.PluginManager] = None
         self._checked: Optional[tuple[str, int]] = None
 
     def check_resume(self, checkpoint: str) -> None:
@@ -96,6 +97,13 @@ class StrategyCallback(TrainerCallback):
             check_resumed_plan(self.plan, checkpoint, self.strategy_args.allow_plan_change_on_resume)
             self._checked = (checkpoint, id(self.plan))
 
+    @property
+    def plugin_manager(self) -> pluggy.PluginManager:
+        """The plugin manager of this run: built-in, installed and ``plugins``."""
+        if self._plugin_manager is None:
+            self._plugin_manager = get_plugin_manager(self.plugins)
+        return self._plugin_manager
+
     def prepare(self, model: nn.Module, training_args: Optional[TrainingArguments] = None) -> StrategyPlan:
         """Build the plan for ``model`` (once); set its parameters' ``requires_grad`` and dtype.
 
@@ -104,15 +112,13 @@ class StrategyCallback(TrainerCallback):
         that may ever train requires grad afterwards (what the optimizer and a DDP reducer
         must see); schedules take over when training begins.
         """
-        if self._plugin_manager is None:
-            self._plugin_manager = get_plugin_manager(self.plugins)
         if self._prepared_model is not model:
             if training_args is not None:
                 training_args = check_training_arguments(
                     training_args, self.strategy_args, model=model, plugins=self.plugins
                 )
-            self.plan = build_plan(model, self.strategy_args, training_args, plugin_manager=self._plugin_manager)
-            self.runner = ScheduleRunner(self.plan, self._plugin_manager)
+            self.plan = build_plan(model, self.strategy_args, training_args, plugin_manager=self.plugin_manager)
+            self.runner = ScheduleRunner(self.plan, self.plugin_manager)
             self._prepared_model = model
         assert self.plan is not None
         self.plan.apply(model)
@@ -229,6 +235,8 @@ class StrategyCallback(TrainerCallback):
                 args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             )
             self.check_resume(checkpoint)
+        if model is not None:
+            self.plugin_manager.hook.hfls_on_train_begin(model=model, plan=self.plan, training_args=args)
         if state.is_world_process_zero and self.strategy_args.print_plan:
             print(self.plan.table())
         if args.should_save:

@@ -20,7 +20,12 @@ During training, at every optimizer-step boundary, for each schedule the plan de
 A plugin that implements ``hfls_plan_parameters`` adds a strategy; ``hfls_model_anatomy``
 teaches an architecture; ``hfls_hardware_probe`` (asked by ``resolve_training_arguments``)
 describes an accelerator; ``hfls_adjust_plan`` has the last word on any decision;
-``hfls_active_parameters`` drives a dynamic schedule (LISA) that it wrote into the plan.
+``hfls_active_parameters`` drives a dynamic schedule (LISA) that it wrote into the plan;
+``hfls_on_train_begin`` changes how the model runs (module hooks, checkpointing) without
+changing the plan. It is called in every ``Trainer.train()`` call::
+
+    hfls_on_train_begin(model, plan, training_args)     # every plugin, before the first step
+
 Use ``@hookimpl(tryfirst=True)`` / ``trylast=True`` to order a plugin among the others.
 """
 
@@ -135,4 +140,21 @@ def hfls_active_parameters(plan: "StrategyPlan", schedule: str, global_step: int
     the interval index), so a resumed run and every DDP rank agree without
     communicating. Parameters without a schedule train from ``ParamDecision.active_from``
     on, with no hook involved.
+    """
+
+
+@hookspec
+def hfls_on_train_begin(
+    model: "torch.nn.Module",
+    plan: "StrategyPlan",
+    training_args: Optional["TrainingArguments"],
+) -> None:
+    """Prepare ``model`` for the training loop, right before its first step.
+
+    Called from the callback's ``on_train_begin`` in every ``Trainer.train()`` call, with the
+    unwrapped model the plan was applied to. By then the Trainer has enabled activation
+    checkpointing (``activation_checkpointing_enable``), built the optimizer and wrapped the
+    model for DDP/FSDP; no forward pass has run. For changes to how the model runs (module
+    hooks, checkpointing functions) that leave ``requires_grad``, parameters and optimizer
+    groups alone: those are the plan's, applied before the optimizer existed.
     """

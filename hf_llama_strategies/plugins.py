@@ -27,6 +27,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_llama_strategies.strategies.layerwise_lr",
     "hf_llama_strategies.strategies.gradual_unfreezing",
     "hf_llama_strategies.strategies.lisa",
+    "hf_llama_strategies.strategies.activation_checkpointing",
 
 )
 
