@@ -79,6 +79,7 @@ class StrategyCallback(TrainerCallback):
         #: The checkpoint a resumed run starts from, when known (StrategyTrainer sets it).
         self.resume_checkpoint: Optional[str] = None
         self._prepared_model: Optional[nn.Module] = None
+        self._prepared_args: Optional[TrainingArguments] = None
         self._training_args: Optional[TrainingArguments] = None
         # Rates of the last optimizer step, read before the scheduler moves them.
         self._step_lrs: dict[str, float] = {}
@@ -112,7 +113,12 @@ class StrategyCallback(TrainerCallback):
         that may ever train requires grad afterwards (what the optimizer and a DDP reducer
         must see); schedules take over when training begins.
         """
-        if self._prepared_model is not model:
+        # A plan holds rates and a seed resolved from the TrainingArguments: another model,
+        # or the same callback reused with other arguments, gets a plan of its own.
+        if self._prepared_model is not model or (
+            training_args is not None and training_args is not self._prepared_args
+        ):
+            self._prepared_args = training_args
             if training_args is not None:
                 training_args = check_training_arguments(
                     training_args, self.strategy_args, model=model, plugins=self.plugins

@@ -212,3 +212,16 @@ def test_every_trainer_argument_still_works(tmp_path, lm_dataset):
     assert seen == [1, 2, 3, 4, 5, 6]
     assert sum("eval_loss" in h for h in trainer.state.log_history) == 2
     assert os.path.exists(tmp_path / PLAN_FILE_NAME)
+
+
+def test_a_callback_reused_with_other_arguments_plans_again(tmp_path, lm_dataset):
+    callback = StrategyCallback(StrategyArguments(layer_lr_decay=0.5, print_plan=False))
+    model = tiny_model("llama").train()
+    first = Trainer(model=model, args=make_training_args(tmp_path / "a", learning_rate=1e-3),
+                    train_dataset=lm_dataset, callbacks=[callback])
+    assert callback.plan["lm_head.weight"].lr == 1e-3
+    second = Trainer(model=model, args=make_training_args(tmp_path / "b", learning_rate=0.1),
+                     train_dataset=lm_dataset, callbacks=[callback])
+    assert callback.plan["lm_head.weight"].lr == 0.1
+    assert callback.plan["model.layers.0.mlp.up_proj.weight"].lr == pytest.approx(0.1 * 0.5**2)
+    del first, second
