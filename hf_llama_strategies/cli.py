@@ -406,11 +406,14 @@ def run_plan(config: dict[str, Any], overrides: Sequence[str] = (), plot: Option
     """Print the plan and a memory estimate with no weights loaded (meta device)."""
     from .memory import estimate_memory
     from .plan import build_plan
+    from .strategies.precision import resolve_training_arguments
 
     model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
     model_config = load_model_config(model_args)
     task = _task_from_config(model_config) if model_args.task == "auto" else model_args.task
     model = build_model(model_args, model_config, task, meta=True)
+    # As `train` would: precision resolved for this machine (and by any installed probe plugin).
+    training_args = resolve_training_arguments(training_args, strategy_args, model=model)
     plan = build_plan(model, strategy_args, training_args)
     estimate = estimate_memory(plan, str(training_args.optim))
     print(plan.table())
