@@ -118,6 +118,10 @@ class StrategyCallback(TrainerCallback):
         self.plan.apply(model)
         return self.plan
 
+    def is_prepared(self, model: nn.Module) -> bool:
+        """Whether the current plan was built for ``model`` (this very object)."""
+        return self.plan is not None and self._prepared_model is model
+
     # -- the optimizer, for an unmodified Trainer --------------------------------------------
 
     def optimizer_cls_and_kwargs(

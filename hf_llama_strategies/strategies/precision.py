@@ -543,6 +543,20 @@ def resolve_training_arguments(
     return resolved
 
 
+def copy_precision_decision(source: "TrainingArguments", target: "TrainingArguments") -> None:
+    """Give ``target`` the decision :func:`resolve_training_arguments` attached to ``source``.
+
+    For a Trainer that rebuilt the resolved arguments (TRL's ``SFTTrainer`` turns
+    ``TrainingArguments`` into an ``SFTConfig`` through ``to_dict``, which drops it). Nothing
+    happens when ``target`` has a decision already or its fp16/bf16 flags differ.
+    """
+    decision = getattr(source, _DECISION_ATTR, None)
+    if decision is None or target is source or getattr(target, _DECISION_ATTR, None) is not None:
+        return
+    if (bool(target.fp16), bool(target.bf16)) == (decision.fp16, decision.bf16):
+        setattr(target, _DECISION_ATTR, decision)
+
+
 def check_training_arguments(
     training_args: "TrainingArguments",
     strategy_args: StrategyArguments,
@@ -656,6 +670,7 @@ __all__ = [
     "HardwareProbe",
     "PrecisionDecision",
     "check_training_arguments",
+    "copy_precision_decision",
     "decide_precision",
     "hfls_adjust_plan",
     "hfls_hardware_probe",
