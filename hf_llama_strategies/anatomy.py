@@ -154,7 +154,7 @@ def _find_layer_list(root: nn.Module) -> Optional[str]:
         kinds = {type(child) for child in module}
         if len(kinds) != 1 or not all(_has_params(child) for child in module):
             continue
-        numel = sum(p.numel() for p in module.parameters())
+        numel = sum(parameter_numel(p) for p in module.parameters())
         candidate = (numel, -path.count("."), path)
         if best is None or candidate[:2] > best[:2]:
             best = candidate
@@ -342,6 +342,12 @@ def all_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters()]
 
 
+def parameter_numel(param: torch.Tensor) -> int:
+    """Elements of a parameter, also one that DeepSpeed ZeRO-3 has partitioned (its local tensor is empty)."""
+    ds_numel = getattr(param, "ds_numel", None)
+    return int(ds_numel) if ds_numel is not None else param.numel()
+
+
 def parameter_nbytes(param: torch.Tensor) -> int:
-    """Bytes a tensor takes, also on the meta device."""
-    return param.numel() * param.element_size()
+    """Bytes a tensor takes, also on the meta device and partitioned by ZeRO-3."""
+    return parameter_numel(param) * param.element_size()

@@ -46,7 +46,7 @@ from .optim import (
 from .plan import DEFAULT_GROUP, StrategyPlan, build_plan
 from .strategies.precision import check_training_arguments
 from .plugins import get_plugin_manager
-from .runtime import ScheduleRunner, check_ddp_arguments, check_resumed_plan
+from .runtime import ScheduleRunner, check_ddp_arguments, check_fsdp_arguments, check_resumed_plan
 
 logger = logging.get_logger(__name__)
 
@@ -216,6 +216,7 @@ class StrategyCallback(TrainerCallback):
         if model is not None:
             self.prepare(model, args)
             check_ddp_arguments(self.plan, args, model, can_set=False)
+            check_fsdp_arguments(self.plan, args, can_set=False)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs

@@ -18,7 +18,7 @@ from .callback import StrategyCallback
 from .optim import create_optimizer_from_plan
 from .plan import StrategyPlan
 from .strategies.precision import copy_precision_decision, resolve_training_arguments
-from .runtime import check_ddp_arguments
+from .runtime import check_ddp_arguments, check_fsdp_arguments
 
 
 class StrategyTrainerMixin:
@@ -68,6 +68,7 @@ class StrategyTrainerMixin:
             # and DDP settings are fixed before the Trainer builds its accelerator.
             plan = self.strategy_callback.prepare(model, training_args)
             check_ddp_arguments(plan, training_args, model, can_set=True)
+            check_fsdp_arguments(plan, training_args, can_set=True)
         super().__init__(*args, **kwargs)
         # A subclass that replaced the model after Trainer.__init__: plan the model it trains.
         self._prepare_trainer_model(can_set=False)
@@ -83,7 +84,11 @@ class StrategyTrainerMixin:
         ``peft_config``) is planned here, early enough for errors and DDP settings.
         """
         self._prepare_trainer_model(can_set=True)
-        return super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        if self.strategy_callback.plan is not None:
+            # What accelerate really set up (an FSDP plugin from `accelerate launch` settings too).
+            fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            check_fsdp_arguments(self.strategy_callback.plan, self.args, can_set=False, fsdp_plugin=fsdp_plugin)
 
     def _prepare_trainer_model(self, can_set: bool) -> None:
         model = getattr(self, "model", None)
@@ -94,6 +99,7 @@ class StrategyTrainerMixin:
         copy_precision_decision(self._hfls_resolved_args, self.args)
         plan = self.strategy_callback.prepare(model, self.args)
         check_ddp_arguments(plan, self.args, model, can_set=can_set)
+        check_fsdp_arguments(plan, self.args, can_set=can_set)
 
     @property
     def strategy_plan(self) -> StrategyPlan:
