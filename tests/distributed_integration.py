@@ -16,8 +16,9 @@ split over the processes (2 x 2 rows, or 1 x 4 rows for the reference).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -124,10 +125,11 @@ def _disable_deepspeed_shm_op() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
-def run(scenario: str, out_dir: str, reference: bool = False) -> Optional[str]:
+def run(scenario: str, out_dir: str, reference: bool = False, **overrides: Any) -> str:
     """Train ``scenario`` and dump what the tests compare; returns the dump's path.
 
     ``reference``: one process, the whole global batch, no FSDP or DeepSpeed.
+    ``overrides``: more ``TrainingArguments`` (a control run with another learning rate).
     """
     options, kind, extra = SCENARIOS[scenario]
     world_size = 1 if reference else int(os.environ.get("WORLD_SIZE", "1"))
@@ -140,7 +142,7 @@ def run(scenario: str, out_dir: str, reference: bool = False) -> Optional[str]:
         os.path.join(out_dir, f"{scenario}_{'reference' if reference else 'run'}"),
         max_steps=MAX_STEPS,
         per_device_train_batch_size=GLOBAL_BATCH // world_size,
-        **extra,
+        **{**extra, **overrides},
     )
     if "deepspeed" in extra:
         import deepspeed
@@ -204,6 +206,65 @@ def save_model(out_dir: str) -> str:
     path = os.path.join(out_dir, SAVED_MODEL)
     tiny_model("llama", num_hidden_layers=NUM_LAYERS).save_pretrained(path)
     return path
+
+
+# -- the tests' side: launching and comparing --------------------------------------------
+# Tolerances of a 2-process run against the 1-process reference: see test_integration_ddp.py.
+LOSS_RTOL = 1e-6
+PARAM_ATOL = 1e-4
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def launch_command(launcher: str, out_dir: str, scenarios: list[str]) -> list[str]:
+    script = [os.path.join(HERE, "distributed_integration.py"), out_dir, *scenarios]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
+    # --multi_gpu is accelerate's torchrun-style launcher; the script's use_cpu=True makes
+    # the processes use gloo on the CPU (--cpu alone would start a single process).
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
+
+
+def launch(launcher: str, out_dir, scenarios: list[str], timeout: int = 300) -> dict[str, list[dict]]:
+    """Run the scenarios in 2 processes; return ``{scenario: [rank 0 dump, rank 1 dump]}``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([ROOT, HERE]),
+               # No user-level accelerate config file may leak into the launch.
+               HF_HOME=str(out_dir / "hf_home"))
+    result = subprocess.run(launch_command(launcher, str(out_dir), scenarios), env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return {s: [torch.load(out_dir / f"{s}_rank{r}.pt") for r in (0, 1)] for s in scenarios}
+
+
+def reference(scenario: str, out_dir, **overrides) -> dict:
+    """The scenario in this process: 1 process, the whole global batch."""
+    return torch.load(run(scenario, str(out_dir), reference=True, **overrides))
+
+
+def check_matches_reference(rank0: dict, rank1: dict, ref: dict) -> None:
+    """What every 2-process run must satisfy against its 1-process reference."""
+    import pytest
+
+    assert rank0["world_size"] == 2 and ref["world_size"] == 1
+    # The same rows at every step: rank 0's micro-batch then rank 1's is the reference's batch.
+    assert len(ref["batches"]) == MAX_STEPS
+    assert [a + b for a, b in zip(rank0["batches"], rank1["batches"])] == ref["batches"]
+    assert rank0["batches"] != rank1["batches"]
+    assert rank0["groups"] == rank1["groups"]
+    # Logged losses are means over the processes: the same on both ranks.
+    assert rank0["losses"] == rank1["losses"] and len(rank0["losses"]) == MAX_STEPS
+    assert rank0["losses"] == pytest.approx(ref["losses"], rel=LOSS_RTOL, abs=0)
+    for name, final in rank0["final"].items():
+        assert torch.equal(final, rank1["final"][name]), f"{name} differs between ranks"
+        assert torch.equal(rank0["initial"][name], ref["initial"][name])
+        trained = not torch.equal(ref["final"][name], ref["initial"][name])
+        if trained:
+            assert not torch.equal(final, rank0["initial"][name]), f"{name} trained in 1 process, not in 2"
+            diff = (final - ref["final"][name]).abs().max().item()
+            assert diff <= PARAM_ATOL, f"{name}: {diff} from the 1-process run"
+        else:
+            assert torch.equal(final, rank0["initial"][name]), f"{name} is frozen and must not move"
 
 
 def main() -> None:
