@@ -46,7 +46,13 @@ from .optim import (
 from .plan import DEFAULT_GROUP, StrategyPlan, build_plan
 from .strategies.precision import check_training_arguments
 from .plugins import get_plugin_manager
-from .runtime import ScheduleRunner, check_ddp_arguments, check_fsdp_arguments, check_resumed_plan
+from .runtime import (
+    ScheduleRunner,
+    check_ddp_arguments,
+    check_deepspeed_arguments,
+    check_fsdp_arguments,
+    check_resumed_plan,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -217,6 +223,7 @@ class StrategyCallback(TrainerCallback):
             self.prepare(model, args)
             check_ddp_arguments(self.plan, args, model, can_set=False)
             check_fsdp_arguments(self.plan, args, can_set=False)
+            check_deepspeed_arguments(self.plan, args)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs

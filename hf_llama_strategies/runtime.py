@@ -1,4 +1,4 @@
-"""Dynamic plans at run time: step-boundary activation, resume checks, DDP and FSDP settings.
+"""Dynamic plans at run time: step-boundary activation, resume checks, DDP, FSDP and DeepSpeed settings.
 
 The callback stays thin: it calls these at the right Trainer events. Which parameters
 train at a step is never remembered, always recomputed from ``(plan, global_step)``
@@ -16,7 +16,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .errors import InvalidArgumentError, PlanError
-from .optim import unwrapped_name
+from .optim import deepspeed_config, unwrapped_name
 from .plan import PLAN_FILE_NAME, StrategyPlan
 
 if TYPE_CHECKING:
@@ -297,4 +297,33 @@ def check_fsdp_arguments(
         f"{len(plan.decisions)} parameter tensors train here). Set use_orig_params: true, or use FSDP2 "
         "(fsdp_config version 2, the default in transformers 5; accelerate launch --fsdp_version 2), which keeps "
         "the original parameters.",
+    )
+
+
+# -- DeepSpeed ----------------------------------------------------------------------------
+
+
+def check_deepspeed_arguments(plan: StrategyPlan, training_args: Optional["TrainingArguments"]) -> None:
+    """Refuse a dynamic plan (gradual unfreezing, LISA) under DeepSpeed.
+
+    DeepSpeed's ZeRO optimizers flatten every parameter that requires grad when they are
+    built into their own buffers: a parameter that gets no gradient at a step is still
+    stepped there (with a zero gradient: its moments and weight decay move it), and its
+    optimizer state cannot be dropped. Measured on CPU with ZeRO-2 and LISA: layers that
+    were inactive moved. DDP and FSDP2 train such plans exactly.
+
+    Raises:
+        PlanError: naming the DeepSpeed config and the alternatives.
+    """
+    if not plan.is_dynamic:
+        return
+    config, where = deepspeed_config(training_args)
+    if config is None:
+        return
+    schedules = ", ".join(sorted(plan.schedules)) or "active_from steps (gradual unfreezing)"
+    raise PlanError(
+        f"This plan trains its layers on a schedule ({schedules}), which DeepSpeed cannot follow ({where}): its ZeRO "
+        "optimizers step every parameter that was trainable when they were built, also at steps where the schedule "
+        "leaves it without a gradient (its moments and weight decay still move it). Train dynamic schedules with "
+        "DDP or FSDP2 (fsdp_config version 2), or use a static plan with DeepSpeed."
     )

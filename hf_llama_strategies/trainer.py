@@ -18,7 +18,7 @@ from .callback import StrategyCallback
 from .optim import create_optimizer_from_plan
 from .plan import StrategyPlan
 from .strategies.precision import copy_precision_decision, resolve_training_arguments
-from .runtime import check_ddp_arguments, check_fsdp_arguments
+from .runtime import check_ddp_arguments, check_deepspeed_arguments, check_fsdp_arguments
 
 
 class StrategyTrainerMixin:
@@ -69,6 +69,7 @@ class StrategyTrainerMixin:
             plan = self.strategy_callback.prepare(model, training_args)
             check_ddp_arguments(plan, training_args, model, can_set=True)
             check_fsdp_arguments(plan, training_args, can_set=True)
+            check_deepspeed_arguments(plan, training_args)
         super().__init__(*args, **kwargs)
         # A subclass that replaced the model after Trainer.__init__: plan the model it trains.
         self._prepare_trainer_model(can_set=False)
@@ -100,6 +101,7 @@ class StrategyTrainerMixin:
         plan = self.strategy_callback.prepare(model, self.args)
         check_ddp_arguments(plan, self.args, model, can_set=can_set)
         check_fsdp_arguments(plan, self.args, can_set=can_set)
+        check_deepspeed_arguments(plan, self.args)
 
     @property
     def strategy_plan(self) -> StrategyPlan:

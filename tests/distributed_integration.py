@@ -56,6 +56,17 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, Any]]] = {
         "fsdp",
         dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}),
     ),
+    "fsdp2_dynamic": (
+        dict(lisa_layers=1, lisa_interval_steps=2),
+        "fsdp",
+        dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}),
+    ),
+    # The negative control of the refusal of dynamic plans under DeepSpeed: the check is
+    # switched off, and layers LISA leaves inactive move anyway.
+    "zero2_dynamic_unchecked": (
+        dict(lisa_layers=1, lisa_interval_steps=2), "unchecked",
+        dict(deepspeed={**DS_BASE, "zero_optimization": {"stage": 2}}),
+    ),
     "zero2": (FREEZE_AND_HEAD_LR, "trainer", dict(deepspeed={**DS_BASE, "zero_optimization": {"stage": 2}})),
     "zero3": (FREEZE_AND_HEAD_LR, "trainer", dict(deepspeed={**DS_BASE, "zero_optimization": {"stage": 3}})),
     # bf16 autocast: without ZeRO-3 the plan would upcast the trainable parameters to fp32.
@@ -167,6 +178,10 @@ def run(scenario: str, out_dir: str, reference: bool = False, **overrides: Any) 
             optimizer_cls_and_kwargs=callback.optimizer_cls_and_kwargs(),
         )
     else:
+        if kind == "unchecked" and not reference:
+            import hf_llama_strategies.trainer
+
+            hf_llama_strategies.trainer.check_deepspeed_arguments = lambda plan, args: None
         cls = CpuFsdpStrategyTrainer if kind == "fsdp" and not reference else RecordingStrategyTrainer
         trainer = cls(model=model, args=args, train_dataset=data, strategy_args=strategy)
     trainer.train()

@@ -22,7 +22,16 @@ from conftest import make_training_args  # noqa: E402
 from distributed_integration import check_matches_reference, launch, reference, save_model  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-from hf_llama_strategies import InvalidArgumentError, PlanError, StrategyArguments, build_plan  # noqa: E402
+from transformers import Trainer  # noqa: E402
+
+from hf_llama_strategies import (  # noqa: E402
+    InvalidArgumentError,
+    PlanError,
+    StrategyArguments,
+    StrategyCallback,
+    StrategyTrainer,
+    build_plan,
+)
 from hf_llama_strategies.strategies.precision import HardwareProbe, resolve_training_arguments  # noqa: E402
 
 ZERO3 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}
@@ -45,9 +54,9 @@ def no_zero3_leak():
 def launched(tmp_path_factory) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     out = tmp_path_factory.mktemp("deepspeed")
     save_model(str(out))
-    scenarios = ["zero2", "zero3", "zero3_bf16"]
+    scenarios = ["zero2", "zero3", "zero3_bf16", "zero2_dynamic_unchecked"]
     dumps = launch("torchrun", out, scenarios)
-    return dumps, {s: reference(s, out) for s in ("zero2", "zero3")}
+    return dumps, {s: reference(s, out) for s in ("zero2", "zero3", "zero2_dynamic_unchecked")}
 
 
 @pytest.mark.parametrize("scenario", ["zero2", "zero3"])
@@ -133,3 +142,36 @@ def test_a_partitioned_parameter_is_never_cast(tmp_path):
     model.model.norm.weight.ds_id = 0  # what deepspeed.zero.Init marks a partitioned parameter with
     with pytest.raises(PlanError, match="DeepSpeed ZeRO-3 has partitioned it"):
         plan.apply(model)
+
+
+# -- dynamic plans: refused under DeepSpeed --------------------------------------------------
+
+LISA = dict(lisa_layers=1, lisa_interval_steps=2)
+
+
+def test_dynamic_plans_are_refused_under_deepspeed_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    args = make_training_args(out, deepspeed={**ZERO2})
+    with pytest.raises(PlanError, match=r"which DeepSpeed cannot follow \(TrainingArguments.deepspeed\)") as info:
+        StrategyTrainer(model=tiny_model("llama"), args=args, strategy_args=StrategyArguments(**LISA))
+    assert "Train dynamic schedules with DDP or FSDP2" in str(info.value)
+    assert not out.exists()
+    gradual = StrategyArguments(unfreeze_schedule="gradual", unfreeze_interval_steps=2)
+    with pytest.raises(PlanError, match="DeepSpeed cannot follow"):
+        Trainer(model=tiny_model("llama"), args=make_training_args(out, deepspeed={**ZERO2}),
+                callbacks=[StrategyCallback(gradual)])
+    # Static plans are fine.
+    StrategyTrainer(model=tiny_model("llama"), args=make_training_args(out, deepspeed={**ZERO2}),
+                    strategy_args=StrategyArguments(trainable_layers="-1:"))
+
+
+def test_control_without_the_refusal_deepspeed_moves_layers_the_schedule_left_inactive(launched):
+    dumps, references = launched
+    rank0, _ = dumps["zero2_dynamic_unchecked"]
+    ref = references["zero2_dynamic_unchecked"]
+    assert rank0["wrapped"] == "DeepSpeedEngine" and rank0["batches"][0] + dumps["zero2_dynamic_unchecked"][1][
+        "batches"][0] == ref["batches"][0]
+    never_trained = [n for n in ref["final"] if torch.equal(ref["final"][n], ref["initial"][n])]
+    assert any(".layers." in n for n in never_trained)  # LISA left a layer out (3 draws of 1 in 4 layers)
+    moved_anyway = [n for n in never_trained if not torch.equal(rank0["final"][n], rank0["initial"][n])]
+    assert moved_anyway

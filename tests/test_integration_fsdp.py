@@ -5,11 +5,13 @@ FSDP only for GPU-like distributed types and silently uses DDP with ``use_cpu``;
 launched script turns accelerate's FSDP plugin on for its CPU run (see
 ``CpuFsdpStrategyTrainer`` in ``distributed_integration.py``), from where the Trainer's
 and accelerate's own FSDP2 code runs. The run is compared with a 1-process run without
-FSDP, with the tolerance of ``test_integration_ddp.py`` (same global batch, same rows).
+FSDP, with the tolerance of ``test_integration_ddp.py`` (same global batch, same rows):
+a static plan with a head rate, and LISA (``requires_grad`` toggled on sharded parameters).
 
-FSDP1 cannot run on CPU here (no FlatParameter path for gloo in accelerate either): its
-``use_orig_params`` check is tested at construction, where it fails (or sets the value)
-before anything is written. ``benchmarks/gpu_fsdp_check.py`` trains both on GPUs.
+FSDP1 cannot run on CPU here: accelerate refuses to build its FSDP1 plugin without a GPU
+("no available devices"), so its ``use_orig_params`` check is tested at construction,
+where it fails (or sets the value) before anything is written.
+``benchmarks/gpu_fsdp_check.py`` trains FSDP1 and FSDP2 on GPUs.
 """
 
 from __future__ import annotations
@@ -35,24 +37,30 @@ from hf_llama_strategies.runtime import check_fsdp_arguments
 FSDP1_NO_ORIG = dict(fsdp=True, fsdp_config={"version": 1, "use_orig_params": False})
 
 
+SCENARIOS = ["fsdp2", "fsdp2_dynamic"]
+
+
 @pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory) -> tuple[list[dict], dict]:
+def fsdp2(tmp_path_factory) -> dict[str, tuple[list[dict], dict]]:
     out = tmp_path_factory.mktemp("fsdp2")
-    return launch("torchrun", out, ["fsdp2"])["fsdp2"], reference("fsdp2", out)
+    dumps = launch("torchrun", out, SCENARIOS)
+    return {s: (dumps[s], reference(s, out)) for s in SCENARIOS}
 
 
-def test_fsdp2_two_processes_shard_and_match_one_process(fsdp2):
-    (rank0, rank1), ref = fsdp2
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_fsdp2_two_processes_shard_and_match_one_process(fsdp2, scenario):
+    (rank0, rank1), ref = fsdp2[scenario]
     assert rank0["wrapped"].startswith("FSDP") and rank0["param_types"] == ["DTensor"]
     assert ref["wrapped"] == "LlamaForCausalLM"
     # The plan's groups reached the optimizer over the sharded parameters.
-    assert [g for g, _ in rank0["groups"]] == ["default", "default.no_decay", "head"]
+    expected = ["default", "default.no_decay", "head"] if scenario == "fsdp2" else ["default", "default.no_decay"]
+    assert [g for g, _ in rank0["groups"]] == expected
     assert rank0["groups"] == ref["groups"]
     check_matches_reference(rank0, rank1, ref)
 
 
 def test_fsdp2_frozen_parameters_stay_and_trainable_ones_move(fsdp2):
-    (rank0, _), _ = fsdp2
+    (rank0, _), _ = fsdp2["fsdp2"]
     moved = {n for n in rank0["final"] if not torch.equal(rank0["final"][n], rank0["initial"][n])}
     expected = {n for n in rank0["final"] if n.startswith(("model.layers.2.", "model.layers.3.", "model.norm.",
                                                            "lm_head."))}
