@@ -16,6 +16,7 @@ where it fails (or sets the value) before anything is written.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -133,3 +134,15 @@ def test_fsdp1_from_accelerate_launch_environment(tmp_path, monkeypatch, value, 
     monkeypatch.delenv("FSDP_USE_ORIG_PARAMS")
     StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path), strategy_args=strategy(lisa_layers=1))
     assert os.environ["FSDP_USE_ORIG_PARAMS"] == "true"
+
+
+def test_gpu_check_script_skips_cleanly_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run benchmarks/gpu_fsdp_check.py itself")
+    spec = importlib.util.spec_from_file_location(
+        "gpu_fsdp_check", os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "gpu_fsdp_check.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([]) == 0
+    assert capsys.readouterr().out.startswith("SKIPPED: no CUDA device")
