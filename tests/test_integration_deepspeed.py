@@ -11,6 +11,7 @@ DeepSpeed's optimizer.
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -40,14 +41,21 @@ A100 = HardwareProbe("cuda", "A100", bf16_supported=True, tf32_supported=True, c
 
 
 @pytest.fixture(autouse=True)
-def no_zero3_leak():
-    # TrainingArguments with a ZeRO-3 config make every model built while they live be built
-    # inside deepspeed.zero.Init (a global weak reference in transformers); a failed test's
-    # traceback can keep them alive.
+def no_deepspeed_leak():
+    """Leave no DeepSpeed state behind for the tests that follow.
+
+    A Trainer built with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED=true in the
+    environment for good (accelerate), and TrainingArguments with a ZeRO-3 config make every
+    model built while they live be built inside deepspeed.zero.Init (a global weak reference
+    in transformers; a failed test's traceback can keep them alive).
+    """
+    environ = dict(os.environ)
     yield
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,16 @@ from hf_llama_strategies.runtime import check_fsdp_arguments
 FSDP1_NO_ORIG = dict(fsdp=True, fsdp_config={"version": 1, "use_orig_params": False})
 
 
+@pytest.fixture(autouse=True)
+def no_environment_leak():
+    # The FSDP1 check may set FSDP_USE_ORIG_PARAMS, and accelerate records FSDP settings in
+    # the environment: none of it may reach the tests that follow.
+    environ = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 SCENARIOS = ["fsdp2", "fsdp2_dynamic"]
 
 

@@ -217,3 +217,15 @@ def test_trl_example_script(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         assert "train loss" in result.stdout
         assert (out / "strategy_plan.json").is_file()
+
+
+def test_a_model_id_loaded_by_sft_trainer_is_planned(tmp_path, tokenizer, texts):
+    path = tmp_path / "model"
+    tiny_model("llama").save_pretrained(path)
+    trainer = StrategySFTTrainer(model=str(path), args=sft_config(tmp_path / "out", max_steps=1), train_dataset=texts,
+                                 processing_class=tokenizer, strategy_args=strategy(trainable_layers="-1:"))
+    assert trainer.strategy_callback.is_prepared(trainer.model)
+    trained = sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    assert trained == sorted(trainer.strategy_plan.trainable_names()) == sorted(
+        n for n, _ in trainer.model.named_parameters() if n.startswith(("model.layers.2.", "model.norm.", "lm_head."))
+    )
