@@ -4,7 +4,7 @@
 ``SFTTrainer`` script. Runs offline on a CPU in well under a minute: a tiny Llama is built
 from the config shipped with the package, with the shipped tokenizer and texts.
 
-    pip install "hf-llama-strategies[trl]"            # trl (and peft for --lora)
+    pip install "hf-llama-strategies[trl,peft]"       # peft only for --lora
     python examples/trl_sft.py [--output_dir outputs/trl_sft] [--max_steps 30] [--lora]
 
 Without ``--lora``: the last two decoder layers, the final norm and the head train, the
@@ -48,7 +48,8 @@ def main() -> None:
 
     args = SFTConfig(
         output_dir=cli.output_dir, max_steps=cli.max_steps, per_device_train_batch_size=8, max_length=48,
-        learning_rate=1e-3, logging_steps=max(1, cli.max_steps // 3), save_strategy="no", report_to="none", use_cpu=True,
+        learning_rate=1e-3, logging_steps=max(1, cli.max_steps // 3), save_strategy="no", report_to="none",
+        use_cpu=True,
         bf16=False,  # SFTConfig defaults to bf16; on a CPU fp32 is faster (or write precision: bf16)
         seed=0,
     )

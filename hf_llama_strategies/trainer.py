@@ -29,6 +29,11 @@ class StrategyTrainerMixin:
     other argument goes to the Trainer unchanged, except ``args``: the Trainer gets
     :func:`resolve_training_arguments`'s copy (``precision`` mapped onto fp16/bf16), which
     is ``self.args``; the object passed in is not modified.
+
+    The plan is built for the model ``Trainer.__init__`` receives: a subclass that wraps or
+    loads the model in its own ``__init__`` (TRL's ``SFTTrainer`` with ``peft_config`` or a
+    model id) gets the plan of the wrapped model, and a model a subclass replaces after
+    ``Trainer.__init__`` is planned again.
     """
 
     def __init__(

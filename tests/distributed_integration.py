@@ -189,7 +189,9 @@ def run(scenario: str, out_dir: str, reference: bool = False, **overrides: Any) 
     groups = [(g.get("name"), len(g["params"])) for g in trainer.optimizer.param_groups]
     # DeepSpeed's ZeRO optimizers keep their own (fp32) master partitions of the trainable parameters.
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    masters = getattr(inner, "fp32_partitioned_groups_flat", None) or getattr(inner, "single_partition_of_fp32_groups", None)
+    masters = getattr(inner, "fp32_partitioned_groups_flat", None) or getattr(
+        inner, "single_partition_of_fp32_groups", None
+    )
     dump = {
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "initial": initial,

@@ -139,7 +139,8 @@ def test_zero3_from_accelerate_launch_is_recognised(tmp_path):
 
 
 def test_zero3_refuses_a_frozen_dtype_it_could_not_keep(tmp_path):
-    with pytest.raises(InvalidArgumentError, match=r"frozen_dtype='bf16' is not valid: expected unset with DeepSpeed ZeRO-3"):
+    expected = r"frozen_dtype='bf16' is not valid: expected unset with DeepSpeed ZeRO-3"
+    with pytest.raises(InvalidArgumentError, match=expected):
         build_plan(tiny_model("llama"), StrategyArguments(trainable_layers="-1:", frozen_dtype="bf16"),
                    ds_args(tmp_path, ZERO3, bf16=True))
 

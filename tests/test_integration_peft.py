@@ -112,7 +112,8 @@ def test_restricted_layers_with_the_modules_to_save_head_copy(tmp_path, cls_data
     before = snapshot(ours)
     trainer = StrategyTrainer(model=ours, args=make_training_args(tmp_path / "a", max_steps=STEPS),
                               train_dataset=cls_dataset, strategy_args=strategy(trainable_layers="-1:"))
-    copy, original = "base_model.model.score.modules_to_save.default.weight", "base_model.model.score.original_module.weight"
+    copy = "base_model.model.score.modules_to_save.default.weight"
+    original = "base_model.model.score.original_module.weight"
     last = lora_names(ours, "lora_A", [2]) + lora_names(ours, "lora_B", [2])
     plan = trainer.strategy_plan
     assert set(plan.trainable_names()) == set(last) | {copy}
