@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml examples/hfls-plugin-example/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# The example third-party plugin: the test suite checks that it is discovered.
 	$(BIN)/python -m pip install --quiet -e examples/hfls-plugin-example
+	# The optional integrations, so that their tests run here (each skips without its extra).
+	$(BIN)/python -m pip install --quiet -e ".[trl,peft]"
+	# DeepSpeed ships as sources: built without isolation against the CPU torch above (an
+	# isolated build would pull a multi-GB CUDA torch), with no op compiled ahead.
+	$(BIN)/python -m pip install --quiet setuptools wheel
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --no-build-isolation -e ".[deepspeed]"
 	touch $(STAMP)
 
 demo: $(STAMP)

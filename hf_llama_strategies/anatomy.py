@@ -153,7 +153,7 @@ def _find_layer_list(root: nn.Module) -> Optional[str]:
         kinds = {type(child) for child in module}
         if len(kinds) != 1 or not all(_has_params(child) for child in module):
             continue
-        numel = sum(p.numel() for p in module.parameters())
+        numel = sum(parameter_numel(p) for p in module.parameters())
         candidate = (numel, -path.count("."), path)
         if best is None or candidate[:2] > best[:2]:
             best = candidate
@@ -334,3 +334,9 @@ def parse_layer_selection(
             raise InvalidArgumentError(option, spec, valid, f"Slice {token!r} selects no layer.")
         selected.update(chosen)
     return tuple(sorted(selected))
+
+
+def parameter_numel(param: torch.Tensor) -> int:
+    """Elements of a parameter, also one that DeepSpeed ZeRO-3 has partitioned (its local tensor is empty)."""
+    ds_numel = getattr(param, "ds_numel", None)
+    return int(ds_numel) if ds_numel is not None else param.numel()

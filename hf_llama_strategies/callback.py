@@ -47,7 +47,13 @@ from .optim import (
 from .plan import DEFAULT_GROUP, StrategyPlan, build_plan
 from .strategies.precision import check_training_arguments
 from .plugins import get_plugin_manager
-from .runtime import ScheduleRunner, check_ddp_arguments, check_resumed_plan
+from .runtime import (
+    ScheduleRunner,
+    check_ddp_arguments,
+    check_deepspeed_arguments,
+    check_fsdp_arguments,
+    check_resumed_plan,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -129,6 +135,10 @@ class StrategyCallback(TrainerCallback):
         assert self.plan is not None
         self.plan.apply(model)
         return self.plan
+
+    def is_prepared(self, model: nn.Module) -> bool:
+        """Whether the current plan was built for ``model`` (this very object)."""
+        return self.plan is not None and self._prepared_model is model
 
     # -- the optimizer, for an unmodified Trainer --------------------------------------------
 
@@ -224,6 +234,8 @@ class StrategyCallback(TrainerCallback):
         if model is not None:
             self.prepare(model, args)
             check_ddp_arguments(self.plan, args, model, can_set=False)
+            check_fsdp_arguments(self.plan, args, can_set=False)
+            check_deepspeed_arguments(self.plan, args)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs

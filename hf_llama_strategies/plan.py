@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .anatomy import EMBEDDINGS, HEAD, LAYER, NORM, OTHER, ModelAnatomy
+from .anatomy import EMBEDDINGS, HEAD, LAYER, NORM, OTHER, ModelAnatomy, parameter_numel
 from .arguments import StrategyArguments
 from .errors import PlanError, UnknownArchitectureError
 from .plugins import get_plugin_manager
@@ -136,11 +136,11 @@ class StrategyPlan:
                 name=name,
                 kind=kind,
                 layer=layer,
-                numel=param.numel(),
+                numel=parameter_numel(param),
                 dtype=str(param.dtype),
                 tied_with=tuple(aliases_of.get(name, ())),
                 requires_grad_before=param.requires_grad,
-                shape=tuple(param.shape),
+                shape=tuple(getattr(param, "ds_shape", param.shape)),
             )
         return cls(
             model_class=anatomy.model_class,
@@ -343,7 +343,7 @@ class StrategyPlan:
             if str(param.dtype) != decision.dtype:
                 _cast_parameter(name, param, decision.dtype)
             param.requires_grad_(decision.trainable)
-            decision.nbytes = param.numel() * param.element_size()
+            decision.nbytes = parameter_numel(param) * param.element_size()
 
     # -- output ---------------------------------------------------------------------------
 
@@ -476,6 +476,11 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def _cast_parameter(name: str, param: nn.Parameter, dtype_name: str) -> None:
     target = torch_dtype(dtype_name)
+    if hasattr(param, "ds_id"):
+        raise PlanError(
+            f"The plan casts {name} from {param.dtype} to {target}, but DeepSpeed ZeRO-3 has partitioned it: "
+            "DeepSpeed decides the dtypes of a ZeRO-3 model (its fp16/bf16 settings)."
+        )
     if not (param.is_floating_point() and target.is_floating_point):
         raise PlanError(f"The plan casts {name} from {param.dtype} to {target}; only floating-point casts are possible.")
     with torch.no_grad():

@@ -17,8 +17,8 @@ from .arguments import StrategyArguments
 from .callback import StrategyCallback
 from .optim import create_optimizer_from_plan
 from .plan import StrategyPlan
-from .strategies.precision import resolve_training_arguments
-from .runtime import check_ddp_arguments
+from .strategies.precision import copy_precision_decision, resolve_training_arguments
+from .runtime import check_ddp_arguments, check_deepspeed_arguments, check_fsdp_arguments
 
 
 class StrategyTrainerMixin:
@@ -29,6 +29,11 @@ class StrategyTrainerMixin:
     other argument goes to the Trainer unchanged, except ``args``: the Trainer gets
     :func:`resolve_training_arguments`'s copy (``precision`` mapped onto fp16/bf16), which
     is ``self.args``; the object passed in is not modified.
+
+    The plan is built for the model ``Trainer.__init__`` receives: a subclass that wraps or
+    loads the model in its own ``__init__`` (TRL's ``SFTTrainer`` with ``peft_config`` or a
+    model id) gets the plan of the wrapped model, and a model a subclass replaces after
+    ``Trainer.__init__`` is planned again.
     """
 
     def __init__(
@@ -48,20 +53,60 @@ class StrategyTrainerMixin:
         # Before Trainer.__init__, which sets accelerate up from fp16/bf16: the resolved
         # flags are the ones used, and a bad strategy fails before output_dir is created.
         training_args = resolve_training_arguments(
-            training_args, self.strategy_args, model=model, plugins=self.strategy_callback.plugins
+            training_args,
+            self.strategy_args,
+            model=model if isinstance(model, nn.Module) else None,
+            plugins=self.strategy_callback.plugins,
         )
+        self._hfls_resolved_args = training_args
         if len(args) > 1:
             args = (args[0], training_args, *args[2:])
         else:
             kwargs["args"] = training_args
-        if model is not None:
+        # TRL's trainers wrap the model in PEFT inside their __init__ when given `peft_config`
+        # (and load it when given a model id): the plan is then built for the model that
+        # reaches Trainer.__init__ (see create_accelerator_and_postprocess), since rules such
+        # as `lora_B=x16` name parameters the bare model does not have.
+        wrapped_later = kwargs.get("peft_config") is not None
+        if isinstance(model, nn.Module) and not wrapped_later:
             # Before Trainer.__init__: a bad strategy fails before output_dir is created,
             # and DDP settings are fixed before the Trainer builds its accelerator.
             plan = self.strategy_callback.prepare(model, training_args)
             check_ddp_arguments(plan, training_args, model, can_set=True)
+            check_fsdp_arguments(plan, training_args, can_set=True)
+            check_deepspeed_arguments(plan, training_args)
         super().__init__(*args, **kwargs)
+        # A subclass that replaced the model after Trainer.__init__: plan the model it trains.
+        self._prepare_trainer_model(can_set=False)
         # First in line, so the plan table prints before the progress bar starts.
         self.callback_handler.callbacks.insert(0, self.strategy_callback)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Plan ``self.model`` if it is not the model planned so far, then ``Trainer``'s own.
+
+        ``Trainer.__init__`` calls this with ``self.model`` set to the model it will train,
+        before it builds the accelerator (DDP settings) and creates ``output_dir``: a model
+        that a subclass wrapped or loaded in its own ``__init__`` (TRL's ``SFTTrainer`` with
+        ``peft_config``) is planned here, early enough for errors and DDP settings.
+        """
+        self._prepare_trainer_model(can_set=True)
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        if self.strategy_callback.plan is not None:
+            # What accelerate really set up (an FSDP plugin from `accelerate launch` settings too).
+            fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            check_fsdp_arguments(self.strategy_callback.plan, self.args, can_set=False, fsdp_plugin=fsdp_plugin)
+
+    def _prepare_trainer_model(self, can_set: bool) -> None:
+        model = getattr(self, "model", None)
+        if not isinstance(model, nn.Module) or self.strategy_callback.is_prepared(model):
+            return
+        # The Trainer's args may be a copy of ours (SFTTrainer rebuilds TrainingArguments
+        # as an SFTConfig): keep the precision decision made for them.
+        copy_precision_decision(self._hfls_resolved_args, self.args)
+        plan = self.strategy_callback.prepare(model, self.args)
+        check_ddp_arguments(plan, self.args, model, can_set=can_set)
+        check_fsdp_arguments(plan, self.args, can_set=can_set)
+        check_deepspeed_arguments(plan, self.args)
 
     @property
     def strategy_plan(self) -> StrategyPlan:

@@ -7,7 +7,8 @@ each step overriding the previous one:
 
 1. the block defaults and the layer/module selection;
 2. a parameter that was already frozen before the plan (PEFT freezes the base weights)
-   stays frozen;
+   stays frozen, and a PEFT ``modules_to_save`` copy (which PEFT was asked to train)
+   trains unless an explicit option freezes it: a block default does not;
 3. ``trainable_params`` regexes make parameters trainable;
 4. ``frozen_params`` regexes freeze parameters (the last word).
 """
@@ -109,6 +110,11 @@ def _resolve_tied(
     return False, f"default: tied to frozen embeddings ({names})"
 
 
+def _is_peft_saved_copy(decision: ParamDecision) -> bool:
+    """A trainable copy of a module PEFT's ``modules_to_save`` names (``score.modules_to_save.default.weight``)."""
+    return decision.requires_grad_before and ".modules_to_save." in f".{decision.name}"
+
+
 def _regex_matches(plan: StrategyPlan, option: str, patterns: list[str]) -> list[tuple[str, list[str]]]:
     result = []
     for pattern in patterns:
@@ -139,7 +145,9 @@ def hfls_plan_parameters(
         if decision.kind == LAYER:
             trainable, reason = _layer_decision(decision, anatomy, args, layers, modules)
         else:
-            trainable, reason, _ = _block_setting(decision.kind, args)
+            trainable, reason, explicit = _block_setting(decision.kind, args)
+            if not trainable and not explicit and _is_peft_saved_copy(decision):
+                trainable, reason = True, f"PEFT modules_to_save (the default would freeze the {decision.kind})"
         if decision.tied_with:
             trainable, reason = _resolve_tied(plan, decision, anatomy, args) or (trainable, reason)
         plan.set([decision.name], reason, trainable=trainable)

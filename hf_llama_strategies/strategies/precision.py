@@ -16,6 +16,8 @@ Options: ``precision`` (``auto|bf16|fp16|fp32``), ``pure_bf16``, ``frozen_dtype`
    bf16 / fp16    float32 (fp32 master weights)    as loaded, or ``frozen_dtype``
    fp32           float32                          float32
    ``pure_bf16``  bfloat16 (no fp32 copy)          bfloat16
+   ZeRO-3         as loaded (DeepSpeed casts, fp32  as loaded (DeepSpeed casts)
+                  master weights in its optimizer)
    =============  ===============================  =====================================
 
    :meth:`StrategyPlan.apply` casts the parameters before the optimizer exists.
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..anatomy import ModelAnatomy
+from ..anatomy import ModelAnatomy, parameter_numel
 from ..arguments import StrategyArguments
 from ..errors import InvalidArgumentError
 from ..hookspecs import hookimpl
@@ -152,6 +154,8 @@ class PrecisionDecision:
         model_dtype: the dtype holding most of the model's parameters, if known.
         user_fp16, user_bf16: the flags the user set in ``TrainingArguments``.
         notes: remarks for the plan.
+        zero3: DeepSpeed ZeRO-3 is configured: DeepSpeed casts the (partitioned) parameters
+            itself and keeps fp32 master weights of the trainable ones, so the plan casts nothing.
     """
 
     precision: str
@@ -168,6 +172,7 @@ class PrecisionDecision:
     user_fp16: bool = False
     user_bf16: bool = False
     notes: tuple[str, ...] = ()
+    zero3: bool = False
 
     def matches(self, strategy_args: StrategyArguments) -> bool:
         """Whether this was decided from the same precision options."""
@@ -177,7 +182,9 @@ class PrecisionDecision:
 
     def summary(self) -> str:
         """One line for the plan table."""
-        if self.pure_bf16:
+        if self.zero3:
+            weights = "parameters as loaded (DeepSpeed ZeRO-3 casts them and keeps fp32 master weights)"
+        elif self.pure_bf16:
             weights = "every parameter bfloat16 (pure_bf16: no fp32 copy)"
         elif self.mode == "fp32":
             weights = "every parameter float32"
@@ -239,7 +246,10 @@ def _deepspeed_config(training_args: Optional["TrainingArguments"]) -> Optional[
     """The user's DeepSpeed config (dict, JSON file, JSON or base64 string), read without deepspeed."""
     value = getattr(training_args, "deepspeed", None) if training_args is not None else None
     if not value:
-        return None
+        # Launched with `accelerate launch --use_deepspeed`: TrainingArguments hold accelerate's plugin.
+        plugin = getattr(training_args, "deepspeed_plugin", None)
+        config = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
+        return config if isinstance(config, dict) else None
     if isinstance(value, dict):
         return value
     text = os.fspath(value)
@@ -281,7 +291,7 @@ def dominant_dtype(dtypes_and_sizes: Iterable[tuple[str, int]]) -> Optional[str]
 
 def model_dtype(model: nn.Module) -> Optional[str]:
     """The floating dtype that holds most of ``model``'s parameters."""
-    return dominant_dtype((str(p.dtype), p.numel()) for p in model.parameters())
+    return dominant_dtype((str(p.dtype), parameter_numel(p)) for p in model.parameters())
 
 
 def _user_flags(training_args: Optional["TrainingArguments"]) -> tuple[bool, bool]:
@@ -338,6 +348,7 @@ def decide_precision(
     requested = args.precision
     user_fp16, user_bf16 = _user_flags(training_args)
     ds = _deepspeed_config(training_args)
+    zero3 = ds is not None and _zero_stage(ds) == 3
     ds_flag = None
     if ds is not None:
         ds_flag = "fp16" if _deepspeed_enabled(ds, "fp16") else "bf16" if _deepspeed_enabled(ds, "bf16") else None
@@ -360,7 +371,7 @@ def decide_precision(
                 "pure_bf16", True, f"false when {source}",
                 "pure_bf16 trains bf16 weights; fp16 autocast would need fp32 master weights.",
             )
-        if ds is not None and _zero_stage(ds) == 3:
+        if zero3:
             raise _refuse(
                 "pure_bf16", True, "false with DeepSpeed ZeRO-3",
                 "ZeRO-3 partitions its own fp32 master weights, so pure bf16 training cannot happen there; "
@@ -426,6 +437,12 @@ def decide_precision(
             "TF32 needs an NVIDIA GPU of the Ampere generation or newer (compute capability 8.0).",
         )
     _check_frozen_dtype(mode, args.pure_bf16, args.frozen_dtype, reason)
+    if zero3 and args.frozen_dtype is not None:
+        raise _refuse(
+            "frozen_dtype", args.frozen_dtype, "unset with DeepSpeed ZeRO-3",
+            "ZeRO-3 partitions every parameter and casts it to the dtype of its own fp16/bf16 setting (fp32 "
+            "without), frozen ones included, so a frozen_dtype could not hold.",
+        )
 
     notes: list[str] = []
     use_cpu = bool(getattr(training_args, "use_cpu", False))
@@ -433,7 +450,13 @@ def decide_precision(
         # TrainingArguments refuses bf16 without a bf16 GPU unless use_cpu is set; the device is the CPU anyway.
         use_cpu = True
         notes.append("use_cpu set to true: bf16 autocast on the CPU (no GPU was found).")
-    if ds is not None:
+    if zero3:
+        notes.append(
+            "DeepSpeed ZeRO-3: no parameter is cast here (no fp32 upcast of the trainable ones). ZeRO-3 "
+            "partitions the parameters, casts them to its fp16/bf16 setting and keeps fp32 master weights of "
+            "the trainable ones in its optimizer; the dtypes in this plan are the ones the model was loaded in."
+        )
+    elif ds is not None:
         notes.append(
             "DeepSpeed manages parameter dtypes itself once it takes over the model (with fp16/bf16 enabled it "
             "casts the module and keeps its own fp32 master weights); the dtypes in this plan are the ones the "
@@ -454,6 +477,7 @@ def decide_precision(
         user_fp16=user_fp16,
         user_bf16=user_bf16,
         notes=tuple(notes),
+        zero3=zero3,
     )
 
 
@@ -543,6 +567,20 @@ def resolve_training_arguments(
     return resolved
 
 
+def copy_precision_decision(source: "TrainingArguments", target: "TrainingArguments") -> None:
+    """Give ``target`` the decision :func:`resolve_training_arguments` attached to ``source``.
+
+    For a Trainer that rebuilt the resolved arguments (TRL's ``SFTTrainer`` turns
+    ``TrainingArguments`` into an ``SFTConfig`` through ``to_dict``, which drops it). Nothing
+    happens when ``target`` has a decision already or its fp16/bf16 flags differ.
+    """
+    decision = getattr(source, _DECISION_ATTR, None)
+    if decision is None or target is source or getattr(target, _DECISION_ATTR, None) is not None:
+        return
+    if (bool(target.fp16), bool(target.bf16)) == (decision.fp16, decision.bf16):
+        setattr(target, _DECISION_ATTR, decision)
+
+
 def check_training_arguments(
     training_args: "TrainingArguments",
     strategy_args: StrategyArguments,
@@ -613,8 +651,10 @@ def hfls_adjust_plan(
     upcast: set[str] = set()
     frozen_fp16_under_bf16 = False
     for d in plan:
-        if d.dtype not in _SHORT:
-            continue  # integer / quantized / float64 storage is not ours to change
+        if d.dtype not in _SHORT or decision.zero3:
+            # Integer / quantized / float64 storage is not ours to change; under ZeRO-3
+            # DeepSpeed casts (and may already have partitioned) every parameter itself.
+            continue
         if decision.pure_bf16:
             target, why = "bf16", "pure_bf16: bf16 weights, no fp32 copy"
         elif decision.mode == "fp32":
@@ -656,6 +696,7 @@ __all__ = [
     "HardwareProbe",
     "PrecisionDecision",
     "check_training_arguments",
+    "copy_precision_decision",
     "decide_precision",
     "hfls_adjust_plan",
     "hfls_hardware_probe",
