@@ -33,6 +33,16 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+def losses(trainer) -> list[float]:
+    """The training losses a Trainer logged, in order."""
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
+    """Every parameter's bytes (any dtype), to compare runs bit for bit."""
+    return {n: p.detach().cpu().flatten().view(torch.uint8).numpy().tobytes() for n, p in model.named_parameters()}
+
+
 def make_training_args(output_dir, **overrides) -> TrainingArguments:
     """Deterministic CPU TrainingArguments for short runs."""
     values = dict(

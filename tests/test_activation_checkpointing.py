@@ -12,7 +12,7 @@ from typing import Optional
 
 import pytest
 import torch
-from conftest import TokenDataset, make_training_args
+from conftest import TokenDataset, losses, make_training_args, snapshot
 from tiny_models import tiny_model, tiny_peft_lora_model
 from transformers import Trainer, TrainerCallback
 
@@ -207,12 +207,6 @@ def test_backward_stops_at_the_lowest_trainable_module_inside_a_layer():
 # -- through the Trainer ------------------------------------------------------------------------
 
 
-def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
-    return {n: p.detach().numpy().tobytes() for n, p in model.named_parameters()}
-
-
-def losses(trainer: Trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 class GradientRecorder(TrainerCallback):

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import TokenDataset, make_training_args
+from conftest import TokenDataset, make_training_args, snapshot
 from tiny_models import tiny_model
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
@@ -38,9 +38,6 @@ def layer_of(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
 
-
-def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
-    return {n: p.detach().cpu().numpy().tobytes() for n, p in model.named_parameters()}
 
 
 def losses_by_step(trainer: Trainer) -> dict[int, float]:

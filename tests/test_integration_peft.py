@@ -14,7 +14,7 @@ pytest.importorskip("peft", reason="PEFT is an optional extra: pip install 'hf-l
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from conftest import TokenDataset, make_training_args  # noqa: E402
+from conftest import TokenDataset, losses, make_training_args, snapshot  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from tiny_models import tiny_model, tiny_peft_lora_model  # noqa: E402
 from transformers import Trainer  # noqa: E402
@@ -25,12 +25,6 @@ BASE, WD, STEPS = 1e-3, 0.01, 4
 FUSED_ADAMW = dict(lr=BASE, betas=(0.9, 0.999), eps=1e-8, fused=True)  # transformers 5's default optim
 
 
-def losses(trainer: Trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
-    return {n: p.detach().cpu().numpy().tobytes() for n, p in model.named_parameters()}
 
 
 def described(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:

@@ -22,6 +22,7 @@ from tiny_models import tiny_model  # noqa: E402
 from transformers import AutoTokenizer, set_seed  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
+from conftest import losses, snapshot
 from hf_llama_strategies import (  # noqa: E402
     InvalidArgumentError,
     PlanError,
@@ -63,12 +64,6 @@ def sft_config(output_dir, **overrides) -> SFTConfig:
     return SFTConfig(**values)
 
 
-def losses(trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
-    return {n: p.detach().cpu().numpy().tobytes() for n, p in model.named_parameters()}
 
 
 def described(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:

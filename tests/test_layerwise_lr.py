@@ -13,7 +13,7 @@ import types
 
 import pytest
 import torch
-from conftest import TokenDataset, make_training_args
+from conftest import TokenDataset, losses, make_training_args, snapshot
 from tiny_models import tiny_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.optimization import Adafactor
@@ -33,12 +33,6 @@ BASE = 1e-3
 WD = 0.01
 
 
-def losses(trainer: Trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
-    return {n: p.detach().cpu().numpy().tobytes() for n, p in model.named_parameters()}
 
 
 def described(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:

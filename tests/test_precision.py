@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TokenDataset, make_training_args
+from conftest import TokenDataset, losses, make_training_args
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
 
@@ -47,9 +47,6 @@ def tensor_bytes(model: torch.nn.Module, names) -> int:
     params = dict(model.named_parameters())
     return sum(params[n].numel() * params[n].element_size() for n in names)
 
-
-def losses(trainer: Trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import TokenDataset, make_training_args
+from conftest import TokenDataset, losses, make_training_args, snapshot
 from tiny_models import tiny_model
 from transformers import Trainer, TrainerCallback
 
@@ -23,12 +23,6 @@ from hf_llama_strategies import (
 )
 
 
-def losses(trainer: Trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
-    return {n: p.detach().cpu().numpy().tobytes() for n, p in model.named_parameters()}
 
 
 def freeze_by_hand(model: torch.nn.Module, trainable_prefixes: tuple[str, ...]) -> None:
