@@ -15,6 +15,7 @@ split over the processes (2 x 2 rows, or 1 x 4 rows for the reference).
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -129,8 +130,10 @@ def _full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _disable_deepspeed_shm_op() -> None:
     # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel (a C++
     # build of minutes, with a compiler) at init; gloo does the same collectives.
+    # (importlib: `import deepspeed.comm.torch as m` gives the torch package, which
+    # deepspeed.comm re-exports under that name.)
     try:
-        import deepspeed.comm.torch as ds_torch
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
     except ImportError:
         return
     ds_torch.build_shm_op = lambda: None
