@@ -415,7 +415,7 @@ def run_plan(config: dict[str, Any], overrides: Sequence[str] = (), plot: Option
     # As `train` would: precision resolved for this machine (and by any installed probe plugin).
     training_args = resolve_training_arguments(training_args, strategy_args, model=model)
     plan = build_plan(model, strategy_args, training_args)
-    estimate = estimate_memory(plan, str(training_args.optim))
+    estimate = estimate_memory(plan, str(getattr(training_args.optim, "value", training_args.optim)))
     print(plan.table())
     print(estimate.table())
     if plot:

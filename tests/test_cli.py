@@ -147,6 +147,7 @@ def test_plan_prints_table_and_memory_with_no_weights(tmp_path, tiny_config_dir,
     assert cli.main(["plan", path, "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "layers.0-1" in out and "memory estimate" in out and "optimizer state" in out
+    assert "(adamw_torch_fused)" in out and "assumed" not in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "trainer_output").exists()
 
