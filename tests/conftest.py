@@ -43,6 +43,21 @@ def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
     return {n: p.detach().cpu().flatten().view(torch.uint8).numpy().tobytes() for n, p in model.named_parameters()}
 
 
+def described(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:
+    """(name, lr, weight_decay, parameter names) of every optimizer group."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        (g.get("name"), g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups
+    ]
+
+
+def strategy(**options):
+    """StrategyArguments that print no plan table (keeps test output short)."""
+    from hf_llama_strategies import StrategyArguments
+
+    return StrategyArguments(print_plan=False, **options)
+
+
 def make_training_args(output_dir, **overrides) -> TrainingArguments:
     """Deterministic CPU TrainingArguments for short runs."""
     values = dict(

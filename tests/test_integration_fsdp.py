@@ -21,7 +21,7 @@ import os
 
 import pytest
 import torch
-from conftest import TokenDataset, make_training_args
+from conftest import TokenDataset, make_training_args, strategy
 from distributed_integration import check_matches_reference, launch, reference
 from tiny_models import tiny_model
 from transformers import TrainerControl, TrainerState
@@ -79,10 +79,6 @@ def test_fsdp2_frozen_parameters_stay_and_trainable_ones_move(fsdp2):
 
 
 # -- FSDP1: use_orig_params ---------------------------------------------------------------
-
-
-def strategy(**options) -> StrategyArguments:
-    return StrategyArguments(print_plan=False, **options)
 
 
 def test_fsdp1_without_use_orig_params_is_refused_for_a_freezing_plan(tmp_path):

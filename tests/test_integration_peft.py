@@ -14,7 +14,7 @@ pytest.importorskip("peft", reason="PEFT is an optional extra: pip install 'hf-l
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from conftest import TokenDataset, losses, make_training_args, snapshot  # noqa: E402
+from conftest import TokenDataset, described, losses, make_training_args, snapshot, strategy  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from tiny_models import tiny_model, tiny_peft_lora_model  # noqa: E402
 from transformers import Trainer  # noqa: E402
@@ -23,18 +23,6 @@ from hf_llama_strategies import StrategyArguments, StrategyTrainer, StrategyTrai
 
 BASE, WD, STEPS = 1e-3, 0.01, 4
 FUSED_ADAMW = dict(lr=BASE, betas=(0.9, 0.999), eps=1e-8, fused=True)  # transformers 5's default optim
-
-
-
-
-def described(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [(g.get("name"), g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]])
-            for g in optimizer.param_groups]
-
-
-def strategy(**options) -> StrategyArguments:
-    return StrategyArguments(print_plan=False, **options)
 
 
 def plain_trainer(model, tmp_path, dataset, groups: list[tuple[float, float, list[str]]]) -> Trainer:

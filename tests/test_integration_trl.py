@@ -22,7 +22,7 @@ from tiny_models import tiny_model  # noqa: E402
 from transformers import AutoTokenizer, set_seed  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from conftest import losses, snapshot
+from conftest import described, losses, snapshot, strategy
 from hf_llama_strategies import (  # noqa: E402
     InvalidArgumentError,
     PlanError,
@@ -62,18 +62,6 @@ def sft_config(output_dir, **overrides) -> SFTConfig:
     )
     values.update(overrides)
     return SFTConfig(**values)
-
-
-
-
-def described(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [(g.get("name"), g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]])
-            for g in optimizer.param_groups]
-
-
-def strategy(**options) -> StrategyArguments:
-    return StrategyArguments(print_plan=False, **options)
 
 
 # -- full model: freezing + head_lr ---------------------------------------------------------

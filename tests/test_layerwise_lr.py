@@ -13,7 +13,7 @@ import types
 
 import pytest
 import torch
-from conftest import TokenDataset, losses, make_training_args, snapshot
+from conftest import TokenDataset, described, losses, make_training_args, snapshot, strategy
 from tiny_models import tiny_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.optimization import Adafactor
@@ -31,16 +31,6 @@ from hf_llama_strategies.optim import build_param_groups, decay_parameter_names
 
 BASE = 1e-3
 WD = 0.01
-
-
-
-
-def described(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:
-    """(name, lr, weight_decay, parameter names) of every optimizer group."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [
-        (g.get("name"), g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups
-    ]
 
 
 def split_decay(entries: list[tuple[str, float, list[str]]]) -> list[tuple]:
@@ -134,10 +124,6 @@ CASES = {
         expected_everything,
     ),
 }
-
-
-def strategy(**options) -> StrategyArguments:
-    return StrategyArguments(print_plan=False, **options)
 
 
 @pytest.mark.parametrize("case", list(CASES))
