@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence
@@ -606,7 +607,7 @@ def run_plugins() -> list[dict[str, object]]:
     """Print the installed and active plugins with their hooks."""
     from .plugins import describe_plugins, get_plugin_manager
 
-    rows = describe_plugins(get_plugin_manager())
+    rows = describe_plugins(get_plugin_manager(strict=False))
     width = max(len(str(r["name"])) for r in rows)
     for row in rows:
         print(f"{str(row['name']).ljust(width)}  {row['source']}")
@@ -697,7 +698,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def one_line(message: str) -> str:
     """A multi-line message (a plan difference) as one line: its lines joined by ' | '."""
-    parts = [p.strip().lstrip("- ").strip() for p in message.splitlines()]
+    parts = [re.sub(r"^-\s+", "", p.strip()) for p in message.splitlines()]
     return " | ".join(p for p in parts if p)
 
 

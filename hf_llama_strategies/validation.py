@@ -208,8 +208,9 @@ def check_config_types(config: dict[str, Any], classes: Iterable[type]) -> dict[
             continue
         if value is None and default is None:
             continue
-        if _is_number(value) and _accepts_str(hint):
-            out[key] = str(value)
+        if isinstance(value, (int, float)) and _accepts_str(hint):
+            # As the command line would give it (`resume_from_checkpoint: true`, `trainable_layers: 2`).
+            out[key] = str(value).lower() if isinstance(value, bool) else str(value)
             continue
         raise InvalidArgumentError(key, value, f"a value of type {_describe(hint)}")
     return out
