@@ -294,3 +294,49 @@ def save_checkpoint_staged(
             use_mtime=True,
         )
     return final
+
+
+# -- resuming -------------------------------------------------------------------------------
+
+
+def set_aside_incomplete(folder: str) -> list[str]:
+    """Rename every incomplete ``checkpoint-N`` of ``folder`` to ``incomplete-checkpoint-N`` (kept, never deleted).
+
+    The Trainer rotates checkpoints by modification time: a partial directory a kill left
+    behind (or one half deleted by an interrupted rotation) would otherwise count as a recent
+    checkpoint and make rotation delete complete ones.
+
+    Returns:
+        The new paths.
+    """
+    moved = []
+    for path in list_checkpoints(folder):
+        if checkpoint_problem(path, require_optimizer=False) is None:
+            continue
+        target = os.path.join(folder, INCOMPLETE_PREFIX + os.path.basename(path))
+        n = 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(folder, f"{INCOMPLETE_PREFIX}{n}-{os.path.basename(path)}")
+        os.rename(path, target)
+        moved.append(target)
+    if moved:
+        logger.warning(f"Incomplete checkpoints set aside (not deleted): {', '.join(moved)}.")
+    return moved
+
+
+def checkpoint_finished(checkpoint: str, training_args: Any) -> bool:
+    """Whether ``checkpoint`` already holds the end of the run ``training_args`` describe.
+
+    transformers 5 resumed at the last step trains one step more than the uninterrupted run
+    (it skips the trained batches and steps once before it checks ``max_steps``).
+    """
+    with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as fh:
+        state = json.load(fh)
+    step = int(state.get("global_step", 0))
+    if training_args.max_steps > 0:
+        return step >= training_args.max_steps
+    return (
+        step >= int(state.get("max_steps") or 0) > 0
+        and state.get("num_train_epochs") == training_args.num_train_epochs
+    )

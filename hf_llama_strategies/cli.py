@@ -82,6 +82,8 @@ class RunArguments:
     metric: str = field(
         default="accuracy", metadata={"help": "Evaluation metric for seq_cls, a module shipped with the package."}
     )
+    #: Set by `resume_from_checkpoint: true` when output_dir holds a run killed before its first checkpoint.
+    restart_interrupted: bool = field(default=False, init=False)
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, StrategyArguments, RunArguments)
@@ -200,6 +202,17 @@ def _override_keys(remaining: Sequence[str]) -> list[str]:
     return keys
 
 
+def _join_dash_values(overrides: Sequence[str]) -> list[str]:
+    """``--key -2:`` as ``--key=-2:``: argparse takes a value starting with '-' (``-inf``, ``-2:``) for an option."""
+    out: list[str] = []
+    for token in overrides:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and token.startswith("-") and not token.startswith("--"):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def _raw_value(key: str, config: dict[str, Any], overrides: Sequence[str]) -> Any:
     """The value the user gave ``key`` (the command line wins), as written; ``None`` when not given."""
     value = config.get(key)
@@ -246,6 +259,7 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple
     if unknown:
         raise _unknown_key_error(unknown)
     config = check_config_types(config, ARGUMENT_CLASSES)
+    overrides = _join_dash_values(overrides)
     _check_precision_flags(config, overrides)
     # The file's values become the parser's defaults: they keep their YAML types (lists,
     # bools, mappings), strings still go through each field's type, and the command line
@@ -281,6 +295,9 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple
     check_data_arguments(data_args)
     _check_metric_name(run_args.metric)
     training_args.resume_from_checkpoint = _resolve_resume(training_args)
+    if training_args.resume_from_checkpoint == _RESTART:
+        training_args.resume_from_checkpoint = None
+        run_args.restart_interrupted = True
     return model_args, data_args, training_args, strategy_args, run_args
 
 
@@ -305,6 +322,12 @@ def _resolve_resume(training_args: TrainingArguments) -> Optional[str]:
     if value is True or text in ("true", "yes", "1"):
         out = training_args.output_dir
         last, skipped = latest_complete_checkpoint(out) if out and os.path.isdir(out) else (None, [])
+        if last is None and out and _interrupted_before_first_checkpoint(out):
+            print(
+                f"hf-llama-strategies: {out} holds a run interrupted before its first complete checkpoint; "
+                "training from the start."
+            )
+            return _RESTART
         if last is None:
             why = f" Incomplete: {describe_skipped(skipped)}." if skipped else ""
             raise InvalidArgumentError(
@@ -318,6 +341,26 @@ def _resolve_resume(training_args: TrainingArguments) -> Optional[str]:
         raise InvalidArgumentError("resume_from_checkpoint", value, expected, "No such directory.")
     check_resume_checkpoint(str(value))
     return str(value)
+
+
+_RESTART = "\x00restart"
+
+
+def _interrupted_before_first_checkpoint(out: str) -> bool:
+    """output_dir holds only what a run writes before its first complete checkpoint (nothing to lose)."""
+    from .checkpoints import CHECKPOINT_RE, INCOMPLETE_PREFIX, STAGING_PREFIX, checkpoint_problem
+
+    names = os.listdir(out)
+    if "strategy_plan.json" not in names:
+        return False
+    for name in names:
+        path = os.path.join(out, name)
+        if name in ("strategy_plan.json", "runs") or name.startswith((STAGING_PREFIX, INCOMPLETE_PREFIX)):
+            continue
+        if CHECKPOINT_RE.match(name) and checkpoint_problem(path) is not None:
+            continue
+        return False
+    return True
 
 
 #: Files (and patterns) a finished run leaves at the top of output_dir: never overwritten by a fresh run.
@@ -352,6 +395,8 @@ def _check_output_dir(training_args: TrainingArguments, run_args: RunArguments) 
     if not out or not os.path.isdir(out) or not os.listdir(out):
         return
     resume = training_args.resume_from_checkpoint
+    if run_args.restart_interrupted:
+        return
     if resume:
         step = checkpoint_step(resume)
         if step is None:
@@ -480,6 +525,12 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     _check_output_dir(training_args, run_args)
     created = _missing_dirs(training_args.output_dir)
     try:
+        try:
+            os.makedirs(training_args.output_dir, exist_ok=True)
+        except OSError as exc:
+            raise InvalidArgumentError(
+                "output_dir", training_args.output_dir, "a directory that can be created", exc.strerror
+            ) from None
         return _train(config, overrides, model_args, data_args, training_args, strategy_args, run_args)
     finally:
         # A run that failed before writing anything leaves no empty output_dir behind.
@@ -549,11 +600,28 @@ def _train(
         processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
         strategy_args=strategy_args,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    metrics = dict(result.metrics)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
+    resume = training_args.resume_from_checkpoint
+    if resume:
+        from .checkpoints import checkpoint_finished, set_aside_incomplete
+
+        # The plan check first: a refused resume changes nothing in output_dir.
+        trainer.strategy_callback.check_resume(resume)
+        set_aside_incomplete(training_args.output_dir)
+    if resume and checkpoint_finished(resume, training_args):
+        # Killed after its last checkpoint: its weights are the result (training again would add a step).
+        from transformers import TrainerState
+
+        print(f"hf-llama-strategies: {resume} is the end of this run; saving its final outputs")
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        trainer.save_model()
+        metrics: dict[str, float] = {}
+    else:
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+        metrics = dict(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
     if data.eval is not None:
         eval_metrics = trainer.evaluate()
         if task == CAUSAL_LM and "eval_loss" in eval_metrics:
@@ -657,6 +725,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise CliError(f"unknown command {command!r}{hint} Commands: {', '.join(_COMMANDS)}.")
         if command == "plugins":
+            if rest:
+                raise CliError(f"plugins takes no arguments, got {' '.join(rest)!r}.")
             run_plugins()
             return 0
         if "-h" in rest or "--help" in rest:

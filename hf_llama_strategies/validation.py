@@ -107,7 +107,16 @@ def check_run_arguments(args: Any) -> None:
     if args.max_steps == -1 and args.num_train_epochs <= 0:
         raise InvalidArgumentError("num_train_epochs", args.num_train_epochs, "a number > 0 (or max_steps >= 1)",
                                    "Nothing would train.")
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    reporters = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
+    valid = sorted(INTEGRATION_TO_CALLBACK) + ["all", "none"]
+    unknown = [r for r in reporters if r is not None and r not in valid]
+    if unknown:
+        raise InvalidArgumentError("report_to", unknown[0], f"one of {valid}")
     out = args.output_dir
+    if not isinstance(out, str) or not out.strip():
+        raise InvalidArgumentError("output_dir", out, "a directory path")
     parent = os.path.abspath(out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

@@ -105,7 +105,7 @@ def copy_run(reference, dest, keep=("checkpoint-2", "checkpoint-4")):
 
 _KILLER = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, shutil, signal, sys
     from transformers import Trainer
     import safetensors.torch
 
@@ -125,6 +125,28 @@ _KILLER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real_optim(self, output_dir)
 
+    real_rmtree, real_save_model, real_log_save = shutil.rmtree, Trainer.save_model, Trainer._maybe_log_save_evaluate
+
+    def rmtree_halfway(path, *args, **kwargs):
+        if point == "rotation" and os.path.basename(str(path)) == "checkpoint-2":
+            for name in ("trainer_state.json", "model.safetensors"):
+                os.remove(os.path.join(path, name))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_rmtree(path, *args, **kwargs)
+
+    def save_model_then_die(self, output_dir=None, _internal_call=False):
+        real_save_model(self, output_dir, _internal_call)
+        if point == "final" and output_dir is None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def log_save_or_die(self, *args, **kwargs):
+        if point == "step" and self.state.global_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_log_save(self, *args, **kwargs)
+
+    shutil.rmtree = rmtree_halfway
+    Trainer.save_model = save_model_then_die
+    Trainer._maybe_log_save_evaluate = log_save_or_die
     safetensors.torch.save_file = half_weights
     import transformers.modeling_utils as mu
     if hasattr(mu, "safe_save_file"):
@@ -136,15 +158,21 @@ _KILLER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("point", ["optimizer", "weights"])
-def test_sigkill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_result(tmp_path, reference, point, capsys):
+def _kill_run(tmp_path, config, point, step):
     out = tmp_path / "run"
-    config = lm_run_config(reference["config_dir"], reference["corpus"], out)
     path = write_yaml(tmp_path / "c.yaml", config)
-    env = dict(os.environ, KILL_POINT=point, KILL_STEP="4", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, KILL_POINT=point, KILL_STEP=str(step),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", _KILLER, "train", path], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == -9, result.stderr[-3000:]
+    return out, path
+
+
+@pytest.mark.parametrize("point", ["optimizer", "weights"])
+def test_sigkill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_result(tmp_path, reference, point, capsys):
+    config = lm_run_config(reference["config_dir"], reference["corpus"], tmp_path / "run")
+    out, path = _kill_run(tmp_path, config, point, step=4)
     # The interrupted save never became a checkpoint-4: only its hidden staging folder is left.
     assert sorted(os.listdir(out)) == [".tmp-checkpoint-4", "checkpoint-2", "strategy_plan.json"]
     assert checkpoint_problem(str(out / "checkpoint-2")) is None
@@ -154,6 +182,26 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_resu
     assert_same_weights(out / "checkpoint-6", reference["out"] / "checkpoint-6")
     assert tree(out / "checkpoint-2") == before
     assert not any(n.startswith(".tmp-") for n in os.listdir(out))
+
+
+@pytest.mark.parametrize("point, step, limit", [("step", 1, None), ("rotation", 6, 2), ("final", 6, None)])
+def test_sigkill_before_the_first_checkpoint_in_rotation_or_final_save_resumes_to_the_same_result(
+    tmp_path, reference, point, step, limit, capsys
+):
+    extra = {"save_total_limit": limit} if limit else {}
+    config = lm_run_config(reference["config_dir"], reference["corpus"], tmp_path / "run", **extra)
+    out, path = _kill_run(tmp_path, config, point, step)
+    assert cli.main(["train", path, "--resume_from_checkpoint", "true"]) == 0
+    assert_same_weights(out, reference["out"])
+    if point == "step":
+        assert "interrupted before its first complete checkpoint" in capsys.readouterr().out
+    if point == "rotation":
+        # Killed while rotating checkpoint-2 away: the half-deleted one is set aside, complete ones stay.
+        assert sorted(n for n in os.listdir(out) if "checkpoint-" in n) == [
+            "checkpoint-4", "checkpoint-6", "incomplete-checkpoint-2"]
+    if point in ("rotation", "final"):
+        # Killed after the last checkpoint: no extra step (transformers would train a 7th on resume).
+        assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
 
 
 def test_resume_true_skips_a_half_written_checkpoint_and_names_it(tmp_path, reference, capsys):
