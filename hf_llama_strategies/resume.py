@@ -98,6 +98,8 @@ def load_with_changed_plan(
         )
     if scheduler is not None:
         scheduler.base_lrs = list(new_rates)
+    # optimizer.load_state_dict replaced the group dicts: read them again.
+    groups = optimizer.param_groups
     for i, group in enumerate(groups):
         factor = _schedule_factor(scheduler, i) if scheduler is not None else 1.0
         if factor is None:

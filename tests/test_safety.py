@@ -647,3 +647,26 @@ def test_plugins_command_lists_what_loaded_when_an_entry_point_is_broken(monkeyp
     assert "installed plugin 'broken_plugin' cannot be loaded" in one_line_error(capsys)
     with pytest.raises(PluginError):
         plugins.get_plugin_manager()
+
+
+def test_allow_plan_change_with_another_head_lr_uses_the_new_rate(tmp_path, cls_dataset):
+    from tiny_models import tiny_model
+
+    def run(out, head_lr, resume=None, allow=False):
+        torch.manual_seed(0)
+        args = make_training_args(out, max_steps=4, save_strategy="steps", save_steps=2)
+        trainer = StrategyTrainer(
+            model=tiny_model("llama", "seq_cls"), args=args, train_dataset=cls_dataset,
+            strategy_args=strategy(head_lr=head_lr, allow_plan_change_on_resume=allow),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    run(tmp_path / "a", head_lr=1e-2)
+    with pytest.raises(StrategyError, match="lr 0.01 -> 0.03"):
+        run(tmp_path / "b", head_lr=3e-2, resume=str(tmp_path / "a" / "checkpoint-2"))
+    resumed = run(tmp_path / "c", head_lr=3e-2, resume=str(tmp_path / "a" / "checkpoint-2"), allow=True)
+    logged = [h for h in resumed.state.log_history if h.get("step") == 3 and "loss" in h][0]
+    head = [v for k, v in logged.items() if k.startswith("learning_rate/") and "head" in k]
+    # Linear decay over 4 steps: the third update runs at half the base rate, the new one.
+    assert head and math.isclose(head[0], 3e-2 / 2, rel_tol=1e-6), logged
