@@ -321,7 +321,9 @@ def _resolve_resume(training_args: TrainingArguments) -> Optional[str]:
     expected = "a checkpoint directory, or true for the last checkpoint in output_dir"
     if value is True or text in ("true", "yes", "1"):
         out = training_args.output_dir
-        last, skipped = latest_complete_checkpoint(out) if out and os.path.isdir(out) else (None, [])
+        # save_only_model checkpoints hold no optimizer state by design.
+        strict = not training_args.save_only_model
+        last, skipped = latest_complete_checkpoint(out, strict) if out and os.path.isdir(out) else (None, [])
         if last is None and out and _interrupted_before_first_checkpoint(out):
             print(
                 f"hf-llama-strategies: {out} holds a run interrupted before its first complete checkpoint; "
@@ -339,7 +341,7 @@ def _resolve_resume(training_args: TrainingArguments) -> Optional[str]:
         return last
     if not os.path.isdir(str(value)):
         raise InvalidArgumentError("resume_from_checkpoint", value, expected, "No such directory.")
-    check_resume_checkpoint(str(value))
+    check_resume_checkpoint(str(value), require_optimizer=not training_args.save_only_model)
     return str(value)
 
 

@@ -25,7 +25,13 @@ from typing import Any, Iterable, Optional, Union
 
 from transformers.utils import logging
 
-from .checkpoints import CheckpointError, check_resume_checkpoint, describe_skipped, latest_complete_checkpoint
+from .checkpoints import (
+    CheckpointError,
+    check_resume_checkpoint,
+    checkpoint_problem,
+    describe_skipped,
+    latest_complete_checkpoint,
+)
 from .errors import InvalidArgumentError
 
 logger = logging.get_logger(__name__)
@@ -257,11 +263,18 @@ def resolve_resume_checkpoint(value: Any, args: Any, strict: bool = False) -> An
                 f"resume_from_checkpoint: true skips incomplete checkpoints in {folder}: {describe_skipped(skipped)}."
                 + (f" Resuming from {found}." if found else "")
             )
+        if found is None and skipped:
+            raise CheckpointError(
+                f"resume_from_checkpoint=True: no complete checkpoint in {folder}; incomplete: "
+                f"{describe_skipped(skipped)}."
+            )
         return found if found is not None else value
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
         if os.path.isdir(path):
             check_resume_checkpoint(path, require_optimizer=require_optimizer)
+            if not require_optimizer and checkpoint_problem(path) is not None:
+                logger.warning(f"Resuming from {path}, which cannot resume exactly: {checkpoint_problem(path)}.")
         return path
     return value
 

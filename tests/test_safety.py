@@ -331,19 +331,24 @@ def test_staged_checkpoint_holds_exactly_the_trainers_files(tmp_path, lm_dataset
     from transformers import Trainer
     from tiny_models import tiny_model
 
-    names = {}
+    names, best = {}, {}
     for label, cls, extra in (("plain", Trainer, {}), ("strategy", StrategyTrainer, {"strategy_args": strategy()})):
         torch.manual_seed(0)
-        args = make_training_args(tmp_path / label, max_steps=4, save_strategy="steps", save_steps=2,
-                                  save_total_limit=1)
-        trainer = cls(model=tiny_model("llama"), args=args, train_dataset=lm_dataset, **extra)
+        args = make_training_args(tmp_path / label, max_steps=6, save_strategy="steps", save_steps=2,
+                                  save_total_limit=1, eval_strategy="steps", eval_steps=2,
+                                  load_best_model_at_end=True, metric_for_best_model="loss")
+        trainer = cls(model=tiny_model("llama"), args=args, train_dataset=lm_dataset, eval_dataset=lm_dataset,
+                      **extra)
         trainer.train()
         names[label] = sorted(os.listdir(tmp_path / label))
-        names[label + "/ckpt"] = sorted(os.listdir(tmp_path / label / "checkpoint-4"))
-    # Rotation as the Trainer's: one checkpoint kept; the same files, plus the plan.
-    assert names["plain"] == ["checkpoint-4"]
-    assert [n for n in names["strategy"] if n != "strategy_plan.json"] == ["checkpoint-4"]
-    assert [n for n in names["strategy/ckpt"] if n != "strategy_plan.json"] == names["plain/ckpt"]
+        names[label + "/ckpt"] = {c: sorted(os.listdir(tmp_path / label / c)) for c in names[label]
+                                  if c.startswith("checkpoint-")}
+        best[label] = os.path.relpath(trainer.state.best_model_checkpoint, tmp_path / label)
+    # Rotation and best-model tracking as the Trainer's; the same files, plus the plan.
+    assert best["strategy"] == best["plain"]
+    assert [n for n in names["strategy"] if n != "strategy_plan.json"] == names["plain"]
+    for ckpt, files in names["plain/ckpt"].items():
+        assert [n for n in names["strategy/ckpt"][ckpt] if n != "strategy_plan.json"] == files
 
 
 # -- bad input: exit 2, one line, nothing written -----------------------------------------------
