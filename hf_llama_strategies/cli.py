@@ -324,7 +324,7 @@ def _resolve_resume(training_args: TrainingArguments) -> Optional[str]:
         # save_only_model checkpoints hold no optimizer state by design.
         strict = not training_args.save_only_model
         last, skipped = latest_complete_checkpoint(out, strict) if out and os.path.isdir(out) else (None, [])
-        if last is None and out and _interrupted_before_first_checkpoint(out):
+        if last is None and out and os.path.isdir(out) and _interrupted_before_first_checkpoint(out):
             print(
                 f"hf-llama-strategies: {out} holds a run interrupted before its first complete checkpoint; "
                 "training from the start."
