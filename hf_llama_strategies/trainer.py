@@ -14,6 +14,7 @@ from transformers import Trainer, TrainingArguments
 from .arguments import StrategyArguments
 from .callback import StrategyCallback
 from .checkpoints import can_stage, save_checkpoint_staged
+from .errors import InvalidArgumentError
 from .optim import create_optimizer_from_plan
 from .plan import StrategyPlan
 from .strategies.precision import copy_precision_decision, resolve_training_arguments
@@ -43,6 +44,10 @@ class StrategyTrainerMixin:
         strategy_plugins: Iterable[object] = (),
         **kwargs: Any,
     ) -> None:
+        if strategy_args is not None and not isinstance(strategy_args, StrategyArguments):
+            raise InvalidArgumentError(
+                "strategy_args", type(strategy_args).__name__, "a StrategyArguments (or None for no strategy)"
+            )
         self.strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
         self.strategy_callback = StrategyCallback(self.strategy_args, plugins=strategy_plugins)
         model = kwargs.get("model", args[0] if args else None)

@@ -536,6 +536,15 @@ def test_strategy_trainer_refuses_values_no_run_survives_before_creating_output_
     assert not out.exists()
 
 
+def test_strategy_trainer_refuses_strategy_args_of_another_type(tmp_path, lm_dataset):
+    from tiny_models import tiny_model
+
+    with pytest.raises(InvalidArgumentError, match="strategy_args='dict' is not valid"):
+        StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path / "o"), train_dataset=lm_dataset,
+                        strategy_args={"trainable_layers": "-1:"})
+    assert not (tmp_path / "o").exists()
+
+
 def test_strategy_trainer_resume_true_takes_the_newest_complete_checkpoint(tmp_path, lm_dataset):
     from tiny_models import tiny_model
 
