@@ -310,10 +310,11 @@ class StrategyPlan:
                     counts[key] = counts.get(key, 0) + 1
         for (block, attr, a, b), count in counts.items():
             lines.append(f"{block}: {attr} {a} -> {b} ({count} parameter{'s' if count > 1 else ''})")
-        for key in sorted(set(self.settings) | set(other.settings)):
+        for key in sorted(set(self.settings) & set(other.settings)):
             # A strategy lists under "decides" the keys of its settings that change the result
-            # (precision: the autocast mode; training: the learning rate and the seed).
-            mine_set, theirs_set = self.settings.get(key) or {}, other.settings.get(key) or {}
+            # (precision: the autocast mode; training: the learning rate and the seed). A setting
+            # only one plan has (a dry run, an older plan file) cannot be compared.
+            mine_set, theirs_set = self.settings[key] or {}, other.settings[key] or {}
             for field_name in sorted(set(mine_set.get("decides", ())) | set(theirs_set.get("decides", ()))):
                 if mine_set.get(field_name) != theirs_set.get(field_name):
                     lines.append(f"{key}: {field_name} {mine_set.get(field_name)!r} -> {theirs_set.get(field_name)!r}")

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+
 from .arguments import StrategyArguments
 from .callback import StrategyCallback
 from .checkpoints import can_stage, save_checkpoint_staged
