@@ -6,9 +6,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
-
 import os
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -137,7 +136,9 @@ class StrategyTrainerMixin:
         by as it is (built on each access, for inspection).
         """
         if not self._hfls_active:
-            return build_plan(self.model, self.strategy_args, self.args, plugin_manager=self.strategy_callback.plugin_manager)
+            return build_plan(
+                self.model, self.strategy_args, self.args, plugin_manager=self.strategy_callback.plugin_manager
+            )
         assert self.strategy_callback.plan is not None
         return self.strategy_callback.plan
 
@@ -228,7 +229,9 @@ class StrategyTrainerMixin:
         dtype it was loaded in, with a ``config.json`` that says so, so ``from_pretrained``
         loads what was saved (trained tensors are rounded once, here, and said to be).
         """
-        dtype = None if _internal_call or not self._hfls_active else _final_dtype(self.strategy_callback.plan, self.model)
+        dtype = None
+        if self._hfls_active and not _internal_call:
+            dtype = _final_dtype(self.strategy_callback.plan, self.model)  # type: ignore[attr-defined]
         if dtype is None:
             return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
         logger.warning(
@@ -247,13 +250,12 @@ class StrategyTrainerMixin:
             return super()._save(output_dir, state_dict)  # type: ignore[misc]
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()  # type: ignore[attr-defined]
-        state_dict = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state_dict.items()}
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         super()._save(output_dir, state_dict)  # type: ignore[misc]
         output_dir = output_dir if output_dir is not None else self.args.output_dir  # type: ignore[attr-defined]
         config = getattr(self.accelerator.unwrap_model(self.model), "config", None)  # type: ignore[attr-defined]
-        if self.args.should_save and isinstance(config, PretrainedConfig) and os.path.isfile(  # type: ignore[attr-defined]
-            os.path.join(output_dir, CONFIG_NAME)
-        ):
+        written = os.path.isfile(os.path.join(output_dir, CONFIG_NAME))
+        if self.args.should_save and isinstance(config, PretrainedConfig) and written:  # type: ignore[attr-defined]
             # save_pretrained wrote the dtype of the model's first parameter, not of the tensors saved.
             config.dtype = str(dtype).removeprefix("torch.")
             config.save_pretrained(output_dir)

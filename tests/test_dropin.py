@@ -298,7 +298,8 @@ def test_all_frozen_model_evaluates_and_predicts(tmp_path, options):
                     eval_dataset=data)
     ours_metrics, plain_metrics = ours.evaluate(), plain.evaluate()
     assert ours_metrics["eval_loss"] == plain_metrics["eval_loss"]
-    assert torch.equal(torch.as_tensor(ours.predict(data).predictions), torch.as_tensor(plain.predict(data).predictions))
+    ours_predictions, plain_predictions = ours.predict(data).predictions, plain.predict(data).predictions
+    assert torch.equal(torch.as_tensor(ours_predictions), torch.as_tensor(plain_predictions))
 
 
 def test_training_a_frozen_model_is_refused_before_anything_is_written(tmp_path):

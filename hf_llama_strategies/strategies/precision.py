@@ -286,7 +286,8 @@ def _zero_stage(config: dict) -> Optional[int]:
 
 def asks_precision(strategy_args: StrategyArguments) -> bool:
     """Whether a precision option is set; without one, precision is the user's ``TrainingArguments``' affair."""
-    return strategy_args.precision is not None or bool(strategy_args.pure_bf16) or strategy_args.frozen_dtype is not None
+    args = strategy_args
+    return args.precision is not None or bool(args.pure_bf16) or args.frozen_dtype is not None
 
 
 def dominant_dtype(dtypes_and_sizes: Iterable[tuple[str, int]]) -> Optional[str]:
