@@ -369,3 +369,13 @@ def test_cli_keeps_choosing_precision_auto(tmp_path):
     assert parse_config(config)[3].precision == "auto"
     assert parse_config({**config, "precision": "bf16"})[3].precision == "bf16"
     assert StrategyArguments().precision is None
+
+
+def test_options_set_names_what_asks_for_something():
+    assert StrategyArguments().options_set() == []
+    # Spellings of the defaults, and options that only refine others, ask for nothing.
+    quiet = StrategyArguments(trainable_layers="ALL", unfreeze_schedule="none", print_plan=False,
+                              allow_plan_change_on_resume=True, lisa_drop_optimizer_state=False)
+    assert quiet.options_set() == []
+    assert StrategyArguments(precision="auto", lr_rules=["mlp=x2"]).options_set() == ["lr_rules", "precision"]
+    assert StrategyArguments(strategy_options={"freeze_bias": True}).options_set() == ["strategy_options"]
