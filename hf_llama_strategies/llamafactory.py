@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from .chat_templates import MULTIMODAL_TEMPLATE, TEMPLATES
 from .errors import InvalidArgumentError, StrategyError
-from .sft import normalise_format
+from .sft import UNREAD_BY_DEFAULT, normalise_format
 
 logger = logging.get_logger(__name__)
 
@@ -175,6 +175,8 @@ def _dataset_specs(names: list[str], dataset_dir: str, max_samples: Optional[int
         if attr.get("ranking"):
             raise _refuse(f"dataset {name!r}", "ranking: true", "pairwise (DPO/RM) data is not SFT data")
         columns = dict(attr.get("columns") or {})
+        # LLaMA-Factory reads these only when dataset_info.json names them.
+        columns = {**{c: None for c in UNREAD_BY_DEFAULT if c not in columns}, **columns}
         for column in ("images", "videos", "audios", "chosen", "rejected", "kto_tag"):
             if columns.get(column):
                 raise _refuse(f"dataset {name!r} columns.{column}", columns[column],

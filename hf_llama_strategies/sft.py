@@ -39,10 +39,14 @@ BAD_RECORDS = ("error", "skip")
 _EXTENSIONS = (".json", ".jsonl")
 TRL_MISSING = 'task: sft trains through TRL\'s SFTTrainer, which is not installed: pip install "hf-llama-strategies[trl]"'
 
-# LLaMA-Factory's DatasetAttr defaults: column names per format, and ShareGPT tags.
-ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None}
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "tools": None}
-OPENAI_COLUMNS = {"messages": "messages", "system": None, "tools": None}
+# Column names per format (LLaMA-Factory's DatasetAttr defaults, except that `system`, `history`
+# and `tools` are read here when a record has them; LLaMA-Factory reads them only when named), and tags.
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
+                  "system": "system", "tools": "tools"}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
+OPENAI_COLUMNS = {"messages": "messages", "system": "system", "tools": "tools"}
+# What LLaMA-Factory leaves unread unless dataset_info.json names it.
+UNREAD_BY_DEFAULT = ("system", "history", "tools")
 SHAREGPT_TAGS = {
     "role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
     "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system",
@@ -263,7 +267,7 @@ def _check_order(messages: list[dict[str, str]]) -> None:
 
 
 def _tools_text(record: dict, columns: dict) -> Optional[str]:
-    column = columns.get("tools")
+    column = columns.get("tools", "tools")
     tools = record.get(column) if column else None
     if not tools:
         return None
