@@ -313,7 +313,8 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
         raise _unknown_key_error(unknown)
 
     out["task"] = "sft"
-    model_config = _model_config(out.get("model_name_or_path"), bool(out.get("trust_remote_code")))
+    model_config = _model_config(out.get("model_name_or_path") or out.get("model_config"),
+                                 bool(out.get("trust_remote_code")))
     if finetuning == "freeze":
         out.update(_freeze_options(config, model_config, notes))
     else:
