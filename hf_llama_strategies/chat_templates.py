@@ -35,10 +35,17 @@ class TemplateSpec:
     default_system: str = ""
     system_in_user: bool = False  # LLaMA-Factory's Llama2Template: the system text opens the first user turn
     thinking: bool = False  # LLaMA-Factory's ReasoningTemplate: an empty <think></think> where a reply has none
+    eos: Optional[str] = None  # LLaMA-Factory's replace_eos: this stop word becomes the tokenizer's EOS
 
 
 _CHATML_USER = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 _CHATML = dict(user=_CHATML_USER, assistant="{content}<|im_end|>\n", system="<|im_start|>system\n{content}<|im_end|>\n")
+_GEMMA = dict(
+    prefix="{bos}", user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
+    assistant="{content}<end_of_turn>\n", system="{content}\n\n",
+    observation="<start_of_turn>tool\n{content}<end_of_turn>\n<start_of_turn>model\n", system_in_user=True,
+)
+_LLAMA4_HEADER = "<|header_start|>{role}<|header_end|>\n\n"
 _QWEN_TOOL = "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
 _LLAMA3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
 
@@ -71,28 +78,68 @@ TEMPLATES: dict[str, TemplateSpec] = {
         system=_LLAMA3_HEADER.format(role="system") + "{content}<|eot_id|>",
         observation=_LLAMA3_HEADER.format(role="ipython") + "{content}<|eot_id|>"
         + _LLAMA3_HEADER.format(role="assistant"),
+        eos="<|eot_id|>",
+    ),
+    "llama4": TemplateSpec(
+        prefix="{bos}",
+        user=_LLAMA4_HEADER.format(role="user") + "{content}<|eot|>" + _LLAMA4_HEADER.format(role="assistant"),
+        assistant="{content}<|eot|>",
+        system=_LLAMA4_HEADER.format(role="system") + "{content}<|eot|>",
+        observation=_LLAMA4_HEADER.format(role="ipython") + "{content}<|eot|>" + _LLAMA4_HEADER.format(role="assistant"),
+    ),
+    "llama2_zh": TemplateSpec(
+        user="{bos}[INST] {content} [/INST]", system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_in_user=True,
+        default_system="You are a helpful assistant. 你是一个乐于助人的助手。",
     ),
     "mistral": TemplateSpec(
         prefix="{bos}", user="[INST] {content}[/INST]", assistant=" {content}{eos}", system="{content}\n\n",
         observation='[TOOL_RESULTS] {"content": {content}}[/TOOL_RESULTS]', system_in_user=True,
     ),
+    "ministral": TemplateSpec(
+        prefix="{bos}", user="[INST]{content}[/INST]", system="{content}\n\n",
+        observation='[TOOL_RESULTS]{"content": {content}}[/TOOL_RESULTS]', system_in_user=True,
+    ),
     "qwen": TemplateSpec(
-        **_CHATML, observation=_QWEN_TOOL,
+        **_CHATML, observation=_QWEN_TOOL, eos="<|im_end|>",
         default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
     ),
-    "qwen3_nothink": TemplateSpec(**_CHATML, observation=_QWEN_TOOL),
-    "qwen3": TemplateSpec(**_CHATML, observation=_QWEN_TOOL, thinking=True),
-    "chatml": TemplateSpec(**_CHATML, observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n"),
-    "yi": TemplateSpec(**_CHATML),
-    "gemma": TemplateSpec(
-        prefix="{bos}", user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
-        assistant="{content}<end_of_turn>\n", system="{content}\n\n",
-        observation="<start_of_turn>tool\n{content}<end_of_turn>\n<start_of_turn>model\n", system_in_user=True,
+    "qwen3_nothink": TemplateSpec(**_CHATML, observation=_QWEN_TOOL, eos="<|im_end|>"),
+    "qwen3": TemplateSpec(**_CHATML, observation=_QWEN_TOOL, thinking=True, eos="<|im_end|>"),
+    "chatml": TemplateSpec(
+        **_CHATML, observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n", eos="<|im_end|>"
     ),
+    "yi": TemplateSpec(**_CHATML),
+    "smollm2": TemplateSpec(**_CHATML, default_system="You are a helpful AI assistant named SmolLM, trained by "
+                            "Hugging Face."),
+    "gemma": TemplateSpec(**_GEMMA, eos="<end_of_turn>"),
+    # LLaMA-Factory's efficient_eos (gemma2, glm4) also appends EOS after the last reply; not here.
+    "gemma2": TemplateSpec(**_GEMMA),
     "phi": TemplateSpec(
         user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>\n",
-        system="<|system|>\n{content}<|end|>\n",
+        system="<|system|>\n{content}<|end|>\n", eos="<|end|>",
     ),
+    "phi4": TemplateSpec(
+        user="<|im_start|>user<|im_sep|>{content}<|im_end|><|im_start|>assistant<|im_sep|>",
+        assistant="{content}<|im_end|>", system="<|im_start|>system<|im_sep|>{content}<|im_end|>", eos="<|im_end|>",
+    ),
+    "deepseek": TemplateSpec(prefix="{bos}", user="User: {content}\n\nAssistant:", system="{content}\n\n"),
+    "deepseek3": TemplateSpec(prefix="{bos}", user="<｜User｜>{content}<｜Assistant｜>"),
+    "glm4": TemplateSpec(
+        prefix="[gMASK]<sop>", user="<|user|>\n{content}<|assistant|>", assistant="\n{content}",
+        system="<|system|>\n{content}", observation="<|observation|>\n{content}<|assistant|>",
+    ),
+    "cohere": TemplateSpec(
+        prefix="{bos}",
+        user="<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{content}<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>"
+        "<|CHATBOT_TOKEN|>",
+        system="<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{content}<|END_OF_TURN_TOKEN|>",
+    ),
+    "granite3": TemplateSpec(
+        user="<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>",
+        assistant="{content}<|end_of_text|>\n",
+        system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n",
+    ),
+    "olmo": TemplateSpec(prefix="{eos}", user="<|user|>\n{content}<|assistant|>\n"),
     "zephyr": TemplateSpec(
         user="<|user|>\n{content}{eos}<|assistant|>\n", system="<|system|>\n{content}{eos}",
         default_system="You are Zephyr, a helpful assistant.",
@@ -154,6 +201,12 @@ def build_chat_template(name: str, default_system: Optional[str] = None, enable_
         "{% elif m['role'] == 'tool' %}{{ " + _expr(observation, "m['content']") + " }}",
         "{% endif %}{% endfor %}",
     ])
+
+
+def stop_token(name: str) -> Optional[str]:
+    """The end-of-turn text that LLaMA-Factory makes the tokenizer's EOS for template ``name`` (replace_eos)."""
+    spec = TEMPLATES.get(name)
+    return spec.eos if spec is not None else None
 
 
 def template_names() -> list[str]:

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from transformers.utils import logging
 
-from .chat_templates import MULTIMODAL_TEMPLATE, TEMPLATES, build_chat_template
+from .chat_templates import MULTIMODAL_TEMPLATE, TEMPLATES, build_chat_template, stop_token
 from .data import SFT
 from .errors import InvalidArgumentError, StrategyError
 
@@ -313,6 +313,11 @@ def resolve_chat_template(tokenizer: Any, sft_args: SFTArguments) -> str:
         return template
     if value in TEMPLATES:
         template = build_chat_template(value, sft_args.default_system, sft_args.enable_thinking)
+        stop = stop_token(value)
+        if stop and stop in tokenizer.get_vocab() and tokenizer.eos_token != stop:
+            # As LLaMA-Factory (replace_eos): the end of a turn is the end of generation. A
+            # tokenizer without the token keeps its EOS (adding one would resize the embeddings).
+            tokenizer.eos_token = stop
     elif os.path.isfile(value):
         with open(value, encoding="utf-8") as fh:
             template = fh.read()
