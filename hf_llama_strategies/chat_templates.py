@@ -85,7 +85,8 @@ TEMPLATES: dict[str, TemplateSpec] = {
         user=_LLAMA4_HEADER.format(role="user") + "{content}<|eot|>" + _LLAMA4_HEADER.format(role="assistant"),
         assistant="{content}<|eot|>",
         system=_LLAMA4_HEADER.format(role="system") + "{content}<|eot|>",
-        observation=_LLAMA4_HEADER.format(role="ipython") + "{content}<|eot|>" + _LLAMA4_HEADER.format(role="assistant"),
+        observation=_LLAMA4_HEADER.format(role="ipython") + "{content}<|eot|>"
+        + _LLAMA4_HEADER.format(role="assistant"),
     ),
     "llama2_zh": TemplateSpec(
         user="{bos}[INST] {content} [/INST]", system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_in_user=True,

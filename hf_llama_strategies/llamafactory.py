@@ -335,6 +335,8 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
     if config.get("val_size"):
         out["validation_split"] = config["val_size"]
     out["max_seq_length"] = int(config.get("cutoff_len", 2048))
+    out["bad_records"] = "skip"
+    notes.append("bad_records: skip: malformed records are left out and counted, as LLaMA-Factory skips them")
     notes.append("cutoff_len: sequences are cut at the end (TRL); LLaMA-Factory shortens prompt and reply in "
                  "proportion")
     for key in ("train_on_prompt", "default_system", "enable_thinking"):
@@ -352,8 +354,9 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
     elif MULTIMODAL_TEMPLATE.search(str(template)):
         raise _refuse("template", template, "a multimodal template (images, video, audio) has no text-only meaning")
     else:
-        raise _refuse("template", template, f"no chat template is shipped for it; shipped: {', '.join(sorted(TEMPLATES))}"
-                      " (or give the native chat_template key a .jinja file)")
+        shipped = ", ".join(sorted(TEMPLATES))
+        raise _refuse("template", template, f"no chat template is shipped for it; shipped: {shipped} (or give the "
+                      "native chat_template key a .jinja file)")
 
     # Training.
     if "evaluation_strategy" in config:

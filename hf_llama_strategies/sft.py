@@ -37,7 +37,9 @@ FORMATS = ("auto", "alpaca", "sharegpt", "openai")
 _FORMAT_ALIASES = {"messages": "openai", "chatml": "openai", "conversations": "sharegpt"}
 BAD_RECORDS = ("error", "skip")
 _EXTENSIONS = (".json", ".jsonl")
-TRL_MISSING = 'task: sft trains through TRL\'s SFTTrainer, which is not installed: pip install "hf-llama-strategies[trl]"'
+TRL_MISSING = (
+    "task: sft trains through TRL's SFTTrainer, which is not installed: pip install \"hf-llama-strategies[trl]\""
+)
 
 # Column names per format (LLaMA-Factory's DatasetAttr defaults, except that `system`, `history`
 # and `tools` are read here when a record has them; LLaMA-Factory reads them only when named), and tags.
@@ -198,7 +200,8 @@ def _alpaca(record: dict, columns: dict) -> list[dict[str, str]]:
     history = record.get(cols["history"]) if cols.get("history") else None
     if history:
         if not isinstance(history, list) or not all(isinstance(t, (list, tuple)) and len(t) == 2 for t in history):
-            raise _Bad(f"`{cols['history']}` is not a list of [prompt, reply] pairs", "write it as [[prompt, reply], ...]")
+            raise _Bad(f"`{cols['history']}` is not a list of [prompt, reply] pairs",
+                       "write it as [[prompt, reply], ...]")
         for turn, (prompt, reply) in enumerate(history):
             messages.append({"role": "user", "content": _text(prompt, f"history turn {turn} prompt", "fill it in")})
             messages.append({"role": "assistant", "content": _text(reply, f"history turn {turn} reply", "fill it in")})
@@ -339,29 +342,28 @@ def _has_markers(template: str) -> bool:
 # -- loading and checking --------------------------------------------------------------------
 
 
-def _specs(data_args: Any, sft_args: SFTArguments, split: str) -> list[DatasetSpec]:
-    list_option, file_option = ("sft_datasets", "train_file") if split == "train" else ("sft_eval_datasets",
-                                                                                          "validation_file")
+def _specs(data_args: Any, sft_args: SFTArguments, split: str) -> tuple[str, list[DatasetSpec]]:
+    """The option that names the split's data, and its files."""
+    list_option, file_option = (("sft_datasets", "train_file") if split == "train"
+                                else ("sft_eval_datasets", "validation_file"))
     listed = getattr(sft_args, list_option)
     single = getattr(data_args, file_option)
     if listed is not None and single is not None:
         raise InvalidArgumentError(list_option, listed, f"unset when {file_option} is given (one or the other)")
-    if listed is not None:
-        if isinstance(listed, str):
-            try:
-                listed = json.loads(listed)
-            except json.JSONDecodeError:
-                listed = [p.strip() for p in listed.split(",") if p.strip()]
-        if isinstance(listed, dict):
-            listed = [listed]
-        if not isinstance(listed, list) or not listed:
-            raise InvalidArgumentError(list_option, listed, "a non-empty list of {file, format, ...} mappings")
-        return [DatasetSpec.from_mapping(v, list_option) for v in listed]
-    if single is None:
-        if split == "train":
+    if listed is None:
+        if single is None and split == "train":
             raise InvalidArgumentError("train_file", None, "a .json/.jsonl file of records (or sft_datasets)")
-        return []
-    return [DatasetSpec(file=single, format=sft_args.sft_format)]
+        return file_option, [] if single is None else [DatasetSpec(file=single, format=sft_args.sft_format)]
+    if isinstance(listed, str):  # from the command line: JSON, or comma-separated files
+        try:
+            listed = json.loads(listed)
+        except json.JSONDecodeError:
+            listed = [p.strip() for p in listed.split(",") if p.strip()]
+    if isinstance(listed, dict):
+        listed = [listed]
+    if not isinstance(listed, list) or not listed:
+        raise InvalidArgumentError(list_option, listed, "a non-empty list of {file, format, ...} mappings")
+    return list_option, [DatasetSpec.from_mapping(v, list_option) for v in listed]
 
 
 def looks_like_sft(data_args: Any) -> bool:
@@ -377,27 +379,29 @@ def looks_like_sft(data_args: Any) -> bool:
 
 
 def _load_messages(spec: DatasetSpec, option: str, sft_args: SFTArguments, bad: list) -> list[dict]:
+    """The file's records as messages (with where they came from); bad ones go to ``bad``."""
     records = read_records(spec.file, option)
+    if not records:
+        raise InvalidArgumentError(option, spec.file, "a file with at least one record")
     if spec.max_samples is not None:
         records = records[: int(spec.max_samples)]
     fmt = normalise_format(spec.format, option)
     if fmt == "auto":
-        fmt = detect_format(records[0], spec.columns) if records else None
+        fmt = detect_format(records[0], spec.columns)
         if fmt is None:
+            keys = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
             raise InvalidArgumentError(
                 "sft_format", "auto", "alpaca, sharegpt or openai",
-                f"The first record of {spec.file} has keys {sorted(records[0]) if records and isinstance(records[0], dict) else '-'}: "
-                "none of instruction/output, conversations, messages. Set sft_format (and columns) for it.",
+                f"The first record of {spec.file} has keys {keys}: none of instruction/output, conversations, "
+                "messages. Set sft_format (and the columns) for it.",
             )
     rows = []
     for number, record in enumerate(records, start=1):
         try:
-            rows.append({"messages": to_messages(record, fmt, spec.columns, spec.tags, sft_args.default_system),
-                         "_where": (spec.file, number)})
+            messages = to_messages(record, fmt, spec.columns, spec.tags, sft_args.default_system)
+            rows.append({"messages": messages, "_where": (spec.file, number)})
         except _Bad as exc:
             bad.append((spec.file, number, exc))
-    if not records:
-        raise InvalidArgumentError(option, spec.file, "a file with at least one record")
     return rows
 
 
@@ -449,11 +453,39 @@ class SFTData:
     eval: Optional[Any]
     chat_template: str
     assistant_only_loss: bool  # else prompt/completion form (or the whole sequence with train_on_prompt)
-    skipped: int = 0
+
+
+def _load_split(split: str, data_args: Any, sft_args: SFTArguments, tokenizer: Any, template: str,
+                markers: bool) -> Optional[list[dict]]:
+    """The split's usable records (None when it has no data), bad ones refused or counted."""
+    option, specs = _specs(data_args, sft_args, split)
+    if not specs:
+        return None
+    bad: list = []
+    rows = [row for spec in specs for row in _load_messages(spec, option, sft_args, bad)]
+    kept = []
+    for row in rows:
+        try:
+            _learnable(row["messages"], tokenizer, template, data_args.max_seq_length, markers,
+                       sft_args.train_on_prompt)
+            kept.append(row)
+        except _Bad as exc:
+            bad.append((*row["_where"], exc))
+    bad.sort(key=lambda b: (b[0], b[1]))
+    _refuse_or_count(bad, sft_args, split)
+    if not kept:
+        raise InvalidArgumentError(option, specs[0].file, "data with at least one usable record",
+                                   "Every record was bad.")
+    limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
+    return kept[:limit] if limit else kept
 
 
 def load_sft_data(data_args: Any, sft_args: SFTArguments, tokenizer: Any, seed: int = 0) -> SFTData:
     """Read, convert and check every record; the datasets in TRL's conversational form.
+
+    ``data_args`` holds the data keys (``train_file``, ``validation_file``, ``validation_split``,
+    ``max_seq_length``, ``max_train_samples``, ``max_eval_samples``), ``sft_args`` those of
+    :class:`SFTArguments` (the CLI passes one object holding both).
 
     Raises:
         BadRecordError: a record that cannot be trained on (file, record number, fix), unless
@@ -467,38 +499,15 @@ def load_sft_data(data_args: Any, sft_args: SFTArguments, tokenizer: Any, seed: 
     normalise_format(sft_args.sft_format)
     template = resolve_chat_template(tokenizer, sft_args)
     markers = _has_markers(template)
-    max_length = data_args.max_seq_length
-    splits: dict[str, list[dict]] = {}
-    skipped = 0
-    for split in ("train", "validation"):
-        option = "sft_datasets" if split == "train" else "sft_eval_datasets"
-        bad: list = []
-        rows = [r for spec in _specs(data_args, sft_args, split) for r in _load_messages(spec, option, sft_args, bad)]
-        kept = []
-        for row in rows:
-            try:
-                _learnable(row["messages"], tokenizer, template, max_length, markers, sft_args.train_on_prompt)
-                kept.append(row)
-            except _Bad as exc:
-                bad.append((*row["_where"], exc))
-        bad.sort(key=lambda b: (b[0], b[1]))
-        _refuse_or_count(bad, sft_args, split)
-        skipped += len(bad)
-        if rows or split == "train":
-            if not kept:
-                raise InvalidArgumentError(option, data_args.train_file if split == "train" else None,
-                                           "data with at least one usable record", "Every record was bad.")
-            splits[split] = kept
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
-    for split, limit in limits.items():
-        if limit and split in splits:
-            splits[split] = splits[split][:limit]
+    train = _load_split("train", data_args, sft_args, tokenizer, template, markers)
+    evaluation = _load_split("validation", data_args, sft_args, tokenizer, template, markers)
     value = data_args.validation_split
-    if "validation" not in splits and value and not (0 < value < 1 or (value == int(value) and value < len(splits["train"]))):
+    if evaluation is None and value and not (0 < value < 1 or (value == int(value) and value < len(train))):
         raise InvalidArgumentError("validation_split", value,
-                                   f"a fraction in (0, 1) or a whole count below {len(splits['train'])} records")
+                                   f"a fraction in (0, 1) or a whole count below {len(train)} records")
+    assistant_only_loss = markers and not sft_args.train_on_prompt
     if not markers and not sft_args.train_on_prompt and any(
-        sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in splits["train"]
+        sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in train
     ):
         logger.warning(
             "the chat template has no {% generation %} markers: only the last reply of each conversation is "
@@ -506,13 +515,12 @@ def load_sft_data(data_args: Any, sft_args: SFTArguments, tokenizer: Any, seed: 
             "template with markers) to train every reply."
         )
     form = _trl_form if not markers and not sft_args.train_on_prompt else (lambda m: {"messages": m})
-    built = {k: datasets.Dataset.from_list([form(r["messages"]) for r in v]) for k, v in splits.items()}
-    if "validation" not in built and value:
-        test_size = int(value) if value >= 1 else value
-        parts = built["train"].train_test_split(test_size=test_size, seed=seed)
-        built = {"train": parts["train"], "validation": parts["test"]}
-    return SFTData(train=built["train"], eval=built.get("validation"), chat_template=template,
-                   assistant_only_loss=markers and not sft_args.train_on_prompt, skipped=skipped)
+    train_set = datasets.Dataset.from_list([form(r["messages"]) for r in train])
+    eval_set = None if evaluation is None else datasets.Dataset.from_list([form(r["messages"]) for r in evaluation])
+    if eval_set is None and value:
+        parts = train_set.train_test_split(test_size=int(value) if value >= 1 else value, seed=seed)
+        train_set, eval_set = parts["train"], parts["test"]
+    return SFTData(train=train_set, eval=eval_set, chat_template=template, assistant_only_loss=assistant_only_loss)
 
 
 def _trl_form(messages: list[dict]) -> dict[str, list]:

@@ -46,7 +46,9 @@ def workdir(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     (data / "dataset_info.json").write_text(json.dumps(DATASET_INFO), encoding="utf-8")
-    (data / "reviews.json").write_text(json.dumps(ALPACA), encoding="utf-8")
+    # One malformed record (an empty reply): LLaMA-Factory skips such records, and so does the translation.
+    (data / "reviews.json").write_text(json.dumps(ALPACA[:1] + [{"instruction": "x", "output": ""}] + ALPACA[1:]),
+                                       encoding="utf-8")
     (data / "renamed.jsonl").write_text("".join(
         json.dumps({"q": r["instruction"], "ctx": r["input"], "a": r["output"]}) + "\n" for r in ALPACA),
         encoding="utf-8")
@@ -191,8 +193,9 @@ def test_freeze_config_trains_end_to_end_and_prints_the_native_yaml(workdir, cap
     printed = capsys.readouterr().out
     header = "# LLaMA-Factory config translated; the equivalent native hf-llama-strategies YAML:"
     assert header in printed
-    native = yaml.safe_load(printed[printed.index(header):printed.index("hf-llama-strategies plan")])
+    native = yaml.safe_load(printed[printed.index(header):printed.index("\nhf-llama-strategies")])
     assert native["trainable_layers"] == "-1:" and native["chat_template"] == "llama3"
+    assert "skipped 1 bad train record(s)" in printed
 
     out = workdir / "saves" / "tiny" / "freeze" / "sft"
     saved = load_file(str(out / "model.safetensors"))
