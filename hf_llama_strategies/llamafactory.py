@@ -69,6 +69,7 @@ DROPPED = {
     "generation_max_length": "generation setting", "generation_num_beams": "generation setting",
     "generation_config": "generation setting", "sortish_sampler": "Seq2Seq sampler option",
     "master_addr": "set by the launcher", "master_port": "set by the launcher",
+    "compute_dtype": "derived from bf16/fp16", "profile_modules": "a profiling knob",
 }
 _DROPPED_PREFIXES = ("vllm_", "sglang_", "export_", "profiler_", "swanlab_", "ray_")
 _GENERATION = {"do_sample", "temperature", "top_p", "top_k", "num_beams", "max_length", "max_new_tokens",
@@ -86,7 +87,7 @@ REFUSED_UNLESS = {
     "use_galore": (False, "GaLore is another optimizer"), "use_apollo": (False, "APOLLO is another optimizer"),
     "use_badam": (False, "BAdam is another optimizer"), "use_adam_mini": (False, "Adam-mini is another optimizer"),
     "use_muon": (False, "Muon is another optimizer"), "use_mca": (False, "Megatron-Core is another backend"),
-    "use_hyper_parallel": (False, "another parallel backend"), "use_kt": (False, "KTransformers is another backend"),
+    "use_hyper_parallel": (False, "another parallel backend"), "hyper_parallel_args": (None, "another backend"), "use_kt": (False, "KTransformers is another backend"),
     "use_dft_loss": (False, "another loss"), "use_asft_loss": (False, "another loss"),
     "use_eaft_loss": (False, "another loss"), "use_unsloth": (False, "Unsloth patches the model"),
     "use_unsloth_gc": (False, "Unsloth patches the model"),
