@@ -143,11 +143,17 @@ def _refuse(key: str, value: Any, why: str) -> StrategyError:
 
 
 def _resolve(path: str, base_dir: str) -> str:
-    """A relative path next to the config file first, else from the current directory (as LLaMA-Factory)."""
+    """A relative path next to the config file, else from the current directory (as LLaMA-Factory,
+    run from its own directory), else from a directory above the config file's (LF's configs live
+    in ``examples/<kind>/``, its ``data/`` two levels up)."""
     if os.path.isabs(path):
         return path
-    beside = os.path.join(base_dir, path)
-    return os.path.abspath(beside if os.path.exists(beside) else path)
+    candidates = [os.path.join(base_dir, path), path]
+    parent = os.path.abspath(base_dir)
+    while os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+        candidates.append(os.path.join(parent, path))
+    return os.path.abspath(next((c for c in candidates if os.path.exists(c)), path))
 
 
 def _names(value: Any) -> list[str]:

@@ -372,10 +372,15 @@ def looks_like_sft(data_args: Any) -> bool:
     if not path or not os.path.isfile(path) or not path.lower().endswith(_EXTENSIONS):
         return False
     try:
-        records = read_records(path, "train_file")
-    except StrategyError:
+        if path.lower().endswith(".jsonl"):  # the first record is enough
+            with open(path, encoding="utf-8") as fh:
+                first = json.loads(next((line for line in fh if line.strip()), "null"))
+        else:
+            records = read_records(path, "train_file")
+            first = records[0] if records else None
+    except (StrategyError, json.JSONDecodeError):
         return False
-    return bool(records) and detect_format(records[0]) is not None
+    return detect_format(first) is not None
 
 
 def _load_messages(spec: DatasetSpec, option: str, sft_args: SFTArguments, bad: list) -> list[dict]:

@@ -134,6 +134,15 @@ def test_datasets_translate_with_their_columns_tags_and_limits(workdir):
     assert "deepspeed" not in out  # one CPU process: ZeRO has nothing to partition
 
 
+def test_dataset_dir_is_found_above_the_config_from_another_directory(workdir, monkeypatch):
+    path = workdir / "examples" / "train_freeze" / "lf.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(yaml.safe_dump(lf_config(model_name_or_path=str(workdir / "tiny"))), encoding="utf-8")
+    monkeypatch.chdir(workdir / "examples")  # neither the config's directory nor LF's root
+    out = translate_llamafactory(cli.load_config_file(str(path)), str(path.parent), echo=False)
+    assert out["sft_datasets"][0]["file"] == str(workdir / "data" / "reviews.json")
+
+
 def test_full_ignores_freeze_keys(workdir):
     out = translate(workdir, finetuning_type="full")
     assert not {"trainable_layers", "train_head", "train_norm", "train_embeddings"} & set(out)
