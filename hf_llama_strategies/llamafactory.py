@@ -31,7 +31,7 @@ TRANSLATED = {
     "stage", "finetuning_type", "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules",
     "use_llama_pro", "dataset", "eval_dataset", "dataset_dir", "cutoff_len", "template", "max_samples", "val_size",
     "train_on_prompt", "packing", "neat_packing", "default_system", "enable_thinking", "deepspeed",
-    "evaluation_strategy", "warmup_ratio",
+    "evaluation_strategy", "warmup_ratio", "mask_history", "use_dft_loss",
 }
 
 # Dropped with a note: they change speed, memory, logging or inference, not what is trained.
@@ -77,7 +77,6 @@ _GENERATION = {"do_sample", "temperature", "top_p", "top_k", "num_beams", "max_l
 
 # Refused when set to anything but the value shown (LLaMA-Factory's default, or off).
 REFUSED_UNLESS = {
-    "mask_history": (False, "only the last turn's reply would be trained; here every reply is"),
     "streaming": (False, "datasets are read whole"),
     "mix_strategy": ("concat", "datasets are concatenated"),
     "interleave_probs": (None, "datasets are concatenated"),
@@ -88,7 +87,7 @@ REFUSED_UNLESS = {
     "use_badam": (False, "BAdam is another optimizer"), "use_adam_mini": (False, "Adam-mini is another optimizer"),
     "use_muon": (False, "Muon is another optimizer"), "use_mca": (False, "Megatron-Core is another backend"),
     "use_hyper_parallel": (False, "another parallel backend"), "hyper_parallel_args": (None, "another backend"), "use_kt": (False, "KTransformers is another backend"),
-    "use_dft_loss": (False, "another loss"), "use_asft_loss": (False, "another loss"),
+"use_asft_loss": (False, "another loss"),
     "use_eaft_loss": (False, "another loss"), "use_unsloth": (False, "Unsloth patches the model"),
     "use_unsloth_gc": (False, "Unsloth patches the model"),
     "mixture_of_depths": (None, "it changes the model"), "shift_attn": (False, "it changes the attention"),
@@ -346,7 +345,9 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
     notes.append("bad_records: skip: malformed records are left out and counted, as LLaMA-Factory skips them")
     notes.append("cutoff_len: sequences are cut at the end (TRL); LLaMA-Factory shortens prompt and reply in "
                  "proportion")
-    for key in ("train_on_prompt", "default_system", "enable_thinking"):
+    if config.get("use_dft_loss"):
+        out["sft_loss"] = "dft"
+    for key in ("train_on_prompt", "mask_history", "default_system", "enable_thinking"):
         if key in config:
             out[key] = config[key]
     if config.get("packing") or config.get("neat_packing"):

@@ -36,6 +36,7 @@ logger = logging.get_logger(__name__)
 FORMATS = ("auto", "alpaca", "sharegpt", "openai")
 _FORMAT_ALIASES = {"messages": "openai", "chatml": "openai", "conversations": "sharegpt"}
 BAD_RECORDS = ("error", "skip")
+SFT_LOSSES = ("nll", "dft")
 _EXTENSIONS = (".json", ".jsonl")
 TRL_MISSING = (
     "task: sft trains through TRL's SFTTrainer, which is not installed: pip install \"hf-llama-strategies[trl]\""
@@ -93,6 +94,14 @@ class SFTArguments:
     )
     train_on_prompt: bool = field(
         default=False, metadata={"help": "Compute the loss on prompt tokens too (default: on responses only)."}
+    )
+    mask_history: bool = field(
+        default=False, metadata={"help": "Learn only the last reply of a conversation (earlier ones are context)."}
+    )
+    sft_loss: str = field(
+        default="nll",
+        metadata={"help": "nll (cross-entropy) or dft (TRL's Dynamic Fine-Tuning loss, LLaMA-Factory's "
+                          "use_dft_loss)."},
     )
     packing: bool = field(
         default=False, metadata={"help": "Pack examples into max_seq_length blocks (TRL's best-fit packing)."}
@@ -501,9 +510,13 @@ def load_sft_data(data_args: Any, sft_args: SFTArguments, tokenizer: Any, seed: 
 
     if sft_args.bad_records not in BAD_RECORDS:
         raise InvalidArgumentError("bad_records", sft_args.bad_records, f"one of {list(BAD_RECORDS)}")
+    if sft_args.sft_loss not in SFT_LOSSES:
+        raise InvalidArgumentError("sft_loss", sft_args.sft_loss, f"one of {list(SFT_LOSSES)}")
     normalise_format(sft_args.sft_format)
     template = resolve_chat_template(tokenizer, sft_args)
-    markers = _has_markers(template)
+    # Every reply is learned through the template's generation markers; without them, or with
+    # mask_history, TRL's prompt/completion form learns the last one.
+    markers = _has_markers(template) and not sft_args.mask_history
     train = _load_split("train", data_args, sft_args, tokenizer, template, markers)
     evaluation = _load_split("validation", data_args, sft_args, tokenizer, template, markers)
     value = data_args.validation_split
@@ -511,7 +524,7 @@ def load_sft_data(data_args: Any, sft_args: SFTArguments, tokenizer: Any, seed: 
         raise InvalidArgumentError("validation_split", value,
                                    f"a fraction in (0, 1) or a whole count below {len(train)} records")
     assistant_only_loss = markers and not sft_args.train_on_prompt
-    if not markers and not sft_args.train_on_prompt and any(
+    if not markers and not sft_args.mask_history and not sft_args.train_on_prompt and any(
         sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in train
     ):
         logger.warning(
@@ -555,6 +568,7 @@ def sft_config(training_args: Any, data_args: Any, sft_args: SFTArguments, data:
         **values,
         max_length=data_args.max_seq_length,
         packing=sft_args.packing,
+        loss_type=sft_args.sft_loss,
         assistant_only_loss=data.assistant_only_loss,
         # prompt/completion data: TRL masks the prompt; messages data: the markers do (or nothing, train_on_prompt).
         completion_only_loss=None,

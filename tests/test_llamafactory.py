@@ -113,6 +113,7 @@ def translate(workdir, **extra):
         ({"val_size": 0.1, "train_on_prompt": True}, {"validation_split": 0.1, "train_on_prompt": True}),
         ({"pure_bf16": True, "bf16": False}, {"pure_bf16": True, "model_dtype": "bfloat16", "precision": "auto"}),
         ({"neat_packing": True}, {"packing": True}),
+        ({"use_dft_loss": True, "mask_history": True}, {"sft_loss": "dft", "mask_history": True}),
     ],
 )
 def test_keys_translate(workdir, lf, native):
@@ -159,7 +160,7 @@ def test_full_ignores_freeze_keys(workdir):
         ({"pref_beta": 0.1}, "preference training"),
         ({"reward_model": "rm"}, "reward models are for PPO"),
         ({"use_galore": True, "galore_rank": 16}, "use_galore=True"),
-        ({"mask_history": True}, "mask_history=True"),
+        ({"use_asft_loss": True}, "use_asft_loss=True"),
         ({"quantization_bit": 4}, "quantization_bit=4"),
         ({"template": "qwen2_vl"}, "multimodal template"),
         ({"template": "no_such_template"}, "no chat template is shipped for it"),

@@ -196,6 +196,25 @@ def test_a_template_without_generation_markers_learns_the_last_reply(tmp_path, m
     assert tok.decode(learned) == "assistant boring"  # the history reply is context only
 
 
+def test_mask_history_learns_only_the_last_reply(tmp_path, model_dir, tokenizer):
+    data, dataset = prepared(tmp_path, model_dir, tokenizer, ALPACA[:4], mask_history=True)
+    assert not data.assistant_only_loss
+    learned = [t for t in dataset[2]["labels"] if t != -100]
+    assert tokenizer.decode(learned) == "boring <|im_end|>"
+
+
+def test_dft_loss_weights_tokens_by_their_probability(tmp_path, model_dir):
+    train_file = write_json(tmp_path / "a.json", ALPACA)
+    first = {}
+    for loss in ("nll", "dft"):
+        out = tmp_path / loss
+        assert run_cli(tmp_path, sft_config(model_dir, out, train_file, sft_loss=loss, max_steps=1)) == 0
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        first[loss] = history[0]["loss"]
+    # DFT scales each token's -log p by p (< 1): the same first batch has a smaller loss.
+    assert 0 < first["dft"] < first["nll"] / 10
+
+
 def test_packing_packs_into_max_seq_length_blocks(tmp_path, model_dir, tokenizer):
     _, dataset = prepared(tmp_path, model_dir, tokenizer, ALPACA, packing=True)
     assert len(dataset) < len(ALPACA)
