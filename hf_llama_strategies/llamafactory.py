@@ -341,6 +341,10 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
     if config.get("val_size"):
         out["validation_split"] = config["val_size"]
     out["max_seq_length"] = int(config.get("cutoff_len", 2048))
+    positions = getattr(model_config, "n_positions", None)  # learned absolute positions (GPT-2 style)
+    if positions and out["max_seq_length"] > positions:
+        notes.append(f"cutoff_len {out['max_seq_length']}: cut to the model's {positions} positions")
+        out["max_seq_length"] = int(positions)
     out["bad_records"] = "skip"
     notes.append("bad_records: skip: malformed records are left out and counted, as LLaMA-Factory skips them")
     notes.append("cutoff_len: sequences are cut at the end (TRL); LLaMA-Factory shortens prompt and reply in "

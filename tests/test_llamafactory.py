@@ -144,6 +144,13 @@ def test_dataset_dir_is_found_above_the_config_from_another_directory(workdir, m
     assert out["sft_datasets"][0]["file"] == str(workdir / "data" / "reviews.json")
 
 
+def test_cutoff_len_beyond_learned_positions_is_cut(workdir):
+    tiny_model("gpt2").save_pretrained(workdir / "gpt2")  # 64 learned positions
+    out = translate(workdir, model_name_or_path=str(workdir / "gpt2"), cutoff_len=2048, finetuning_type="full")
+    assert out["max_seq_length"] == 64
+    assert translate(workdir, cutoff_len=2048)["max_seq_length"] == 2048  # RoPE: as written
+
+
 def test_full_ignores_freeze_keys(workdir):
     out = translate(workdir, finetuning_type="full")
     assert not {"trainable_layers", "train_head", "train_norm", "train_embeddings"} & set(out)
