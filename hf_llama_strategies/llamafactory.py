@@ -24,8 +24,10 @@ from .sft import UNREAD_BY_DEFAULT, normalise_format
 
 logger = logging.get_logger(__name__)
 
-# Keys that only LLaMA-Factory configs hold: any of them makes a config one.
-MARKERS = ("stage", "finetuning_type", "dataset", "template", "cutoff_len", "freeze_trainable_layers", "dataset_dir")
+# Keys that only LLaMA-Factory configs hold: one of the first makes a config one, or `dataset`
+# with one of the others (a native config with a stray `dataset` key is an unknown key, not LF).
+MARKERS = ("stage", "finetuning_type")
+_DATA_MARKERS = ("template", "cutoff_len", "dataset_dir", "freeze_trainable_layers")
 
 TRANSLATED = {
     "stage", "finetuning_type", "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules",
@@ -86,8 +88,8 @@ REFUSED_UNLESS = {
     "use_galore": (False, "GaLore is another optimizer"), "use_apollo": (False, "APOLLO is another optimizer"),
     "use_badam": (False, "BAdam is another optimizer"), "use_adam_mini": (False, "Adam-mini is another optimizer"),
     "use_muon": (False, "Muon is another optimizer"), "use_mca": (False, "Megatron-Core is another backend"),
-    "use_hyper_parallel": (False, "another parallel backend"), "hyper_parallel_args": (None, "another backend"), "use_kt": (False, "KTransformers is another backend"),
-"use_asft_loss": (False, "another loss"),
+    "use_hyper_parallel": (False, "another parallel backend"), "hyper_parallel_args": (None, "another backend"),
+    "use_kt": (False, "KTransformers is another backend"), "use_asft_loss": (False, "another loss"),
     "use_eaft_loss": (False, "another loss"), "use_unsloth": (False, "Unsloth patches the model"),
     "use_unsloth_gc": (False, "Unsloth patches the model"),
     "mixture_of_depths": (None, "it changes the model"), "shift_attn": (False, "it changes the attention"),
@@ -131,7 +133,7 @@ _SWITCHED = {"galore_": "use_galore", "apollo_": "use_apollo", "badam_": "use_ba
 
 def is_llamafactory_config(config: dict[str, Any]) -> bool:
     """Whether ``config`` is a LLaMA-Factory training YAML (it holds a key only those have)."""
-    return any(key in config for key in MARKERS)
+    return any(key in config for key in MARKERS) or ("dataset" in config and any(k in config for k in _DATA_MARKERS))
 
 
 def _refuse(key: str, value: Any, why: str) -> StrategyError:
@@ -304,8 +306,9 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
         raise _refuse("stage", stage, f"only stage: sft is translated{hint}")
     finetuning = config.get("finetuning_type", "lora")
     if finetuning not in ("freeze", "full"):
-        raise _refuse("finetuning_type", finetuning, "only freeze and full are translated (LoRA and OFT are "
-                      "PEFT's: see README: PEFT)")
+        default = "" if "finetuning_type" in config else " (LLaMA-Factory's default)"
+        raise _refuse("finetuning_type", finetuning, f"only freeze and full are translated{default}; LoRA and OFT "
+                      "are PEFT's (see README: PEFT)")
     native_keys = set(known_keys())
     out: dict[str, Any] = {}
     unknown = []

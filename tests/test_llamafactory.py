@@ -198,6 +198,7 @@ def test_galore_keys_with_galore_off_are_dropped_with_a_note(workdir):
 def test_native_configs_are_not_taken_for_llamafactory_ones():
     assert not is_llamafactory_config(dict(cli.DEMO_CONFIG)) and not is_llamafactory_config(dict(cli.DEMO_SFT_CONFIG))
     assert is_llamafactory_config(lf_config())
+    assert is_llamafactory_config({"dataset": "a", "template": "qwen"}) and not is_llamafactory_config({"dataset": "a"})
 
 
 # -- end to end ----------------------------------------------------------------------------
