@@ -382,8 +382,9 @@ def test_missing_trl_is_a_clear_error(tmp_path, model_dir, monkeypatch, capsys):
 
 def test_sft_demo_runs_with_one_command(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["train", "--task", "sft", "--max_steps", "3", "--output_dir", str(out), "--report_to", "none",
-                     "--disable_tqdm", "true"]) == 0
+    quick = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_strategy", "no",
+             "--max_eval_samples", "16", "--report_to", "none", "--disable_tqdm", "true"]
+    assert cli.main(["train", "--task", "sft", "--output_dir", str(out), *quick]) == 0
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_loss"] > 0 and results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
     plan = json.loads((out / "strategy_plan.json").read_text())
