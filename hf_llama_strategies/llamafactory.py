@@ -16,13 +16,9 @@ import os
 import re
 from typing import Any, Optional
 
-from transformers.utils import logging
-
 from .chat_templates import MULTIMODAL_TEMPLATE, TEMPLATES
 from .errors import InvalidArgumentError, StrategyError
 from .sft import UNREAD_BY_DEFAULT, normalise_format
-
-logger = logging.get_logger(__name__)
 
 # Keys that only LLaMA-Factory configs hold: one of the first makes a config one, or `dataset`
 # with one of the others (a native config with a stray `dataset` key is an unknown key, not LF).

@@ -28,7 +28,6 @@ from typing import Any, Optional
 from transformers.utils import logging
 
 from .chat_templates import MULTIMODAL_TEMPLATE, TEMPLATES, build_chat_template, stop_token
-from .data import SFT
 from .errors import InvalidArgumentError, StrategyError
 
 logger = logging.get_logger(__name__)

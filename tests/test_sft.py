@@ -20,7 +20,6 @@ from hf_llama_strategies import cli  # noqa: E402
 from hf_llama_strategies.chat_templates import build_chat_template  # noqa: E402
 from hf_llama_strategies.sft import (  # noqa: E402
     BadRecordError,
-    SFTArguments,
     _Bad,
     detect_format,
     load_sft_data,
