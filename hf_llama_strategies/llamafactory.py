@@ -127,13 +127,17 @@ _SWITCHED = {"galore_": "use_galore", "apollo_": "use_apollo", "badam_": "use_ba
              "asft_alpha": "use_asft_loss", "eaft_alpha": "use_eaft_loss"}
 
 
+class UnsupportedKeyError(StrategyError):
+    """A LLaMA-Factory key whose meaning this library does not have: names the key, its value and why."""
+
+
 def is_llamafactory_config(config: dict[str, Any]) -> bool:
     """Whether ``config`` is a LLaMA-Factory training YAML (it holds a key only those have)."""
     return any(key in config for key in MARKERS) or ("dataset" in config and any(k in config for k in _DATA_MARKERS))
 
 
-def _refuse(key: str, value: Any, why: str) -> StrategyError:
-    return StrategyError(
+def _refuse(key: str, value: Any, why: str) -> UnsupportedKeyError:
+    return UnsupportedKeyError(
         f"LLaMA-Factory key {key}={value!r} has no meaning here: {why}. Remove it to train the rest "
         "(hf-llama-strategies translates stage: sft with finetuning_type: freeze or full)."
     )
@@ -289,8 +293,9 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
     """The native config equivalent to a LLaMA-Factory training YAML; printed as YAML when ``echo``.
 
     Raises:
-        StrategyError: a key with no meaning here (named), an unknown key, a stage other
-            than ``sft``, a ``finetuning_type`` other than ``freeze``/``full``.
+        UnsupportedKeyError: a key with no meaning here (named), a stage other than ``sft``,
+            a ``finetuning_type`` other than ``freeze``/``full``.
+        StrategyError: an unknown key (with a "did you mean").
         InvalidArgumentError: a dataset not in ``dataset_info.json``, a missing file.
     """
     from .cli import _unknown_key_error, known_keys

@@ -14,8 +14,12 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from hf_llama_strategies import StrategyError, cli  # noqa: E402
-from hf_llama_strategies.llamafactory import is_llamafactory_config, translate_llamafactory  # noqa: E402
+from hf_llama_strategies import cli  # noqa: E402
+from hf_llama_strategies.llamafactory import (  # noqa: E402
+    UnsupportedKeyError,
+    is_llamafactory_config,
+    translate_llamafactory,
+)
 from tiny_models import tiny_model  # noqa: E402
 
 ALPACA = [
@@ -191,7 +195,7 @@ def test_galore_keys_with_galore_off_are_dropped_with_a_note(workdir):
 
     assert _check_key("galore_rank", 16, {"use_galore": False}, set(), notes) == "drop"
     assert "galore_rank" in notes[0]
-    with pytest.raises(StrategyError, match="use_galore"):
+    with pytest.raises(UnsupportedKeyError, match="use_galore"):
         _check_key("galore_rank", 16, {"use_galore": True}, set(), [])
 
 
