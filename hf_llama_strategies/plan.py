@@ -450,7 +450,7 @@ def build_plan(
     hook_kwargs = dict(plan=plan, anatomy=anatomy, strategy_args=strategy_args, training_args=training_args)
     pm.hook.hfls_plan_parameters(**hook_kwargs)
     pm.hook.hfls_adjust_plan(**hook_kwargs)
-    pm.hook.hfls_validate_plan(**hook_kwargs)
+    pm.hook.hfls_validate_plan(**hook_kwargs, model=model)
     if plan.num_trainable == 0:
         raise PlanError(
             "Nothing would train: every parameter is frozen. Check trainable_layers="
