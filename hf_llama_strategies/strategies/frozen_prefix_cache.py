@@ -530,6 +530,13 @@ class FrozenPrefixCache:
             own = module.__dict__.get("forward")
             module.forward = self._passthrough(module.forward)
             self._patched.append((module, own))
+        backbone = _skippable_backbone(self.model, self.boundary)
+        if backbone is not None:
+            # Only the head trains: the backbone's embedding lookup, masks and rotary tables are not
+            # needed either; it hands the cached states on as its output.
+            own = backbone.__dict__.get("forward")
+            backbone.forward = self._cached_backbone(backbone.forward)
+            self._patched.append((backbone, own))
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         self._handles.append(modules[self.boundary.module].register_forward_pre_hook(self._on_boundary, with_kwargs=True))
 
@@ -552,6 +559,16 @@ class FrozenPrefixCache:
                 return original(*args, **kwargs)
             # Its output is replaced at the boundary: any tensor of the right shape will do.
             return args[0] if args else kwargs["hidden_states"]
+
+        return forward
+
+    def _cached_backbone(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self._computing or self._bypass or self._stash is None:
+                return original(*args, **kwargs)
+            return BaseModelOutputWithPast(last_hidden_state=self._stash)
 
         return forward
 
@@ -821,6 +838,32 @@ class FrozenPrefixCache:
     def _device(self) -> torch.device:
         param = next(self.model.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
+
+
+def _skippable_backbone(model: nn.Module, boundary: Boundary) -> Optional[nn.Module]:
+    """The backbone a head-only cache can skip whole: a transformers base model whose output the head reads.
+
+    That is a ``PreTrainedModel`` task model whose ``base_model`` holds every skipped module and not
+    the head, and whose forward reads ``last_hidden_state`` (Llama-family ``...ForCausalLM`` and
+    ``...ForSequenceClassification`` do); anything else keeps the per-module skipping.
+    """
+    from transformers import PreTrainedModel
+
+    backbone = getattr(model, "base_model", None)
+    if boundary.kind != HEAD or not isinstance(model, PreTrainedModel) or backbone is model:
+        return None
+    if not isinstance(backbone, nn.Module) or type(model).__name__.startswith("Peft"):
+        return None
+    path = next((p for p, m in model.named_modules() if m is backbone), None)
+    if not path or _is_under(boundary.module, path) or not all(_is_under(s, path) for s in boundary.skipped):
+        return None
+    import inspect
+
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return None
+    return backbone if "last_hidden_state" in source else None
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
