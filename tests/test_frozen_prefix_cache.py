@@ -6,12 +6,14 @@ epoch to hit the cache.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
 import pytest
 import torch
 from conftest import TokenDataset, losses, make_training_args, snapshot, strategy
+from test_cli import cls_files, tiny_config_dir  # noqa: F401 (fixtures)
 from tiny_models import tiny_model
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer
 
@@ -74,10 +76,21 @@ def frozen_bytes(model: torch.nn.Module) -> dict[str, bytes]:
 # -- equivalence ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("head", "options"), [("seq_cls", HEAD_ONLY), ("causal_lm", LAST_TWO)], ids=["head", "last2"])
-def test_same_batch_shapes_are_bit_exact(tmp_path, head, options):
-    plain = train(tmp_path, "plain", head, options)
-    cached = train(tmp_path, "cached", head, options, mode="memory")
+@pytest.mark.parametrize(
+    ("head", "options", "overrides"),
+    [
+        ("seq_cls", HEAD_ONLY, {}),
+        ("causal_lm", LAST_TWO, {}),
+        ("causal_lm", LAST_TWO, dict(activation_checkpointing=True,
+                                     activation_checkpointing_kwargs={"use_reentrant": True})),
+        ("causal_lm", dict(LAST_TWO, unfreeze_schedule="gradual", unfreeze_interval_steps=2), {}),
+        ("causal_lm", dict(LAST_TWO, lisa_layers=1, lisa_interval_steps=2), {}),
+    ],
+    ids=["head", "last2", "last2-checkpointing", "gradual", "lisa"],
+)
+def test_same_batch_shapes_are_bit_exact(tmp_path, head, options, overrides):
+    plain = train(tmp_path, "plain", head, options, **overrides)
+    cached = train(tmp_path, "cached", head, options, mode="memory", **overrides)
     assert losses(cached) == losses(plain)
     assert snapshot(cached.model) == snapshot(plain.model)
     cache = get_frozen_prefix_cache(cached.model)
@@ -330,3 +343,20 @@ def test_cache_over_its_limit_is_refused_with_the_figure(tmp_path):
 def test_bad_options(options, option):
     with pytest.raises(InvalidArgumentError, match=f"^{option}="):
         strategy(**options)
+
+
+def test_cli_train_with_the_cache_matches_without(tmp_path, tiny_config_dir, cls_files):
+    from test_cli import base_config, write_yaml
+
+    from hf_llama_strategies import cli
+
+    results = {}
+    for mode in ("off", "memory"):
+        config = base_config(tiny_config_dir, tmp_path / mode, train_file=cls_files[0], validation_file=cls_files[1],
+                             trainable_layers="none", train_norm=False, frozen_prefix_cache=mode, max_steps=8)
+        assert cli.main(["train", write_yaml(tmp_path / f"{mode}.yaml", config)]) == 0
+        results[mode] = json.loads((tmp_path / mode / "all_results.json").read_text())
+        plan = json.loads((tmp_path / mode / "strategy_plan.json").read_text())
+        assert plan["settings"]["frozen_prefix_cache"]["mode"] == mode
+    for key in ("train_loss", "eval_loss", "eval_accuracy"):
+        assert results["memory"][key] == pytest.approx(results["off"][key], rel=1e-5), key
