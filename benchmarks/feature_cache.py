@@ -37,7 +37,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -315,13 +314,15 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = ["| figure | training loop: median [min-max] | target | whole train() call |", "|---|---|---|---|"]
     for c in summary["comparisons"]:
         r = c["ratio"]
-        target = "" if c["target"] is None else f"<= {c['target']:.2f}" + (" ok" if c["meets_target"] else " **missed**")
+        target = ""
+        if c["target"] is not None:
+            target = f"<= {c['target']:.2f}" + (" ok" if c["meets_target"] else " **missed**")
         wall = "" if c["wall_ratio"] is None else f"{c['wall_ratio']['median']:.3f}"
         if c["measure"] == "train_runtime_s":
             wall = "(train_runtime per step, both)"
         lines.append(f"| {c['label']} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] | {target} | {wall} |")
-    lines += ["", "| variant | loop s / train() s (medians) | steps | cache | pre-pass s | pre-pass samples | hits / misses / "
-              "read from disk |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| variant | loop s / train() s (medians) | steps | cache | pre-pass s | pre-pass samples "
+              "| hits / misses / read from disk |", "|---|---|---|---|---|---|---|"]
     for name, v in summary["variants"].items():
         cache = "" if v["cache_bytes"] is None else f"{v['cache_bytes'] / 2**20:.2f} MiB"
         prepass = "" if not v["prepass_s"] else f"{v['prepass_s']['median']:.2f}"
@@ -331,7 +332,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                      f"{'' if v['prepass_samples'] is None else v['prepass_samples']} | {counts} |")
     m = meta["machine"]
     lines += ["", f"{meta['samples']} samples x {meta['shape']['seq']} tokens, batch {meta['shape']['batch']}, "
-              f"{EPOCHS} epochs; {meta['rounds']} interleaved rounds on {m['cpu']}, {m['torch_threads']} torch threads, "
+              f"{EPOCHS} epochs; {meta['rounds']} interleaved rounds on {m['cpu']}, {m['torch_threads']} torch "
+              "threads, "
               f"torch {m['torch']}, transformers {m['transformers']}; {meta['wall_s'] / 60:.1f} min."]
     if meta.get("llamafactory_error"):
         lines.append(f"LLaMA-Factory did not run: {meta['llamafactory_error']}")

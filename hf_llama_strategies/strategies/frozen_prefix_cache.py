@@ -135,7 +135,9 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
     limit = args.frozen_prefix_cache_max_gb
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:
-            raise InvalidArgumentError("frozen_prefix_cache_max_gb", limit, "a positive number of gigabytes (1e9 bytes)")
+            raise InvalidArgumentError(
+                "frozen_prefix_cache_max_gb", limit, "a positive number of gigabytes (1e9 bytes)"
+            )
         if mode == OFF:
             raise InvalidArgumentError(
                 "frozen_prefix_cache_max_gb", limit, "unset unless frozen_prefix_cache is 'memory' or 'disk'"
@@ -538,7 +540,8 @@ class FrozenPrefixCache:
             backbone.forward = self._cached_backbone(backbone.forward)
             self._patched.append((backbone, own))
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-        self._handles.append(modules[self.boundary.module].register_forward_pre_hook(self._on_boundary, with_kwargs=True))
+        boundary = modules[self.boundary.module]
+        self._handles.append(boundary.register_forward_pre_hook(self._on_boundary, with_kwargs=True))
 
     def uninstall(self) -> None:
         """Remove every hook; the model runs as before (entries are dropped)."""
@@ -579,10 +582,11 @@ class FrozenPrefixCache:
         if self._bypass or self._stash is None:
             return None
         if hidden is None or hidden.shape != self._stash.shape:
+            shape = None if hidden is None else tuple(hidden.shape)
             raise RuntimeError(
-                f"frozen_prefix_cache: {self.boundary.module} received {None if hidden is None else tuple(hidden.shape)}"
-                f", the cached batch is {tuple(self._stash.shape)}; this model calls its layers in a way the cache "
-                "does not support. Set frozen_prefix_cache: off."
+                f"frozen_prefix_cache: {self.boundary.module} received {shape}, the cached batch is "
+                f"{tuple(self._stash.shape)}: this model calls its layers in a way the cache does not support. "
+                "Set frozen_prefix_cache: off."
             )
         if args:
             return (self._stash, *args[1:]), kwargs
