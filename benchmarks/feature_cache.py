@@ -107,6 +107,32 @@ COMPARISONS = [
 ]
 
 
+def flop_floors(shape: Any) -> dict[str, float]:
+    """Matmul FLOPs of a whole cached run relative to the uncached one, from the model's shapes.
+
+    Per token, in multiply-accumulates, as :func:`speed_memory.flop_floor` counts them. Uncached,
+    every epoch runs the forward of all layers and the head, and backward where something trains
+    (the head's weight gradient; for the last 2 layers, their weight and input gradients and the
+    head's input gradient). Cached, every epoch runs only what lies above the boundary, and the
+    pre-pass runs the prefix once. The warm disk run computes no prefix at all.
+    """
+    h, i, hd = shape.hidden, shape.intermediate, shape.hidden // shape.heads
+    q, kv, o = h * shape.heads * hd, 2 * h * shape.kv_heads * hd, shape.heads * hd * h
+    layer = q + kv + o + 3 * h * i + 2 * shape.seq * shape.heads * hd
+    lm_head, score = h * shape.vocab, h * 2
+    # Head only (sequence classification): forward everything, backward the score's weight only.
+    head_off = EPOCHS * (shape.layers * layer + 2 * score)
+    head_on = EPOCHS * 2 * score + shape.layers * layer
+    # Last 2 layers (causal LM): backward = 2 layers' weight and input gradients (but the lowest
+    # one's q/k/v input gradient) and the head's input gradient.
+    step = shape.layers * layer + lm_head + lm_head + 2 * 2 * layer - (q + kv)
+    prefix = (shape.layers - 2) * layer
+    last2_off = EPOCHS * step
+    last2_on = EPOCHS * (step - prefix) + prefix
+    return {"head_memory/head_off": head_on / head_off, "head_disk_cold/head_off": head_on / head_off,
+            "head_disk_warm/head_off": EPOCHS * 2 * score / head_off, "last2_memory/last2_off": last2_on / last2_off}
+
+
 class LoopTimer(TrainerCallback):
     """Time from ``on_train_begin`` (before the cache's own: fingerprint, disk reads) to ``on_train_end``.
 
@@ -115,13 +141,13 @@ class LoopTimer(TrainerCallback):
     """
 
     def __init__(self) -> None:
-        self.begin = self.end = 0.0
+        self.begin = self.end = self.cpu_begin = self.cpu_end = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.begin = time.perf_counter()
+        self.begin, self.cpu_begin = time.perf_counter(), time.process_time()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.end = time.perf_counter()
+        self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
 
 class Labelled(torch.utils.data.Dataset):
@@ -157,6 +183,7 @@ class RunResult:
     train_runtime_s: float
     loop_s: Optional[float] = None
     steps: Optional[int] = None
+    loop_cpu_s: Optional[float] = None  # process CPU time of the loop: what a busy machine disturbs least
     cache_bytes: Optional[int] = None
     prepass_s: Optional[float] = None
     prepass_samples: Optional[int] = None
@@ -192,7 +219,7 @@ def run_variant(variant: Variant, shape: Any, samples: int, round_index: int, ca
         wall = time.perf_counter() - started
     cache = get_frozen_prefix_cache(model)
     result = RunResult(variant.name, round_index, wall, float(output.metrics["train_runtime"]), timer.end - timer.begin,
-                       output.global_step)
+                       output.global_step, timer.cpu_end - timer.cpu_begin)
     if cache is not None:
         result.cache_bytes, result.prepass_s, result.prepass_samples = cache.nbytes, cache.prepass_seconds, \
             cache.prepass_samples
@@ -269,7 +296,8 @@ def run_llamafactory(cli: str, paths: dict[str, str], shape: Any, samples: int, 
 # -- report -----------------------------------------------------------------------------------
 
 
-def summarise(results: list[RunResult]) -> dict[str, Any]:
+def summarise(results: list[RunResult], shape: Any) -> dict[str, Any]:
+    floors = flop_floors(shape)
     by_round: dict[int, dict[str, RunResult]] = {}
     for r in results:
         by_round.setdefault(r.round, {})[r.variant] = r
@@ -287,8 +315,10 @@ def summarise(results: list[RunResult]) -> dict[str, Any]:
             ratios = [getattr(a, key) / getattr(b, key) for a, b in pairs]
         stats = speed.spread(ratios)
         walls = None if key == "train_runtime_s" else speed.spread([a.wall_s / b.wall_s for a, b in pairs])
+        cpu = None if key == "train_runtime_s" else speed.spread([a.loop_cpu_s / b.loop_cpu_s for a, b in pairs])
         comparisons.append({"label": label, "numerator": num, "denominator": den, "measure": key, "target": target,
-                            "ratio": stats, "ratios": ratios, "wall_ratio": walls,
+                            "ratio": stats, "ratios": ratios, "wall_ratio": walls, "cpu_ratio": cpu,
+                            "flop_floor": floors.get(f"{num}/{den}"),
                             "meets_target": None if target is None else stats["median"] <= target})
     variants = {}
     for name in dict.fromkeys(r.variant for r in results):
@@ -311,16 +341,20 @@ def summarise(results: list[RunResult]) -> dict[str, Any]:
 
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
-    lines = ["| figure | training loop: median [min-max] | target | whole train() call |", "|---|---|---|---|"]
+    lines = ["| figure | training loop: median [min-max] | target | loop CPU time | whole train() call | FLOP floor |",
+             "|---|---|---|---|---|---|"]
     for c in summary["comparisons"]:
         r = c["ratio"]
         target = ""
         if c["target"] is not None:
             target = f"<= {c['target']:.2f}" + (" ok" if c["meets_target"] else " **missed**")
         wall = "" if c["wall_ratio"] is None else f"{c['wall_ratio']['median']:.3f}"
+        cpu = "" if c["cpu_ratio"] is None else f"{c['cpu_ratio']['median']:.3f}"
         if c["measure"] == "train_runtime_s":
             wall = "(train_runtime per step, both)"
-        lines.append(f"| {c['label']} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] | {target} | {wall} |")
+        floor = "" if c["flop_floor"] is None else f"{c['flop_floor']:.3f}"
+        lines.append(f"| {c['label']} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] | {target} | {cpu} | {wall} "
+                     f"| {floor} |")
     lines += ["", "| variant | loop s / train() s (medians) | steps | cache | pre-pass s | pre-pass samples "
               "| hits / misses / read from disk |", "|---|---|---|---|---|---|---|"]
     for name, v in summary["variants"].items():
@@ -388,7 +422,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             shutil.rmtree(cache_dir, ignore_errors=True)
     meta["load_average_after"] = speed.load_average()
     meta["wall_s"] = time.perf_counter() - started
-    summary = summarise(results)
+    summary = summarise(results, shape)
     report = {"meta": meta, **summary, "runs": [asdict(r) for r in results]}
     print()
     print(markdown(summary, meta))
