@@ -177,7 +177,8 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple
     # The file's values become the parser's defaults: they keep their YAML types (lists,
     # bools, mappings), strings still go through each field's type, and the command line
     # overrides them.
-    parser.set_defaults(**config)
+    # The CLI picks the precision for the hardware unless told (the library leaves it unset).
+    parser.set_defaults(**{"precision": "auto", **config})
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=list(overrides), return_remaining_strings=True)
     except (CliError, StrategyError):
