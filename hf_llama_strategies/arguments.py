@@ -20,7 +20,7 @@ _BOOL_OR_AUTO = "true, false, or unset (null) for the default"
 # Options that refine another option or the report: alone they ask for nothing.
 _REFINING_OPTIONS = frozenset({"print_plan", "allow_plan_change_on_resume", "lisa_drop_optimizer_state"})
 # Values that spell an option's default.
-_DEFAULT_SPELLINGS = {"trainable_layers": ("all",), "unfreeze_schedule": ("none",)}
+_DEFAULT_SPELLINGS = {"trainable_layers": ("all",), "unfreeze_schedule": ("none",), "frozen_prefix_cache": ("off",)}
 
 
 @dataclass

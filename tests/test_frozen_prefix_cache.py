@@ -363,3 +363,9 @@ def test_cli_train_with_the_cache_matches_without(tmp_path, tiny_config_dir, cls
         assert plan["settings"].get("frozen_prefix_cache", {"mode": "off"})["mode"] == mode
     for key in ("train_loss", "eval_loss", "eval_accuracy"):
         assert results["memory"][key] == pytest.approx(results["off"][key], rel=1e-5), key
+
+
+def test_off_is_no_option():
+    for value in ("off", "OFF", None):
+        assert strategy(frozen_prefix_cache=value).options_set() == []
+    assert strategy(frozen_prefix_cache="memory").options_set() == ["frozen_prefix_cache"]

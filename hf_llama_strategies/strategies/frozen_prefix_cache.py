@@ -124,6 +124,8 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
     if value is not None and (not isinstance(value, str) or value.strip().lower() not in MODES):
         raise InvalidArgumentError("frozen_prefix_cache", value, "'off', 'memory' or 'disk'")
     mode = cache_mode(args)
+    if value is None:
+        args.frozen_prefix_cache = OFF  # null in a YAML file spells the default
     directory = args.frozen_prefix_cache_dir
     if directory is not None and (not isinstance(directory, str) or not directory.strip()):
         raise InvalidArgumentError("frozen_prefix_cache_dir", directory, "a directory path")
