@@ -209,7 +209,8 @@ def check_config_types(config: dict[str, Any], classes: Iterable[type]) -> dict[
             resolved = typing.get_type_hints(cls)
         except Exception:  # an annotation this Python cannot evaluate: leave it to the parser
             resolved = {}
-        # StrategyArguments normalises its text options itself (a YAML list for trainable_modules).
+        # StrategyArguments checks its text options itself (`trainable_layers: 2` is refused with
+        # LLaMA-Factory's meaning explained, not read as layer 2).
         own_checks = cls.__name__ == "StrategyArguments"
         for f in dataclasses.fields(cls):
             if f.init and f.name in resolved and not (own_checks and _accepts_str(resolved[f.name])):
@@ -226,6 +227,10 @@ def check_config_types(config: dict[str, Any], classes: Iterable[type]) -> dict[
         if isinstance(value, (int, float)) and _accepts_str(hint):
             # As the command line would give it (`resume_from_checkpoint: true`, `trainable_layers: 2`).
             out[key] = str(value).lower() if isinstance(value, bool) else str(value)
+            continue
+        if _accepts_str(hint) and value is not None:
+            # Text options normalise YAML lists and mappings themselves (trainable_modules,
+            # sft_datasets) and refuse what they cannot use.
             continue
         raise InvalidArgumentError(key, value, f"a value of type {_describe(hint)}")
     return out
