@@ -427,6 +427,31 @@ def test_bad_values_exit_2_with_one_line_and_earlier_files_unchanged(tmp_path, r
     assert tree(out) == before
 
 
+# Found by a probe of a few hundred bad inputs (issue 12 follow-up): each was a traceback, a
+# fork bomb, a run that never ends, or a Hub lookup of a YAML boolean.
+BAD_PROBED = [
+    ({"per_device_train_batch_size": 10**30}, "per_device_train_batch_size=1000000000000000000000000000000"),
+    ({"max_steps": 10**30}, "max_steps=1000000000000000000000000000000"),
+    ({"save_strategy": "steps", "save_steps": 10**30}, "save_steps=1000000000000000000000000000000"),
+    ({"dataloader_num_workers": 10**30}, "dataloader_num_workers=1000000000000000000000000000000"),
+    ({"dataloader_num_workers": 100000}, "dataloader_num_workers=100000"),
+    ({"tokenizer_name_or_path": ["a", "b"]}, "tokenizer_name_or_path=['a', 'b']"),
+    ({"tokenizer_name_or_path": {"a": 1}}, "tokenizer_name_or_path={'a': 1}"),
+    ({"tokenizer_name_or_path": True}, "tokenizer_name_or_path=True"),
+    ({"model_config": True}, "model_config=True"),
+]
+
+
+@pytest.mark.parametrize("change, fragment", BAD_PROBED, ids=[str(i) for i in range(len(BAD_PROBED))])
+def test_probed_bad_values_exit_2_with_one_line_and_nothing_written(tmp_path, reference, capsys, change, fragment):
+    out = tmp_path / "run"
+    config = lm_run_config(reference["config_dir"], reference["corpus"], out, **change)
+    assert cli.main(["train", write_yaml(tmp_path / "c.yaml", config)]) == 2
+    line = one_line_error(capsys)
+    assert fragment in line, line
+    assert not out.exists()
+
+
 BAD_DATA = [
     ("train.csv", b"", "The file is empty"),
     ("train.csv", "text,label\n", "has a header (text, label) but no rows"),
