@@ -439,6 +439,11 @@ BAD_PROBED = [
     ({"tokenizer_name_or_path": {"a": 1}}, "tokenizer_name_or_path={'a': 1}"),
     ({"tokenizer_name_or_path": True}, "tokenizer_name_or_path=True"),
     ({"model_config": True}, "model_config=True"),
+    ({"model_config": ["a"]}, "model_config=['a']"),
+    ({"task": "sft", "train_file": os.path.join(cli.DEMO_SFT_DIR, "validation.jsonl"), "chat_template": "{% for x in %}"},
+     "chat_template='{% for x in %}' is not valid: expected a valid Jinja chat template"),
+    ({"trainable_layers": "-1:", "frozen_prefix_cache": "disk", "frozen_prefix_cache_dir": "/proc/no-such-dir"},
+     "frozen_prefix_cache_dir='/proc/no-such-dir'"),
 ]
 
 
@@ -711,3 +716,15 @@ def test_allow_plan_change_with_another_head_lr_uses_the_new_rate(tmp_path, cls_
     head = [v for k, v in logged.items() if k.startswith("learning_rate/") and "head" in k]
     # Linear decay over 4 steps: the third update runs at half the base rate, the new one.
     assert head and math.isclose(head[0], 3e-2 / 2, rel_tol=1e-6), logged
+
+
+def test_a_csv_field_over_the_csv_modules_limit_is_read_not_a_traceback(tmp_path):
+    import csv
+
+    from hf_llama_strategies.data import check_data_file
+
+    path = tmp_path / "train.csv"
+    path.write_text('text,label\n"' + "x" * 200_000 + '",1\nshort,0\n', encoding="utf-8")
+    limit = csv.field_size_limit()
+    check_data_file("train_file", str(path), "csv")  # raised _csv.Error (internal error, exit 1) before
+    assert csv.field_size_limit() == limit
