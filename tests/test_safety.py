@@ -237,11 +237,16 @@ def _break(kind):
         elif kind == "truncated_optimizer":
             data = (ckpt / "optimizer.pt").read_bytes()
             (ckpt / "optimizer.pt").write_bytes(data[:100])
+        elif kind in ("wrong_step", "negative_step", "bad_log_history"):
+            state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+            state.update({"wrong_step": {"global_step": 99}, "negative_step": {"global_step": -4},
+                          "bad_log_history": {"log_history": "junk"}}[kind])
+            (ckpt / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     return apply
 
 
 DAMAGE = ["no_state", "bad_state", "bad_plan", "truncated_weights", "no_weights", "no_optimizer", "no_scheduler",
-          "truncated_optimizer"]
+          "truncated_optimizer", "wrong_step", "negative_step", "bad_log_history"]
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
@@ -728,3 +733,12 @@ def test_a_csv_field_over_the_csv_modules_limit_is_read_not_a_traceback(tmp_path
     limit = csv.field_size_limit()
     check_data_file("train_file", str(path), "csv")  # raised _csv.Error (internal error, exit 1) before
     assert csv.field_size_limit() == limit
+
+
+def test_resume_true_after_a_kill_before_anything_was_written_trains_from_the_start(tmp_path, reference, capsys):
+    # SIGKILL while the model or data loads leaves no output_dir: `resume_from_checkpoint: true` was refused.
+    out = tmp_path / "run"
+    config = lm_run_config(reference["config_dir"], reference["corpus"], out, resume_from_checkpoint=True)
+    assert cli.main(["train", write_yaml(tmp_path / "c.yaml", config)]) == 0
+    assert "holds no earlier run yet; training from the start" in capsys.readouterr().out
+    assert_same_weights(out, reference["out"])
