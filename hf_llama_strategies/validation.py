@@ -295,6 +295,14 @@ def resolve_resume_checkpoint(value: Any, args: Any, strict: bool = False) -> An
         return found if found is not None else value
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
+        if not os.path.isdir(path):
+            # The Trainer's ValueError ("Can't find a valid checkpoint") came after the callbacks
+            # ran on_init; still a ValueError, now naming the option.
+            raise CheckpointError(
+                f"resume_from_checkpoint={path!r} cannot be resumed from: "
+                f"{'it is a file' if os.path.exists(path) else 'no such directory'}. Give a checkpoint directory, "
+                "or resume_from_checkpoint=True for the newest complete one in output_dir."
+            )
         if os.path.isdir(path):
             check_resume_checkpoint(path, require_optimizer=require_optimizer)
             if not require_optimizer and checkpoint_problem(path) is not None:

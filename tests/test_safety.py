@@ -582,6 +582,21 @@ def test_strategy_trainer_refuses_strategy_args_of_another_type(tmp_path, lm_dat
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("where, fragment", [("missing", "no such directory"), ("file", "it is a file")])
+def test_strategy_trainer_resume_from_a_path_that_is_no_checkpoint_names_the_option(tmp_path, lm_dataset, where,
+                                                                                     fragment):
+    from hf_llama_strategies.checkpoints import CheckpointError
+    from tiny_models import tiny_model
+
+    path = tmp_path / "ckpt"
+    if where == "file":
+        path.write_text("x", encoding="utf-8")
+    trainer = StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path / "out"),
+                              train_dataset=lm_dataset, strategy_args=strategy(trainable_layers="-1:"))
+    with pytest.raises(CheckpointError, match=f"resume_from_checkpoint=.*{fragment}"):  # was the Trainer's ValueError
+        trainer.train(resume_from_checkpoint=str(path))
+
+
 def test_strategy_trainer_resume_true_takes_the_newest_complete_checkpoint(tmp_path, lm_dataset):
     from tiny_models import tiny_model
 
