@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""``estimate_training_memory`` against real training steps: the peak of live tensor bytes and RSS.
+
+For every configuration of a grid (what trains, activation checkpointing, batch shape, LISA,
+bf16 autocast, gradient accumulation), one process:
+
+1. estimates the step's peak on fake tensors (``estimate_training_memory``), the model built on
+   the meta device from its config;
+2. trains the same model for real with ``StrategyTrainer`` and measures, during a steady-state
+   optimizer step (the optimizer already holds its state), the peak of live tensor bytes with
+   the same counter (:class:`~hf_llama_strategies.memory.LiveTensorCounter`) over the real
+   tensors: target ``estimate / measured`` within 1%;
+3. with ``--rss``, trains a larger model (a few hundred MB) in a child process per configuration
+   and measures the growth of its peak resident set over the step (Linux ``VmHWM``, reset just
+   before the step; glibc's mmap threshold pinned so freed tensors go back to the system): an
+   independent measurement, target within 10%.
+
+It also times ``hf-llama-strategies plan`` with the estimate on the shipped Llama 3 70B config
+at batch 1 x 4096 (target under 10 s and 2 GB of RAM) and ``--fit 80GiB`` (under 60 s), each in a
+fresh process, with ``--llama70b``.
+
+Usage::
+
+    python benchmarks/memory_estimate.py            # the grid, tensor-level
+    python benchmarks/memory_estimate.py --rss      # and the RSS comparison (minutes)
+    python benchmarks/memory_estimate.py --llama70b # and the 70B timings
+    python benchmarks/memory_estimate.py --smoke    # 3 configurations of a tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import transformers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
+
+from hf_llama_strategies import StrategyArguments, StrategyTrainer, estimate_training_memory  # noqa: E402
+from hf_llama_strategies.memory import (  # noqa: E402
+    BUFFERS, GRADIENTS, INPUTS, OPTIMIZER_STATE, WEIGHTS, LiveTensorCounter,
+)
+
+
+# -- configurations ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    strategy: dict = field(default_factory=dict)
+    checkpointing: bool = False
+    reentrant: bool = False
+    batch: int = 4
+    seq: int = 64
+    bf16: bool = False
+    accumulation: int = 1
+    optim: str = "adamw_torch"
+    measure_step: int = 1
+
+
+GRID = [
+    Case("full"),
+    Case("full_ckpt", checkpointing=True),
+    Case("last2", {"trainable_layers": "-2:"}),
+    Case("last2_ckpt", {"trainable_layers": "-2:"}, checkpointing=True),
+    Case("last2_ckpt_reentrant", {"trainable_layers": "-2:"}, checkpointing=True, reentrant=True),
+    Case("head_only", {"trainable_layers": "none"}),
+    Case("head_only_ckpt", {"trainable_layers": "none"}, checkpointing=True),
+    Case("full_long", batch=2, seq=128),
+    Case("last2_long_ckpt", {"trainable_layers": "-2:"}, checkpointing=True, batch=2, seq=128),
+    # Measured inside a draw's interval (its layers hold their state), after every layer was drawn
+    # (keep_state), at the last stage (gradual): the steady states the estimate simulates.
+    Case("lisa2", {"lisa_layers": 2, "lisa_interval_steps": 2}, measure_step=1),
+    Case("lisa2_keep_state", {"lisa_layers": 2, "lisa_interval_steps": 1, "lisa_drop_optimizer_state": False},
+         measure_step=8),
+    Case("gradual", {"unfreeze_schedule": "gradual", "unfreeze_interval_steps": 1}, measure_step=5),
+    Case("bf16_last2", {"trainable_layers": "-2:", "precision": "bf16"}, bf16=True),
+    Case("bf16_full_ckpt", {"precision": "bf16"}, checkpointing=True, bf16=True),
+    Case("accum2", accumulation=2),
+    Case("accum2_last2_ckpt", {"trainable_layers": "-2:"}, checkpointing=True, accumulation=2),
+    Case("sgd_last2", {"trainable_layers": "-2:"}, optim="sgd"),
+    Case("adafactor_full", optim="adafactor"),
+]
+SMOKE_GRID = [GRID[0], GRID[3], GRID[14]]
+
+
+@dataclass
+class Shape:
+    layers: int = 4
+    hidden: int = 128
+    intermediate: int = 256
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 1024
+
+    def config(self) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+            max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        )
+
+
+TENSOR_SHAPE = Shape()
+SMOKE_SHAPE = Shape(layers=3, hidden=64, intermediate=128, vocab=256)
+# About 300 MB of fp32 weights: RSS growth over a step is far above the allocator's noise.
+RSS_SHAPE = Shape(layers=8, hidden=512, intermediate=1408, heads=8, kv_heads=4, vocab=32000)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int, vocab: int) -> None:
+        self.ids = torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def training_args(case: Case, output_dir: str, steps: int) -> TrainingArguments:
+    ckpt = {}
+    if case.checkpointing:
+        ckpt = dict(activation_checkpointing=True,
+                    activation_checkpointing_kwargs={"use_reentrant": case.reentrant})
+    return TrainingArguments(
+        output_dir=output_dir, use_cpu=True, report_to="none", seed=0, max_steps=steps,
+        per_device_train_batch_size=case.batch, gradient_accumulation_steps=case.accumulation,
+        learning_rate=1e-4, logging_steps=10_000, save_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, dataloader_pin_memory=False, optim=case.optim, bf16=case.bf16, **ckpt,
+    )
+
+
+def strategy_args(case: Case) -> StrategyArguments:
+    return StrategyArguments(print_plan=False, **case.strategy)
+
+
+# -- measuring a real step ---------------------------------------------------------------------------
+
+
+class MeasuringTrainer(StrategyTrainer):
+    """``StrategyTrainer`` that counts live tensor bytes during optimizer step ``measure_step`` (0-based).
+
+    The counter starts once the step's micro-batches are fetched (they are counted as inputs, as the
+    weights, buffers and the optimizer state that exist already) and stops when the step ends.
+    """
+
+    def __init__(self, *args: Any, measure_step: int = 1, rss: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.measure_step = measure_step
+        self.rss = rss
+        self.counter: Optional[LiveTensorCounter] = None
+        self.rss_growth: Optional[int] = None
+        self._rss_before = 0
+        self.add_callback(_Stop(self))
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.state.global_step == self.measure_step and self.counter is None:
+            counter = LiveTensorCounter()
+            for param in self.model.parameters():
+                counter.track(param, WEIGHTS)
+                counter.track(param.grad, GRADIENTS)
+            for buffer in self.model.buffers():
+                counter.track(buffer, BUFFERS)
+            for state in self.optimizer.state.values():
+                for value in state.values():
+                    counter.track(value, OPTIMIZER_STATE)
+            for batch in batches:
+                for value in batch.values():
+                    counter.track(value, INPUTS)
+            self.counter = counter
+            if self.rss:
+                gc.collect()
+                reset_peak_rss()
+                self._rss_before = rss_kib("VmRSS")
+            counter.__enter__()
+        return batches, items
+
+
+class _Stop(TrainerCallback):
+    def __init__(self, trainer: MeasuringTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        trainer = self.trainer
+        if trainer.counter is not None and state.global_step == trainer.measure_step + 1:
+            trainer.counter.__exit__(None, None, None)
+            if trainer.rss:
+                trainer.rss_growth = (rss_kib("VmHWM") - trainer._rss_before) * 1024
+            control.should_training_stop = True
+
+
+def measure_real_step(case: Case, shape: Shape, rss: bool = False) -> dict[str, Any]:
+    """Train ``case`` on a fresh model and measure its second optimizer step (steady state)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(shape.config()).train()
+    steps = case.measure_step + 2
+    data = RandomTokens(case.batch * case.accumulation * steps, case.seq, shape.vocab)
+    with tempfile.TemporaryDirectory() as out:
+        args = training_args(case, out, steps=steps)
+        trainer = MeasuringTrainer(
+            model=model, args=args, train_dataset=data, strategy_args=strategy_args(case),
+            measure_step=case.measure_step, rss=rss,
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    counter = trainer.counter
+    assert counter is not None, "the measured step did not run"
+    if os.environ.get("DEBUG_MEM"):
+        print("REAL", counter.peak_breakdown, counter.peak)
+    return {"peak_bytes": counter.peak, "rss_growth_bytes": trainer.rss_growth}
+
+
+def estimate_case(case: Case, shape: Shape) -> Any:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(shape.config())
+    with tempfile.TemporaryDirectory() as out:
+        args = training_args(case, out, steps=case.measure_step + 2)
+        return estimate_training_memory(model, strategy_args(case), args, seq_len=case.seq)
+
+
+# -- RSS -------------------------------------------------------------------------------------------------
+
+
+def pin_malloc() -> None:
+    """Freed blocks go back to the system (glibc would otherwise serve later runs from its heap)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def rss_kib(name: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+RSS_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import memory_estimate as bench
+bench.pin_malloc()
+case = bench.Case(**json.loads(sys.argv[2]))
+print("RESULT " + json.dumps(bench.measure_real_step(case, bench.RSS_SHAPE, rss=True)))
+"""
+
+
+def measure_rss(case: Case) -> int:
+    """Peak RSS growth over one steady-state step (``RSS_SHAPE``), in a fresh process.
+
+    The growth is taken from the resident set when the step begins: the weights, optimizer state
+    and batches already resident are the step's "before", so it compares with
+    ``peak_bytes - bytes alive when the step begins``.
+    """
+    payload = json.dumps(asdict(case))
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, os.path.dirname(os.path.abspath(__file__)), payload],
+                         capture_output=True, text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1")).stdout
+    return json.loads(out.split("RESULT ", 1)[1])["rss_growth_bytes"]
