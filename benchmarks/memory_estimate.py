@@ -226,8 +226,6 @@ def measure_real_step(case: Case, shape: Shape, rss: bool = False) -> dict[str, 
         trainer.train()
     counter = trainer.counter
     assert counter is not None, "the measured step did not run"
-    if os.environ.get("DEBUG_MEM"):
-        print("REAL", counter.peak_breakdown, counter.peak)
     return {"peak_bytes": counter.peak, "rss_growth_bytes": trainer.rss_growth}
 
 
@@ -290,3 +288,120 @@ def measure_rss(case: Case) -> int:
     out = subprocess.run([sys.executable, "-c", RSS_CHILD, os.path.dirname(os.path.abspath(__file__)), payload],
                          capture_output=True, text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1")).stdout
     return json.loads(out.split("RESULT ", 1)[1])["rss_growth_bytes"]
+
+
+# -- the 70B plan -------------------------------------------------------------------------------------
+
+PLAN_CHILD = r"""
+import json, resource, sys, time
+start = time.perf_counter()
+from hf_llama_strategies import cli
+code = cli.main(["plan", cli.CONFIGS_DIR + "/llama3-70b.yaml", *sys.argv[1:]])
+print("RESULT " + json.dumps({"code": code, "seconds": time.perf_counter() - start,
+                              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def time_plan(*argv: str) -> dict[str, Any]:
+    """``hf-llama-strategies plan`` of the shipped 70B config in a fresh process: seconds, peak RSS, output."""
+    out = subprocess.run([sys.executable, "-c", PLAN_CHILD, *argv], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT)).stdout
+    text, result = out.split("RESULT ", 1)
+    return {**json.loads(result), "output": text}
+
+
+# -- main ------------------------------------------------------------------------------------------------------
+
+
+def run_grid(cases: list[Case], shape: Shape, rss: bool) -> list[dict[str, Any]]:
+    rows = []
+    for case in cases:
+        started = time.perf_counter()
+        estimate = estimate_case(case, shape)
+        seconds = time.perf_counter() - started
+        real = measure_real_step(case, shape)
+        row = {
+            "case": case.name, "estimate_peak_bytes": estimate.peak_bytes, "measured_peak_bytes": real["peak_bytes"],
+            "ratio": estimate.peak_bytes / real["peak_bytes"], "peak_phase": estimate.peak_phase,
+            "simulated": estimate.simulated, "estimate_seconds": seconds,
+        }
+        if rss:
+            big = estimate_case(case, RSS_SHAPE)
+            # What the step adds to what is resident when it begins (weights, state, batches).
+            growth = big.peak_breakdown["gradients"] + big.peak_breakdown["activations"]
+            measured = measure_rss(case)
+            row.update(rss_estimate_growth_bytes=growth, rss_measured_growth_bytes=measured,
+                       rss_ratio=growth / measured if measured else None)
+        rows.append(row)
+        print(f"{case.name:24s} estimate/measured {row['ratio']:.6f}"
+              + (f"  RSS {row['rss_ratio']:.3f}" if rss and row.get("rss_ratio") else ""), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], rss: bool) -> str:
+    head = "| configuration | estimate MiB | measured MiB | estimate / measured | peak in |"
+    line = "|---|---|---|---|---|"
+    if rss:
+        head += " step growth, estimate MiB | RSS growth MiB | estimate / RSS |"
+        line += "---|---|---|"
+    out = [head, line]
+    for r in rows:
+        text = (f"| {r['case']} | {r['estimate_peak_bytes'] / 2**20:.3f} | {r['measured_peak_bytes'] / 2**20:.3f} "
+                f"| {r['ratio']:.6f} | {r['peak_phase']} |")
+        if rss:
+            text += (f" {r['rss_estimate_growth_bytes'] / 2**20:.1f} | {r['rss_measured_growth_bytes'] / 2**20:.1f} "
+                     f"| {r['rss_ratio']:.3f} |")
+        out.append(text)
+    return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="3 configurations of a tiny model")
+    parser.add_argument("--rss", action="store_true", help="also compare with the peak RSS growth of a larger model")
+    parser.add_argument("--llama70b", action="store_true", help="also time `plan` of the 70B config (batch 1 x 4096)")
+    parser.add_argument("--cases", default=None, help="comma list of configuration names (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "memory_estimate.json"), help="JSON file ('' for none)")
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    cases, shape = (SMOKE_GRID, SMOKE_SHAPE) if opts.smoke else (GRID, TENSOR_SHAPE)
+    if opts.cases:
+        by_name = {c.name: c for c in GRID}
+        unknown = [n for n in opts.cases.split(",") if n not in by_name]
+        if unknown:
+            parser.error(f"unknown configurations {unknown}; valid: {', '.join(by_name)}")
+        cases = [by_name[n] for n in opts.cases.split(",")]
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "shape": asdict(shape), "rss_shape": asdict(RSS_SHAPE) if opts.rss else None,
+        "load_average_before": list(os.getloadavg()),
+        "grid": run_grid(cases, shape, opts.rss),
+    }
+    if opts.llama70b:
+        shape_args = ("--per_device_train_batch_size", "1", "--max_seq_length", "4096")
+        report["llama70b"] = {
+            "plan": {k: v for k, v in time_plan(*shape_args).items() if k != "output"},
+            "fit_80GiB": {k: v for k, v in time_plan(*shape_args, "--fit", "80GiB").items() if k != "output"},
+        }
+    report["load_average_after"] = list(os.getloadavg())
+    report["wall_s"] = time.perf_counter() - started
+    print()
+    print(markdown(report["grid"], opts.rss))
+    if opts.llama70b:
+        for name, r in report["llama70b"].items():
+            print(f"70B {name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"load average (1/5/15 min) before {report['load_average_before']}, after {report['load_average_after']}")
+    if opts.out:
+        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+        with open(opts.out, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2)
+            fh.write("\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -67,6 +67,10 @@ class MemoryEstimate:
     def total(self) -> int:
         return sum(self.weights.values()) + sum(self.gradients.values()) + self.optimizer_state
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (``plan --json``'s ``static_memory``)."""
+        return {**asdict(self), "total": self.total}
+
     def table(self) -> str:
         """Human-readable lines, GiB."""
         gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
@@ -290,7 +294,7 @@ class TrainingMemoryEstimate:
 
     def table(self) -> str:
         """Human-readable lines (GiB), with the per-block figures, runs of equal layers merged."""
-        gib = lambda n: "-" if n is None else f"{n / 2**30:,.2f} GiB"  # noqa: E731
+        gib = lambda n: "-" if n is None else format_bytes(n)  # noqa: E731
         how = (
             f"batch {self.batch_size} x {self.seq_len}, gradient accumulation {self.gradient_accumulation_steps}, "
             f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}, "
@@ -315,6 +319,8 @@ class TrainingMemoryEstimate:
         if self.simulated and self.peak_breakdown:
             parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in self.peak_breakdown.items() if v)
             lines.append(f"  at the peak: {parts}")
+        if self.flops_per_step:
+            lines.append(f"  work: {format_flops(self.flops_per_step)} per optimizer step (matrix products and attention)")
         if self.single_device_peak_bytes is not None and self.distributed:
             lines.append(f"  one device without {self.distributed}: {gib(self.single_device_peak_bytes)}")
         if self.blocks:
@@ -324,8 +330,24 @@ class TrainingMemoryEstimate:
         return "\n".join(lines)
 
 
+def format_bytes(count: float) -> str:
+    """``85899345920`` -> ``'80.00 GiB'``."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(count) >= size:
+            return f"{count / size:,.2f} {unit}"
+    return f"{int(count)} B"
+
+
+def format_flops(count: float) -> str:
+    """``1.5e12`` -> ``'1.50 TFLOP'``."""
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if count >= size:
+            return f"{count / size:,.2f} {unit}"
+    return f"{int(count)} FLOP"
+
+
 def _blocks_table(blocks: list[BlockMemory]) -> str:
-    mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
+    mib = format_bytes
     rows: list[tuple[str, ...]] = []
     run: list[BlockMemory] = []
 
@@ -351,7 +373,7 @@ def _blocks_table(blocks: list[BlockMemory]) -> str:
         if not layer:
             flush()
     flush()
-    header = ("block (MiB)", "weights", "gradients", "opt. state", "activations")
+    header = ("block", "weights", "gradients", "opt. state", "activations")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     render = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([render(header), *(render(r) for r in rows)])
