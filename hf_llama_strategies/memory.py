@@ -480,7 +480,7 @@ def estimate_training_memory(
                             OPTIMIZER_STATE: static.optimizer_state},
             **common,
         )
-    if step:
+    if plan.is_dynamic:
         estimate.notes.append(f"dynamic plan: simulated at step {step}, its largest active set")
     _apply_distributed(estimate, plan, training_args, world_size)
     estimate.seconds = time.perf_counter() - started
@@ -640,6 +640,10 @@ def _simulate(
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = fake_copy(model, fake_mode)
     batch_size, seq_len, accumulation = common["batch_size"], common["seq_len"], common["gradient_accumulation_steps"]
+    config = getattr(fake, "config", None)
+    if config is not None and hasattr(training_args, "use_cache"):
+        # As Trainer.__init__ does (no KV cache while training, unless asked for).
+        config.use_cache = training_args.use_cache
     with fake_mode:
         fake.train()
         plan.apply(fake)
