@@ -73,7 +73,6 @@ class Case:
     bf16: bool = False
     accumulation: int = 1
     optim: str = "adamw_torch"
-    measure_step: int = 1
 
 
 GRID = [
@@ -86,12 +85,10 @@ GRID = [
     Case("head_only_ckpt", {"trainable_layers": "none"}, checkpointing=True),
     Case("full_long", batch=2, seq=128),
     Case("last2_long_ckpt", {"trainable_layers": "-2:"}, checkpointing=True, batch=2, seq=128),
-    # Measured inside a draw's interval (its layers hold their state), after every layer was drawn
-    # (keep_state), at the last stage (gradual): the steady states the estimate simulates.
-    Case("lisa2", {"lisa_layers": 2, "lisa_interval_steps": 2}, measure_step=1),
-    Case("lisa2_keep_state", {"lisa_layers": 2, "lisa_interval_steps": 1, "lisa_drop_optimizer_state": False},
-         measure_step=8),
-    Case("gradual", {"unfreeze_schedule": "gradual", "unfreeze_interval_steps": 1}, measure_step=5),
+    # Measured in the steady states the estimate simulates (see measure_step_for).
+    Case("lisa2", {"lisa_layers": 2, "lisa_interval_steps": 2}),
+    Case("lisa2_keep_state", {"lisa_layers": 2, "lisa_interval_steps": 1, "lisa_drop_optimizer_state": False}),
+    Case("gradual", {"unfreeze_schedule": "gradual", "unfreeze_interval_steps": 1}),
     Case("bf16_last2", {"trainable_layers": "-2:", "precision": "bf16"}, bf16=True),
     Case("bf16_full_ckpt", {"precision": "bf16"}, checkpointing=True, bf16=True),
     Case("accum2", accumulation=2),
@@ -137,13 +134,37 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def training_args(case: Case, output_dir: str, steps: int) -> TrainingArguments:
+def measure_step_for(case: Case, shape: "Shape") -> int:
+    """The first optimizer step (0-based) in the steady state that the estimate simulates.
+
+    Step 1 (the optimizer holds the state step 0 made) inside a LISA draw's interval; for LISA
+    keeping state, the first step at which every layer drawn holds state from an earlier draw;
+    for gradual unfreezing, the step after the last stage began.
+    """
+    options = case.strategy
+    if options.get("unfreeze_schedule") == "gradual":
+        return shape.layers * options["unfreeze_interval_steps"] + 1
+    if options.get("lisa_layers") and options.get("lisa_drop_optimizer_state") is False:
+        from hf_llama_strategies.strategies.lisa import draw_layers
+
+        interval, seen, index = options["lisa_interval_steps"], set(), 0
+        while len(seen) < shape.layers:
+            seen.update(draw_layers(range(shape.layers), options["lisa_layers"], SEED, index))
+            index += 1
+        return index * interval
+    return 1
+
+
+SEED = 0
+
+
+def training_args(case: Case, output_dir: str, steps: int, use_cpu: bool = True) -> TrainingArguments:
     ckpt = {}
     if case.checkpointing:
         ckpt = dict(activation_checkpointing=True,
                     activation_checkpointing_kwargs={"use_reentrant": case.reentrant})
     return TrainingArguments(
-        output_dir=output_dir, use_cpu=True, report_to="none", seed=0, max_steps=steps,
+        output_dir=output_dir, use_cpu=use_cpu, report_to="none", seed=SEED, max_steps=steps,
         per_device_train_batch_size=case.batch, gradient_accumulation_steps=case.accumulation,
         learning_rate=1e-4, logging_steps=10_000, save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, dataloader_pin_memory=False, optim=case.optim, bf16=case.bf16, **ckpt,
@@ -164,10 +185,14 @@ class MeasuringTrainer(StrategyTrainer):
     weights, buffers and the optimizer state that exist already) and stops when the step ends.
     """
 
-    def __init__(self, *args: Any, measure_step: int = 1, rss: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, measure_step: int = 1, rss: bool = False, cuda: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.measure_step = measure_step
         self.rss = rss
+        self.cuda = cuda
+        self.cuda_max_allocated: Optional[int] = None
+        self.cuda_max_reserved: Optional[int] = None
         self.counter: Optional[LiveTensorCounter] = None
         self.rss_growth: Optional[int] = None
         self._rss_before = 0
@@ -193,6 +218,9 @@ class MeasuringTrainer(StrategyTrainer):
                 gc.collect()
                 reset_peak_rss()
                 self._rss_before = rss_kib("VmRSS")
+            if self.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             counter.__enter__()
         return batches, items
 
@@ -205,6 +233,10 @@ class _Stop(TrainerCallback):
         trainer = self.trainer
         if trainer.counter is not None and state.global_step == trainer.measure_step + 1:
             trainer.counter.__exit__(None, None, None)
+            if trainer.cuda:
+                torch.cuda.synchronize()
+                trainer.cuda_max_allocated = torch.cuda.max_memory_allocated()
+                trainer.cuda_max_reserved = torch.cuda.max_memory_reserved()
             if trainer.rss:
                 trainer.rss_growth = (rss_kib("VmHWM") - trainer._rss_before) * 1024
             control.should_training_stop = True
@@ -214,13 +246,12 @@ def measure_real_step(case: Case, shape: Shape, rss: bool = False) -> dict[str, 
     """Train ``case`` on a fresh model and measure its second optimizer step (steady state)."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(shape.config()).train()
-    steps = case.measure_step + 2
-    data = RandomTokens(case.batch * case.accumulation * steps, case.seq, shape.vocab)
+    step = measure_step_for(case, shape)
+    data = RandomTokens(case.batch * case.accumulation * (step + 2), case.seq, shape.vocab)
     with tempfile.TemporaryDirectory() as out:
-        args = training_args(case, out, steps=steps)
+        args = training_args(case, out, steps=step + 2)
         trainer = MeasuringTrainer(
-            model=model, args=args, train_dataset=data, strategy_args=strategy_args(case),
-            measure_step=case.measure_step, rss=rss,
+            model=model, args=args, train_dataset=data, strategy_args=strategy_args(case), measure_step=step, rss=rss,
         )
         trainer.remove_callback(PrinterCallback)
         trainer.train()
@@ -229,11 +260,11 @@ def measure_real_step(case: Case, shape: Shape, rss: bool = False) -> dict[str, 
     return {"peak_bytes": counter.peak, "rss_growth_bytes": trainer.rss_growth}
 
 
-def estimate_case(case: Case, shape: Shape) -> Any:
+def estimate_case(case: Case, shape: Shape, use_cpu: bool = True) -> Any:
     with torch.device("meta"):
         model = LlamaForCausalLM(shape.config())
     with tempfile.TemporaryDirectory() as out:
-        args = training_args(case, out, steps=case.measure_step + 2)
+        args = training_args(case, out, steps=measure_step_for(case, shape) + 2, use_cpu=use_cpu)
         return estimate_training_memory(model, strategy_args(case), args, seq_len=case.seq)
 
 

@@ -128,7 +128,8 @@ class FitResult:
             f"does not fit ({format_bytes(current.peak_bytes - self.budget_bytes)} over)"
         )
         lines = [
-            f"fit in {budget} per device, keeping {self.batch_per_step} examples per device and optimizer step "
+            f"fit in {budget} per device, keeping {self.batch_per_step} example{'s' if self.batch_per_step > 1 else ''} "
+            "per device and optimizer step "
             f"(per_device_train_batch_size x gradient_accumulation_steps); {self.tried} dry runs:",
             f"  as configured: peak {format_bytes(current.peak_bytes)}, {status}",
         ]
