@@ -468,14 +468,14 @@ def estimate_training_memory(
         estimate = _simulate(model, plan, pm, training_args, autocast_dtype, **common)
     except Exception as exc:  # noqa: BLE001 - any failure of foreign model code on fake tensors
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-        logger.info(f"estimate_training_memory: the step could not run on fake tensors ({reason}); static estimate")
+        logger.warning(f"estimate_training_memory: the step could not run on fake tensors ({reason}); static estimate")
         static = estimate_memory(plan, optim)
         grads = sum(static.gradients.values())
         estimate = TrainingMemoryEstimate(
             peak_bytes=static.total, weights_bytes=sum(static.weights.values()), gradients_bytes=grads,
             optimizer_state_bytes=static.optimizer_state, activations_bytes=None,
             peak_phase="static estimate: weights, gradients and optimizer state", simulated=False,
-            fallback_reason=f"the model's code could not run on fake tensors ({reason})",
+            fallback_reason=f"the step could not run on fake tensors ({reason})",
             peak_breakdown={WEIGHTS: sum(static.weights.values()), GRADIENTS: grads,
                             OPTIMIZER_STATE: static.optimizer_state},
             **common,

@@ -163,7 +163,7 @@ def test_a_model_that_cannot_run_on_fake_tensors_gets_the_static_estimate_and_th
     assert "could not run on fake tensors" in estimate.fallback_reason
     assert "DataDependent" in estimate.fallback_reason
     table = estimate.table()
-    assert "not simulated: the model's code could not run on fake tensors" in table
+    assert "not simulated: the step could not run on fake tensors" in table
 
 
 def test_dynamic_plans_are_estimated_at_their_largest_active_set(tmp_path):
@@ -302,3 +302,16 @@ def test_benchmark_smoke_mode_runs_and_matches(bench, tmp_path):
     assert [r["case"] for r in report["grid"]] == [c.name for c in bench.SMOKE_GRID]
     for row in report["grid"]:
         assert row["simulated"] and abs(row["ratio"] - 1) < 1e-4, row
+
+
+def test_gpu_memory_check_skips_without_cuda_and_has_a_cpu_smoke_mode(capsys):
+    spec = importlib.util.spec_from_file_location("gpu_memory_check", os.path.join(ROOT, "benchmarks", "gpu_memory_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    if not torch.cuda.is_available():
+        assert module.main(["--out", ""]) == {"skipped": True}
+        assert "skipped, no CUDA device" in capsys.readouterr().out
+    report = module.main(["--smoke", "--out", ""])
+    assert report["smoke"] and [r["case"] for r in report["grid"]] == ["full", "last2_ckpt"]
+    assert all(abs(r["ratio"] - 1) < 1e-4 for r in report["grid"])
