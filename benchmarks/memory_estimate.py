@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -344,7 +345,7 @@ def time_plan(*argv: str) -> dict[str, Any]:
 # -- main ------------------------------------------------------------------------------------------------------
 
 
-def run_grid(cases: list[Case], shape: Shape, rss: bool) -> list[dict[str, Any]]:
+def run_grid(cases: list[Case], shape: Shape, rss: bool, rss_seq: Optional[int] = None) -> list[dict[str, Any]]:
     rows = []
     for case in cases:
         started = time.perf_counter()
@@ -357,10 +358,12 @@ def run_grid(cases: list[Case], shape: Shape, rss: bool) -> list[dict[str, Any]]
             "simulated": estimate.simulated, "estimate_seconds": seconds,
         }
         if rss:
-            big = estimate_case(case, RSS_SHAPE)
+            # Longer sequences make activations, not only gradients, a large part of the step.
+            big_case = dataclasses.replace(case, seq=rss_seq) if rss_seq else case
+            big = estimate_case(big_case, RSS_SHAPE)
             # What the step adds to what is resident when it begins (weights, state, batches).
             growth = big.peak_breakdown["gradients"] + big.peak_breakdown["activations"]
-            measured = measure_rss(case)
+            measured = measure_rss(big_case)
             row.update(rss_estimate_growth_bytes=growth, rss_measured_growth_bytes=measured,
                        rss_ratio=growth / measured if measured else None)
         rows.append(row)
@@ -390,6 +393,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="3 configurations of a tiny model")
     parser.add_argument("--rss", action="store_true", help="also compare with the peak RSS growth of a larger model")
+    parser.add_argument("--rss_seq", type=int, default=None, help="sequence length of the RSS runs (default: each case's)")
     parser.add_argument("--llama70b", action="store_true", help="also time `plan` of the 70B config (batch 1 x 4096)")
     parser.add_argument("--cases", default=None, help="comma list of configuration names (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -410,7 +414,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "shape": asdict(shape), "rss_shape": asdict(RSS_SHAPE) if opts.rss else None,
         "load_average_before": list(os.getloadavg()),
-        "grid": run_grid(cases, shape, opts.rss),
+        "rss_seq": opts.rss_seq,
+        "grid": run_grid(cases, shape, opts.rss, opts.rss_seq),
     }
     if opts.llama70b:
         shape_args = ("--per_device_train_batch_size", "1", "--max_seq_length", "4096")

@@ -18,7 +18,7 @@ import copy
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -689,7 +689,7 @@ def _simulate(
 
         def leave(label: str) -> Any:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                if counter.phase == "forward, micro-batch 1" and label in entered:
+                if counter.phase.startswith("forward, micro-batch 1") and label in entered:
                     block_activations[label] = block_activations.get(label, 0) + max(
                         counter.totals[ACTIVATIONS] - entered.pop(label), 0
                     )
