@@ -1,5 +1,6 @@
 # Entry points, each installing what it needs into .venv on first use:
 #   make demo   the main job: `hf-llama-strategies train` with no config runs the bundled offline demo
+#   make demo-sft  its instruction-tuning variant: `hf-llama-strategies train --task sft`
 #   make test   run the whole test suite
 #   make bench  speed and memory against a plain Trainer (benchmarks/speed_memory.py, ~10 min)
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-sft test bench clean
 
 $(STAMP): pyproject.toml examples/hfls-plugin-example/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ $(STAMP): pyproject.toml examples/hfls-plugin-example/pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/hf-llama-strategies train
+
+demo-sft: $(STAMP)
+	$(BIN)/hf-llama-strategies train --task sft
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

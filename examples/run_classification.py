@@ -1,8 +1,10 @@
 """Text classification in the style of the `transformers` example scripts (run_glue.py).
 
-The three lines that adopt hf-llama-strategies are marked `# <-`: import, one more dataclass
-for HfArgumentParser, StrategyTrainer instead of Trainer. Everything else is what the
-example scripts already do.
+The six lines that adopt hf-llama-strategies are marked `# <-`: the import, one more
+dataclass for HfArgumentParser, one more result in each of the two parsing branches (a JSON
+config file, or the command line), StrategyTrainer instead of Trainer, and the parsed strategy
+handed over. Everything else is what the example scripts (run_glue.py) already do. With no
+strategy option given, the script trains exactly as with Trainer.
 
     python examples/run_classification.py \
         --model_config hf_llama_strategies/assets/demo --tokenizer_name hf_llama_strategies/assets/demo \
@@ -14,6 +16,8 @@ example scripts already do.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -49,7 +53,13 @@ class DataArguments:
 
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, StrategyArguments))  # <-
-    model_args, data_args, training_args, strategy_args = parser.parse_args_into_dataclasses()
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        # One argument, the path to a JSON file: the arguments come from it.
+        model_args, data_args, training_args, strategy_args = parser.parse_json_file(  # <-
+            json_file=os.path.abspath(sys.argv[1])
+        )
+    else:
+        model_args, data_args, training_args, strategy_args = parser.parse_args_into_dataclasses()  # <-
 
     files = {"train": data_args.train_file}
     if data_args.validation_file:
@@ -90,7 +100,7 @@ def main() -> None:
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
-        strategy_args=strategy_args,  # <- (the third line: hand over the parsed strategy)
+        strategy_args=strategy_args,  # <- the parsed strategy
     )
     trainer.train()
     trainer.save_model()

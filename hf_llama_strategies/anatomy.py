@@ -27,6 +27,8 @@ LAYER = "layer"
 NORM = "norm"
 HEAD = "head"
 OTHER = "other"
+#: ``ModelAnatomy.found_by`` of a model whose blocks nobody could find.
+NO_ANATOMY = "none"
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class ModelAnatomy:
         tied_parameters: alias -> canonical parameter name, for tensors shared between
             modules (tied input/output embeddings). The canonical name is the one that
             ``model.named_parameters()`` yields.
-        found_by: who produced this anatomy (``"structure"`` or a plugin's name).
+        found_by: who produced this anatomy (``"structure"`` or a plugin's name;
+            :data:`NO_ANATOMY` for a model nobody could read, see :meth:`without_layers`).
     """
 
     model_class: str
@@ -91,10 +94,46 @@ class ModelAnatomy:
             found_by=found_by,
         )
 
+    @classmethod
+    def without_layers(cls, model: nn.Module) -> "ModelAnatomy":
+        """The anatomy of a model whose layers nobody could find: every parameter is ``other``.
+
+        Enough for options that name parameters by regex and for precision; an option that
+        needs the layers, embeddings, norm or head calls :meth:`require`, which refuses it.
+        """
+        return cls(
+            model_class=type(model).__name__,
+            layers_path="",
+            num_layers=0,
+            tied_parameters=find_tied_parameters(model),
+            found_by=NO_ANATOMY,
+        )
+
+    @property
+    def is_known(self) -> bool:
+        """False for :meth:`without_layers`: the model's blocks are unknown."""
+        return self.found_by != NO_ANATOMY
+
+    def require(self, option: str, value: object) -> None:
+        """Refuse ``option`` when the model's blocks are unknown (it names layers or blocks).
+
+        Raises:
+            UnknownArchitectureError: naming the option, the model and the ways out.
+        """
+        if self.is_known:
+            return
+        raise UnknownArchitectureError(
+            f"{option}={value!r} needs the decoder layers (and embeddings, final norm, head) of {self.model_class}, "
+            "but it has no nn.ModuleList of identical blocks, and no installed plugin describes this architecture. "
+            "Teach it with a plugin that implements `hfls_model_anatomy` and returns `ModelAnatomy.from_paths("
+            "model, layers_path=..., embedding_paths=[...], norm_paths=[...], head_paths=[...])`, or name "
+            "parameters by regex (trainable_params, frozen_params, lr_rules), which works on any model."
+        )
+
     def classify(self, param_name: str) -> tuple[str, Optional[int]]:
         """Return ``(block kind, layer index or None)`` for a parameter name."""
         layers_prefix = self.layers_path + "."
-        if param_name.startswith(layers_prefix):
+        if self.layers_path and param_name.startswith(layers_prefix):
             index = param_name[len(layers_prefix) :].split(".", 1)[0]
             return LAYER, int(index)
         for kind, paths in ((EMBEDDINGS, self.embedding_paths), (NORM, self.norm_paths), (HEAD, self.head_paths)):

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
 from .anatomy import parse_layer_selection
 from .errors import InvalidArgumentError
 
 _BOOL_OR_AUTO = "true, false, or unset (null) for the default"
+# Options that refine another option or the report: alone they ask for nothing.
+_REFINING_OPTIONS = frozenset({"print_plan", "allow_plan_change_on_resume", "lisa_drop_optimizer_state"})
+# Values that spell an option's default.
+_DEFAULT_SPELLINGS = {"trainable_layers": ("all",), "unfreeze_schedule": ("none",)}
 
 
 @dataclass
 class StrategyArguments:
     """How to fine-tune: which parameters train, and (in later options) at which rate and precision.
 
-    With every field at its default, this is full fine-tuning. Freezing options compose:
+    With every field at its default nothing is asked for: ``StrategyTrainer`` is then a plain
+    ``Trainer`` (see :meth:`options_set`), which is full fine-tuning. Freezing options compose:
     the layer and module selection decides the decoder layers; ``train_embeddings``,
     ``train_norm`` and ``train_head`` decide the parts around them; ``trainable_params``
     then adds parameters by regex and ``frozen_params`` removes them (it wins over all).
@@ -196,12 +201,13 @@ class StrategyArguments:
 
     # -- mixed precision: strategies/precision.py -------------------------------------------
 
-    precision: str = field(
-        default="auto",
+    precision: Optional[str] = field(
+        default=None,
         metadata={
             "help": (
-                "Training precision: 'auto' (default), 'bf16', 'fp16' or 'fp32'; mapped onto TrainingArguments' "
-                "fp16/bf16 by resolve_training_arguments (StrategyTrainer does it at construction). 'auto': bf16 "
+                "Training precision: 'auto', 'bf16', 'fp16' or 'fp32'; unset (default): TrainingArguments' "
+                "fp16/bf16 and the model's dtypes are used as given. Mapped onto TrainingArguments' fp16/bf16 by "
+                "resolve_training_arguments (StrategyTrainer does it at construction, on your object). 'auto': bf16 "
                 "autocast where the accelerator has native bf16, fp16 autocast on CUDA GPUs without it, and on a "
                 "CPU fp32 (bf16 autocast if the model was loaded in bf16). With autocast, trainable parameters "
                 "are kept in fp32 and frozen ones stay as loaded. TF32 is TrainingArguments' own `tf32` key."
@@ -262,6 +268,26 @@ class StrategyArguments:
         from .plugins import get_plugin_manager
 
         get_plugin_manager().hook.hfls_validate_arguments(strategy_args=self)
+
+    def options_set(self) -> list[str]:
+        """Names of the options that ask for something, in field order; empty: a plain ``Trainer`` run.
+
+        An option counts when it differs from its default (``trainable_layers: all`` and
+        ``unfreeze_schedule: none`` spell the default). Options that only refine another one
+        or the report (``print_plan``, ``allow_plan_change_on_resume``,
+        ``lisa_drop_optimizer_state``) do not count on their own.
+        """
+        names = []
+        for f in fields(self):
+            if f.name in _REFINING_OPTIONS:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, str) and value.strip().lower() in _DEFAULT_SPELLINGS.get(f.name, ()):
+                continue
+            default = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
+            if value != default:
+                names.append(f.name)
+        return names
 
     @property
     def restricts_layers(self) -> bool:

@@ -42,8 +42,9 @@ from .optim import (
     base_learning_rate,
     build_optimizer,
     group_learning_rates,
+    settle_requires_grad,
 )
-from .plan import DEFAULT_GROUP, StrategyPlan, build_plan
+from .plan import DEFAULT_GROUP, StrategyPlan, build_plan, check_something_trains
 from .strategies.precision import check_training_arguments
 from .plugins import get_plugin_manager
 from .runtime import (
@@ -185,6 +186,8 @@ class StrategyCallback(TrainerCallback):
                 "StrategyCallback.optimizer_cls_and_kwargs: the Trainer never ran this callback's on_init_end. Pass "
                 "the same StrategyCallback in `callbacks=`."
             )
+        check_something_trains(self.plan, model)
+        settle_requires_grad(self.plan, model)
         return build_optimizer(model, self.plan, args, optimizer_cls_and_kwargs)
 
     # -- per-group learning rates -------------------------------------------------------------
@@ -237,6 +240,8 @@ class StrategyCallback(TrainerCallback):
                 "applies the plan inside `call_model_init`."
             )
         assert self.plan is not None and self.runner is not None
+        if model is not None:
+            check_something_trains(self.plan, model)
         self._check_optimizer_groups(kwargs.get("optimizer"))
         if state.global_step > 0:
             checkpoint = self.resume_checkpoint or os.path.join(
@@ -268,7 +273,7 @@ class StrategyCallback(TrainerCallback):
         self.resume_checkpoint = None
         self._checked = None
         if self.plan is not None and model is not None and self.plan.is_dynamic:
-            self.plan.apply(model)
+            settle_requires_grad(self.plan, model, warn=False)
 
     def _check_optimizer_groups(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
         assert self.plan is not None

@@ -18,8 +18,10 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
 from .arguments import StrategyArguments
-from .data import CAUSAL_LM, SEQ_CLS, TASKS, DataArguments
+from .data import CAUSAL_LM, SEQ_CLS, SFT, TASKS, DataArguments
 from .errors import InvalidArgumentError, StrategyError
+from .llamafactory import is_llamafactory_config, translate_llamafactory
+from .sft import SFTArguments
 
 logger = logging.get_logger(__name__)
 
@@ -55,7 +57,10 @@ class ModelArguments:
     )
     task: str = field(
         default="auto",
-        metadata={"help": "causal_lm, seq_cls, or auto: seq_cls when the data has `label_column`, else causal_lm."},
+        metadata={
+            "help": "causal_lm, seq_cls, sft (instruction/chat records, through TRL), or auto: sft for such "
+            "records, seq_cls when the data has `label_column`, else causal_lm."
+        },
     )
     model_dtype: str = field(
         default="auto",
@@ -77,7 +82,12 @@ class RunArguments:
     )
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, StrategyArguments, RunArguments)
+@dataclass
+class _DataArguments(DataArguments, SFTArguments):
+    """The data keys, those of ``task: sft`` (sft.py) included."""
+
+
+ARGUMENT_CLASSES = (ModelArguments, _DataArguments, TrainingArguments, StrategyArguments, RunArguments)
 
 DEMO_CONFIG: dict[str, Any] = {
     # The classic recipe on a small Llama built from a bundled config: body frozen except the
@@ -100,6 +110,32 @@ DEMO_CONFIG: dict[str, Any] = {
     "learning_rate": 2e-3,
     "warmup_steps": 10,
     "weight_decay": 0.01,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "logging_steps": 20,
+    "seed": 0,
+}
+
+DEMO_SFT_DIR = os.path.join(DEMO_DIR, "sft")
+DEMO_SFT_CONFIG: dict[str, Any] = {
+    # `train --task sft`: a small Llama learns a shipped instruction set (chat template in the
+    # shipped tokenizer), loss on the responses only; last two layers and the head train.
+    "model_config": DEMO_SFT_DIR,
+    "tokenizer_name_or_path": DEMO_SFT_DIR,
+    "task": SFT,
+    "train_file": os.path.join(DEMO_SFT_DIR, "train.json"),
+    "validation_file": os.path.join(DEMO_SFT_DIR, "validation.jsonl"),
+    "max_seq_length": 64,
+    "trainable_layers": "-2:",
+    "head_lr": 3e-3,
+    "precision": "auto",
+    "output_dir": "outputs/demo-sft",
+    "overwrite_output_dir": True,
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "learning_rate": 1e-3,
+    "warmup_steps": 10,
     "eval_strategy": "epoch",
     "save_strategy": "no",
     "logging_steps": 20,
@@ -177,7 +213,8 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple
     # The file's values become the parser's defaults: they keep their YAML types (lists,
     # bools, mappings), strings still go through each field's type, and the command line
     # overrides them.
-    parser.set_defaults(**config)
+    # The CLI picks the precision for the hardware unless told (the library leaves it unset).
+    parser.set_defaults(**{"precision": "auto", **config})
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=list(overrides), return_remaining_strings=True)
     except (CliError, StrategyError):
@@ -331,6 +368,7 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     from transformers import DataCollatorWithPadding, default_data_collator
 
     from .data import detect_task, load_raw, prepare
+    from .sft import build_sft_trainer, load_sft_data, looks_like_sft, require_trl
     from .trainer import StrategyTrainer
 
     import datasets
@@ -340,10 +378,16 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     # Local files load in moments; their progress bars would bury the plan and any error.
     datasets.disable_progress_bars()
     model_config = load_model_config(model_args)
-    raw = load_raw(data_args)
-    task = detect_task(raw, data_args) if model_args.task == "auto" else model_args.task
-    tokenizer = _load_tokenizer(model_args)
-    data = prepare(raw, task, tokenizer, data_args)
+    task = model_args.task
+    if task == SFT or (task == "auto" and looks_like_sft(data_args)):
+        task, tokenizer = SFT, _load_tokenizer(model_args)
+        require_trl()
+        data = load_sft_data(data_args, data_args, tokenizer, seed=training_args.seed)
+    else:
+        raw = load_raw(data_args)
+        task = detect_task(raw, data_args) if task == "auto" else task
+        tokenizer = _load_tokenizer(model_args)
+        data = prepare(raw, task, tokenizer, data_args)
     compute_metrics = None
     if task == SEQ_CLS:
         model_config.num_labels = len(data.label_names)
@@ -367,11 +411,14 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     collator = DataCollatorWithPadding(tokenizer) if task == SEQ_CLS else default_data_collator
 
     # StrategyTrainer builds and checks the plan before Trainer.__init__ creates output_dir.
-    trainer = StrategyTrainer(
-        model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
-        processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
-        strategy_args=strategy_args,
-    )
+    if task == SFT:
+        trainer = build_sft_trainer(model, training_args, data_args, data_args, data, tokenizer, strategy_args)
+    else:
+        trainer = StrategyTrainer(
+            model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
+            processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
+            strategy_args=strategy_args,
+        )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     metrics = dict(result.metrics)
@@ -379,7 +426,7 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     trainer.save_metrics("train", result.metrics)
     if data.eval is not None:
         eval_metrics = trainer.evaluate()
-        if task == CAUSAL_LM and "eval_loss" in eval_metrics:
+        if task in (CAUSAL_LM, SFT) and "eval_loss" in eval_metrics:
             eval_metrics["perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -387,6 +434,17 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     trainer.save_state()
     print(f"model, tokenizer, strategy_plan.json, metrics and logs saved in {training_args.output_dir}")
     return metrics
+
+
+def _demo_task(overrides: Sequence[str]) -> Optional[str]:
+    """The ``--task`` of a run with no config file (``train --task sft``: the SFT demo)."""
+    tokens = list(overrides)
+    for i, token in enumerate(tokens):
+        if token.startswith("--task="):
+            return token.split("=", 1)[1]
+        if token == "--task" and i + 1 < len(tokens):
+            return tokens[i + 1]
+    return None
 
 
 def _given(key: str, config: dict[str, Any], overrides: Sequence[str]) -> bool:
@@ -503,7 +561,8 @@ def run_plugins() -> list[dict[str, object]]:
 _USAGE = """usage: hf-llama-strategies COMMAND [CONFIG.yaml] [--key value ...]
 
 commands:
-  train [CONFIG.yaml] [--key value ...]   fine-tune (no config: the bundled offline demo)
+  train [CONFIG.yaml] [--key value ...]   fine-tune (no config: the bundled offline demo; --task sft: its
+                                          instruction-tuning variant); a LLaMA-Factory YAML is translated
   plan CONFIG.yaml [--json] [--fit 80GiB [--fit_optimizers adafactor,sgd]] [--world_size N]
        [--plot PNG] [--key value ...]
                                           print the plan and the peak memory of a training step
@@ -579,7 +638,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plan_options, overrides = _split_plan_options(overrides)
             if config_path is None:
                 raise CliError(f"plan needs a config file, e.g. {os.path.join(CONFIGS_DIR, 'llama3-8b.yaml')}")
-        config = load_config_file(config_path) if config_path else dict(DEMO_CONFIG)
+        if config_path:
+            config = load_config_file(config_path)
+            if is_llamafactory_config(config):
+                # `plan --json` prints one JSON object and nothing else.
+                config = translate_llamafactory(
+                    config, os.path.dirname(os.path.abspath(config_path)), echo=not plan_options.json
+                )
+        else:
+            config = dict(DEMO_SFT_CONFIG if _demo_task(overrides) == SFT else DEMO_CONFIG)
         if command == "train":
             run_train(config, overrides)
         else:

@@ -15,7 +15,8 @@ from .errors import InvalidArgumentError
 
 CAUSAL_LM = "causal_lm"
 SEQ_CLS = "seq_cls"
-TASKS = ("auto", CAUSAL_LM, SEQ_CLS)
+SFT = "sft"  # instruction and chat data: sft.py
+TASKS = ("auto", CAUSAL_LM, SEQ_CLS, SFT)
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_optimizer import is_optimizer_factory
 
+from transformers.utils import logging
+
 from .errors import PlanError
-from .plan import DEFAULT_GROUP, ParamDecision, StrategyPlan
+from .plan import DEFAULT_GROUP, ParamDecision, StrategyPlan, trains
+
+logger = logging.get_logger(__name__)
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -73,6 +77,9 @@ def build_param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer param groups for every parameter the plan trains.
 
+    A parameter no option decided (:attr:`ParamDecision.left_to_user`) is in when it
+    requires grad now, as in ``Trainer.create_optimizer``.
+
     Args:
         named_parameters: ``model.named_parameters()`` of the model being optimised (names
             may carry wrapper prefixes; they are stripped to find the plan's decision).
@@ -92,7 +99,7 @@ def build_param_groups(
     order: dict[str, int] = {}
     for raw_name, param in named_parameters:
         name = plan_name(plan, raw_name)
-        if not plan[name].trainable:
+        if not trains(plan[name], param):
             continue
         key = group_key(plan, name, name in decays, weight_decay, base_lr)
         order.setdefault(plan[name].group, len(order))
@@ -115,6 +122,30 @@ def build_param_groups(
 def plan_name(plan: StrategyPlan, name: str) -> str:
     """The plan's name for a parameter named ``name`` in a possibly wrapped model."""
     return name if name in plan.decisions else unwrapped_name(name)
+
+
+def settle_requires_grad(plan: StrategyPlan, model: nn.Module, warn: bool = True) -> list[str]:
+    """Give every parameter an option decided the ``requires_grad`` the plan says; return those changed.
+
+    Run when the optimizer is created: the optimizer then holds exactly what the plan trains
+    (every parameter a schedule will train, from step 0), and parameters no option decided
+    keep whatever ``requires_grad`` the user gave them. ``warn``: log the parameters set back
+    (changed by hand, not by a schedule).
+    """
+    changed = []
+    for raw_name, param in model.named_parameters():
+        name = plan_name(plan, raw_name)
+        decision = plan.decisions.get(name)
+        if decision is None or decision.left_to_user or param.requires_grad == decision.trainable:
+            continue
+        param.requires_grad_(decision.trainable)
+        changed.append(name)
+    if changed and warn:
+        logger.warning(
+            f"requires_grad of {len(changed)} parameter tensors (e.g. {changed[0]}) was changed by hand after the plan "
+            f"was built; the plan's options decide them ({plan[changed[0]].reason}), so it is set back."
+        )
+    return changed
 
 
 def state_bytes(state: dict) -> int:
@@ -152,6 +183,7 @@ def create_optimizer_from_plan(
     training_args: "TrainingArguments",
     optimizer_cls_and_kwargs: Optional[OptimizerClsAndKwargs] = None,
     decay_names: Optional[Iterable[str]] = None,
+    get_optimizer_cls_and_kwargs: Optional[Callable[..., OptimizerClsAndKwargs]] = None,
 ) -> Optional[torch.optim.Optimizer]:
     """The optimizer over the plan's groups, or ``None`` where ``optim=`` brings its own layout.
 
@@ -161,6 +193,9 @@ def create_optimizer_from_plan(
         training_args: ``learning_rate``, ``weight_decay`` and ``optim`` come from here.
         optimizer_cls_and_kwargs: a user's ``(class, kwargs)``; wins over ``optim=``.
         decay_names: the parameters that take weight decay; default: the Trainer's rule.
+        get_optimizer_cls_and_kwargs: where the class comes from without ``optimizer_cls_and_kwargs``
+            (a Trainer's own ``self.get_optimizer_cls_and_kwargs``, which a subclass may override);
+            default: ``Trainer.get_optimizer_cls_and_kwargs``.
 
     Returns ``None`` (the caller then takes the Trainer's own path) when the optimizer
     lays out its own parameters and the plan needs nothing but the default layout.
@@ -171,7 +206,8 @@ def create_optimizer_from_plan(
     if optimizer_cls_and_kwargs is not None:
         optimizer_cls, optimizer_kwargs = optimizer_cls_and_kwargs
     else:
-        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+        get = get_optimizer_cls_and_kwargs or Trainer.get_optimizer_cls_and_kwargs
+        optimizer_cls, optimizer_kwargs = get(training_args, model)
     if brings_own_layout(optimizer_cls, optimizer_kwargs):
         if plan.has_custom_groups:
             raise PlanError(

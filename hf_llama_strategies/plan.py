@@ -18,7 +18,7 @@ from transformers.utils import logging
 
 from .anatomy import EMBEDDINGS, HEAD, LAYER, NORM, OTHER, ModelAnatomy, parameter_numel
 from .arguments import StrategyArguments
-from .errors import PlanError, UnknownArchitectureError
+from .errors import PlanError
 from .plugins import get_plugin_manager
 
 if TYPE_CHECKING:
@@ -31,6 +31,10 @@ PLAN_FILE_NAME = "strategy_plan.json"
 PLAN_FORMAT_VERSION = 1
 #: The optimizer group of every parameter no strategy has given a group.
 DEFAULT_GROUP = "default"
+#: ``ParamDecision.reason`` of a parameter no option decided: it trains as the model holds it.
+DEFAULT_REASON = "default: full fine-tuning"
+#: ``ParamDecision.reason`` of a parameter frozen before the plan (by PEFT, or by hand) that no option decided.
+FROZEN_BEFORE_REASON = "frozen before the plan was built (for example by PEFT)"
 _LR_FIELDS = frozenset({"lr", "lr_scale", "group"})
 
 
@@ -78,7 +82,7 @@ class ParamDecision:
     numel: int
     dtype: str
     trainable: bool = True
-    reason: str = "default: full fine-tuning"
+    reason: str = DEFAULT_REASON
     lr: Optional[float] = None
     lr_scale: Optional[float] = None
     lr_reason: Optional[str] = None
@@ -96,6 +100,15 @@ class ParamDecision:
     def block(self) -> str:
         """Row label in the plan table: ``layers.3`` for a layer, else the kind."""
         return f"layers.{self.layer}" if self.kind == LAYER else self.kind
+
+    @property
+    def left_to_user(self) -> bool:
+        """True when no option decided whether this parameter trains.
+
+        Then its ``requires_grad`` when the optimizer is created decides, as in a plain
+        ``Trainer`` (a parameter frozen or unfrozen by hand after the plan was built).
+        """
+        return self.reason in (DEFAULT_REASON, FROZEN_BEFORE_REASON) and self.active_from == 0 and self.schedule is None
 
 
 @dataclass
@@ -422,8 +435,14 @@ def build_plan(
 ) -> StrategyPlan:
     """Resolve every parameter of ``model`` under ``strategy_args``, without training.
 
+    A model whose layers no plugin can find (an ``nn.Sequential``, a regression model) gets
+    a plan where every parameter is ``other``: regex options and precision apply to it, an
+    option that names layers, embeddings, norm or head is refused. A plan where nothing
+    trains is returned with a note; :func:`check_something_trains` refuses it when training
+    starts (evaluation and prediction need nothing to train).
+
     Args:
-        model: any ``PreTrainedModel`` (or PEFT model, or ``nn.Module`` with a layer stack).
+        model: any ``nn.Module``: a ``PreTrainedModel``, a PEFT model, anything a ``Trainer`` takes.
         strategy_args: the strategy; default: full fine-tuning.
         training_args: the ``TrainingArguments`` the plan will train with, for strategies
             that depend on them (learning rate, precision).
@@ -431,8 +450,9 @@ def build_plan(
         plugin_manager: a ready manager (then ``plugins`` is ignored).
 
     Raises:
-        UnknownArchitectureError: no plugin could find the model's layers.
-        PlanError: the options cannot apply to this model, or nothing would train.
+        UnknownArchitectureError: an option needs the model's layers or blocks, and no plugin
+            could find them.
+        PlanError: the options cannot apply to this model.
     """
     strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
     pm = plugin_manager if plugin_manager is not None else get_plugin_manager(plugins)
@@ -440,23 +460,15 @@ def build_plan(
     pm.hook.hfls_validate_arguments(strategy_args=strategy_args)
     anatomy = pm.hook.hfls_model_anatomy(model=model)
     if anatomy is None:
-        raise UnknownArchitectureError(
-            f"Cannot find the decoder layers of {type(model).__name__}: no nn.ModuleList of identical blocks, "
-            "and no installed plugin describes this architecture. Teach it with a plugin that implements "
-            "`hfls_model_anatomy` and returns `ModelAnatomy.from_paths(model, layers_path=..., "
-            "embedding_paths=[...], norm_paths=[...], head_paths=[...])`."
-        )
+        # Each option that needs the blocks refuses this (ModelAnatomy.require); the others apply.
+        anatomy = ModelAnatomy.without_layers(model)
     plan = StrategyPlan.from_model(model, anatomy, strategy_args)
     hook_kwargs = dict(plan=plan, anatomy=anatomy, strategy_args=strategy_args, training_args=training_args)
     pm.hook.hfls_plan_parameters(**hook_kwargs)
     pm.hook.hfls_adjust_plan(**hook_kwargs)
     pm.hook.hfls_validate_plan(**hook_kwargs)
     if plan.num_trainable == 0:
-        raise PlanError(
-            "Nothing would train: every parameter is frozen. Check trainable_layers="
-            f"{strategy_args.trainable_layers!r}, trainable_modules={strategy_args.trainable_modules!r}, "
-            f"train_head={strategy_args.train_head!r} and frozen_params={strategy_args.frozen_params!r}."
-        )
+        plan.note(_nothing_trains(plan) + " Fine for evaluation and prediction; training refuses it.")
     if plan.is_dynamic and not plan.active_names(0, pm):
         first = min(d.active_from for d in plan if d.trainable)
         raise PlanError(
@@ -464,6 +476,47 @@ def build_plan(
             f"step {first}). Train something from the start, e.g. train_head: true or train_norm: true."
         )
     return plan
+
+
+def _nothing_trains(plan: StrategyPlan) -> str:
+    args = plan.strategy_args
+    return (
+        "Nothing would train: every parameter is frozen. Check trainable_layers="
+        f"{args.get('trainable_layers')!r}, trainable_modules={args.get('trainable_modules')!r}, "
+        f"train_head={args.get('train_head')!r} and frozen_params={args.get('frozen_params')!r}, and the "
+        "requires_grad of the model's parameters (frozen by hand or by PEFT)."
+    )
+
+
+def trains(decision: ParamDecision, param: torch.Tensor) -> bool:
+    """Whether ``param`` (of ``decision``) belongs in the optimizer now.
+
+    The plan's word where an option decided, else the parameter's live ``requires_grad``,
+    as in a plain ``Trainer``.
+    """
+    return bool(param.requires_grad) if decision.left_to_user else decision.trainable
+
+
+def check_something_trains(plan: StrategyPlan, model: Optional[nn.Module] = None) -> None:
+    """Refuse to train when no parameter would train (called when training starts).
+
+    Args:
+        plan: the plan applied to ``model``.
+        model: the model, for the live ``requires_grad`` of parameters no option decided;
+            without it the plan's ``trainable`` counts.
+
+    Raises:
+        PlanError: naming the options and ``requires_grad``.
+    """
+    if model is None:
+        if plan.num_trainable:
+            return
+    else:
+        for name, param in model.named_parameters():
+            decision = plan.decisions.get(name)
+            if param.requires_grad if decision is None else trains(decision, param):
+                return
+    raise PlanError(_nothing_trains(plan) + " Evaluation and prediction work; training needs a parameter to train.")
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -6,19 +6,23 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import CONFIG_NAME, logging
 
 from .arguments import StrategyArguments
 from .callback import StrategyCallback
-from .optim import create_optimizer_from_plan
-from .plan import StrategyPlan
+from .optim import create_optimizer_from_plan, settle_requires_grad
+from .plan import StrategyPlan, build_plan, check_something_trains, torch_dtype
 from .strategies.precision import copy_precision_decision, resolve_training_arguments
 from .runtime import check_ddp_arguments, check_deepspeed_arguments, check_fsdp_arguments
+
+logger = logging.get_logger(__name__)
 
 
 class StrategyTrainerMixin:
@@ -26,9 +30,16 @@ class StrategyTrainerMixin:
 
     Put it first among the bases. Keyword arguments: ``strategy_args``
     (:class:`StrategyArguments`) and ``strategy_plugins`` (extra plugin objects); every
-    other argument goes to the Trainer unchanged, except ``args``: the Trainer gets
-    :func:`resolve_training_arguments`'s copy (``precision`` mapped onto fp16/bf16), which
-    is ``self.args``; the object passed in is not modified.
+    other argument goes to the Trainer unchanged.
+
+    With no option set (:meth:`StrategyArguments.options_set` empty) and no plugin passed,
+    this is the Trainer it is mixed into, in every observable way: no plan is applied or
+    saved, no callback is added, and every method is the Trainer's own.
+
+    Otherwise ``self.args`` is the object passed in (``trainer.args is args``): when a
+    precision option asks for other fp16/bf16 flags, :func:`resolve_training_arguments`
+    sets them on that very object (logged), so the arguments the user holds say how the
+    run trains.
 
     The plan is built for the model ``Trainer.__init__`` receives: a subclass that wraps or
     loads the model in its own ``__init__`` (TRL's ``SFTTrainer`` with ``peft_config`` or a
@@ -45,24 +56,31 @@ class StrategyTrainerMixin:
     ) -> None:
         self.strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
         self.strategy_callback = StrategyCallback(self.strategy_args, plugins=strategy_plugins)
+        self._hfls_save_dtype: Optional[torch.dtype] = None
+        # Nothing asked for: the Trainer itself (no plan, no callback, no file).
+        self._hfls_active = bool(self.strategy_args.options_set() or self.strategy_callback.plugins)
+        if not self._hfls_active:
+            super().__init__(*args, **kwargs)
+            return
         model = kwargs.get("model", args[0] if args else None)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if training_args is None:
             # What Trainer.__init__ would create, created here so that it can be resolved.
             training_args = TrainingArguments(output_dir="trainer_output")
+            if len(args) > 1:
+                args = (args[0], training_args, *args[2:])
+            else:
+                kwargs["args"] = training_args
         # Before Trainer.__init__, which sets accelerate up from fp16/bf16: the resolved
         # flags are the ones used, and a bad strategy fails before output_dir is created.
-        training_args = resolve_training_arguments(
+        resolve_training_arguments(
             training_args,
             self.strategy_args,
             model=model if isinstance(model, nn.Module) else None,
             plugins=self.strategy_callback.plugins,
+            in_place=True,
         )
         self._hfls_resolved_args = training_args
-        if len(args) > 1:
-            args = (args[0], training_args, *args[2:])
-        else:
-            kwargs["args"] = training_args
         # TRL's trainers wrap the model in PEFT inside their __init__ when given `peft_config`
         # (and load it when given a model id): the plan is then built for the model that
         # reaches Trainer.__init__ (see create_accelerator_and_postprocess), since rules such
@@ -89,6 +107,8 @@ class StrategyTrainerMixin:
         that a subclass wrapped or loaded in its own ``__init__`` (TRL's ``SFTTrainer`` with
         ``peft_config``) is planned here, early enough for errors and DDP settings.
         """
+        if not self._hfls_active:
+            return super().create_accelerator_and_postprocess()  # type: ignore[misc]
         self._prepare_trainer_model(can_set=True)
         super().create_accelerator_and_postprocess()  # type: ignore[misc]
         if self.strategy_callback.plan is not None:
@@ -110,7 +130,15 @@ class StrategyTrainerMixin:
 
     @property
     def strategy_plan(self) -> StrategyPlan:
-        """The plan applied to ``self.model``."""
+        """The plan applied to ``self.model``.
+
+        With no option set nothing is applied: this is then the plan ``self.model`` trains
+        by as it is (built on each access, for inspection).
+        """
+        if not self._hfls_active:
+            return build_plan(
+                self.model, self.strategy_args, self.args, plugin_manager=self.strategy_callback.plugin_manager
+            )
         assert self.strategy_callback.plan is not None
         return self.strategy_callback.plan
 
@@ -119,8 +147,14 @@ class StrategyTrainerMixin:
 
         Raises:
             PlanError: the checkpoint's ``strategy_plan.json`` differs from the current plan
-                (unless ``allow_plan_change_on_resume``), before any weight is loaded.
+                (unless ``allow_plan_change_on_resume``), before any weight is loaded; or
+                nothing would train.
         """
+        if not self._hfls_active:
+            return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        if self.model_init is None and self.strategy_callback.plan is not None:  # type: ignore[attr-defined]
+            # Here and not at construction: a frozen model evaluates and predicts.
+            check_something_trains(self.strategy_callback.plan, self.model)  # type: ignore[attr-defined]
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer raises its own error
@@ -132,31 +166,42 @@ class StrategyTrainerMixin:
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
         model = super().call_model_init(trial)  # type: ignore[misc]
-        self.strategy_callback.prepare(model, getattr(self, "args", None))
+        if self._hfls_active:
+            self.strategy_callback.prepare(model, getattr(self, "args", None))
         return model
 
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
-        """Build the optimizer from the plan's groups; the class comes from ``optim=``.
+        """The Trainer's optimizer, or one over the plan's groups when the plan has its own.
 
-        Every plan group becomes an optimizer group named after it (split in two by the
-        Trainer's weight-decay rule, ``NAME`` and ``NAME.no_decay``) with its learning rate.
-        The class and kwargs come from ``Trainer.get_optimizer_cls_and_kwargs``, or from a
-        user's ``optimizer_cls_and_kwargs``, which wins. An optimizer that lays out its own
-        parameters (an optimizer factory, GaLore, LOMO) takes the Trainer's path on the
-        frozen model, and is refused when the plan needs its own groups.
+        Parameters that an option decided train as the plan says; the others as their
+        ``requires_grad`` says now (as in ``Trainer``). A plan with nothing but the default
+        layout takes ``Trainer.create_optimizer`` itself (its two weight-decay groups). A
+        plan with its own groups makes every plan group an optimizer group named after it
+        (split in two by the Trainer's weight-decay rule, ``NAME`` and ``NAME.no_decay``) with
+        its learning rate. The class and kwargs come from ``self.get_optimizer_cls_and_kwargs``
+        (a subclass's override included), or from a user's ``optimizer_cls_and_kwargs``, which
+        wins. An optimizer that lays out its own parameters (an optimizer factory, GaLore,
+        LOMO) takes the Trainer's path on the frozen model, and is refused when the plan needs
+        its own groups.
 
         Keeps the ``if self.optimizer is None`` guard (DeepSpeed calls this twice) and
         accepts ``model=`` (FSDP passes the wrapped model).
         """
-        if self.optimizer is not None:
-            return self.optimizer
+        if not self._hfls_active or self.optimizer is not None:
+            return super().create_optimizer(model)  # type: ignore[misc]
         opt_model = self.model if model is None else model
+        plan = self.strategy_plan
+        check_something_trains(plan, opt_model)
+        settle_requires_grad(plan, opt_model)
+        if not plan.has_custom_groups:
+            return super().create_optimizer(model)  # type: ignore[misc]
         optimizer = create_optimizer_from_plan(
             opt_model,
-            self.strategy_plan,
+            plan,
             self.args,
             optimizer_cls_and_kwargs=self.optimizer_cls_and_kwargs,
             decay_names=self.get_decay_parameter_names(opt_model),
+            get_optimizer_cls_and_kwargs=self.get_optimizer_cls_and_kwargs,
         )
         if optimizer is None:
             return super().create_optimizer(model)  # type: ignore[misc]
@@ -171,15 +216,72 @@ class StrategyTrainerMixin:
         ``TrainingArguments.learning_rate`` (the stock Trainer reports group 0, which may
         be the embeddings at their own rate). Nothing changes with the default layout.
         """
-        if "learning_rate" in logs:
+        if self._hfls_active and "learning_rate" in logs:
             logs.update(self.strategy_callback.learning_rate_logs())
         super().log(logs, start_time)  # type: ignore[misc]
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``; a final model that the plan left in mixed dtypes is saved in one.
+
+        With autocast the plan keeps trainable parameters in fp32 beside frozen ones as
+        loaded (bf16, say). Checkpoints (``_internal_call``) keep those fp32 master weights,
+        so a resumed run continues exactly. The model you save yourself is written in the
+        dtype it was loaded in, with a ``config.json`` that says so, so ``from_pretrained``
+        loads what was saved (trained tensors are rounded once, here, and said to be).
+        """
+        dtype = None
+        if self._hfls_active and not _internal_call:
+            dtype = _final_dtype(self.strategy_callback.plan, self.model)  # type: ignore[attr-defined]
+        if dtype is None:
+            return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+        logger.warning(
+            f"Saving the final model in {dtype} (the dtype it was loaded in; the plan trained some parameters in "
+            "another), config.json included; checkpoints keep the trained dtypes."
+        )
+        self._hfls_save_dtype = dtype
+        try:
+            super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+        finally:
+            self._hfls_save_dtype = None
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        dtype = self._hfls_save_dtype
+        if dtype is None:
+            return super()._save(output_dir, state_dict)  # type: ignore[misc]
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()  # type: ignore[attr-defined]
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        super()._save(output_dir, state_dict)  # type: ignore[misc]
+        output_dir = output_dir if output_dir is not None else self.args.output_dir  # type: ignore[attr-defined]
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)  # type: ignore[attr-defined]
+        written = os.path.isfile(os.path.join(output_dir, CONFIG_NAME))
+        if self.args.should_save and isinstance(config, PretrainedConfig) and written:  # type: ignore[attr-defined]
+            # save_pretrained wrote the dtype of the model's first parameter, not of the tensors saved.
+            config.dtype = str(dtype).removeprefix("torch.")
+            config.save_pretrained(output_dir)
+
+
+def _final_dtype(plan: Optional[StrategyPlan], model: nn.Module) -> Optional[torch.dtype]:
+    """The one dtype to save a final model in, or ``None`` to save it as it is.
+
+    Only for a ``PreTrainedModel`` whose parameters the plan cast into more than one dtype:
+    then the dtype the model was loaded in (most of its parameters, before the plan).
+    """
+    if plan is None or not isinstance(model, PreTrainedModel):
+        return None
+    if len({p.dtype for p in model.parameters() if p.is_floating_point()}) <= 1:
+        return None
+    if not any(d.dtype_reason for d in plan):
+        return None  # the mix is the user's, not the plan's
+    loaded = (plan.settings.get("precision") or {}).get("model_dtype")
+    return torch_dtype(loaded) if loaded else None
 
 
 class StrategyTrainer(StrategyTrainerMixin, Trainer):
     """``transformers.Trainer`` plus ``strategy_args=StrategyArguments(...)``.
 
-    Every ``Trainer`` argument works as before. The plan is built and applied at
-    construction (errors raise before anything is written), printed and saved as
-    ``strategy_plan.json`` when training starts, and copied into every checkpoint.
+    Every ``Trainer`` argument works as before. With no option set it is a ``Trainer``:
+    same losses, weights, files, callbacks and optimizer. With options, the plan is built
+    and applied at construction (errors raise before anything is written), printed and
+    saved as ``strategy_plan.json`` when training starts, and copied into every checkpoint.
     """

@@ -10,8 +10,10 @@ Scenarios:
 * ``lisa``: LISA, one of four layers at a time, a new draw every two steps.
 * ``gradual``: gradual unfreezing, one more layer every two steps.
 * ``unregistered``: the negative control. Gradual unfreezing, but the layers that start
-  later are frozen by hand when DDP wraps the model, as a naive implementation would:
-  the reducer never all-reduces them, and the ranks must diverge once they train.
+  later are frozen by hand when DDP wraps the model (after the optimizer is created, which
+  sets every parameter the plan will train back to requires_grad), as a naive
+  implementation would: the reducer never all-reduces them, and the ranks must diverge
+  once they train.
 
     torchrun --nproc_per_node 2 tests/ddp_dynamic_freezing.py OUT_DIR
 """
@@ -46,10 +48,20 @@ SCENARIOS = {
 class RecordingTrainer(StrategyTrainer):
     """Records what each rank trains on, and which layers train at each step."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, freeze_late_layers_before_ddp: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.input_sums: list[int] = []
         self.active_layers: list[list[int]] = []
+        self.freeze_late_layers_before_ddp = freeze_late_layers_before_ddp
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.freeze_late_layers_before_ddp:
+            # The Trainer wraps the model in DDP right after this.
+            for name, param in self.model.named_parameters():
+                if self.strategy_plan[name].active_from > 0:
+                    param.requires_grad_(False)
+        return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.input_sums.append(int(inputs["input_ids"].sum()))
@@ -74,13 +86,9 @@ def run(scenario: str, out_dir: str) -> None:
         args=args,
         train_dataset=TokenDataset(n=64),
         strategy_args=StrategyArguments(print_plan=False, **SCENARIOS[scenario]),
+        freeze_late_layers_before_ddp=scenario == "unregistered",
     )
     trainer.add_callback(ActiveLayers(trainer))
-    if scenario == "unregistered":
-        plan = trainer.strategy_plan
-        for name, param in model.named_parameters():
-            if plan[name].active_from > 0:
-                param.requires_grad_(False)
     trainer.train()
     rank = dist.get_rank()
     torch.save(

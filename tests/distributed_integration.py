@@ -72,7 +72,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, Any]]] = {
     "zero3": (FREEZE_AND_HEAD_LR, "trainer", dict(deepspeed={**DS_BASE, "zero_optimization": {"stage": 3}})),
     # bf16 autocast: without ZeRO-3 the plan would upcast the trainable parameters to fp32.
     "zero3_bf16": (
-        FREEZE_AND_HEAD_LR,
+        {**FREEZE_AND_HEAD_LR, "precision": "auto"},
         "trainer",
         dict(bf16=True, deepspeed={**DS_BASE, "zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}),
     ),

@@ -199,10 +199,13 @@ def test_model_without_layer_stack_is_unknown(model_cls):
     model = model_cls()
     assert find_anatomy_by_structure(model) is None
     with pytest.raises(UnknownArchitectureError) as info:
-        build_plan(model)
+        build_plan(model, StrategyArguments(trainable_layers="-1:"))
     message = str(info.value)
     assert "hfls_model_anatomy" in message
     assert model_cls.__name__ in message
+    # With no option that names layers, every parameter is "other" and trains as it is.
+    plan = build_plan(model)
+    assert {d.kind for d in plan} == {"other"} and plan.num_trainable == plan.num_parameters
 
 
 # ---------------------------------------------------------------------------------------

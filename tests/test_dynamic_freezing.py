@@ -472,8 +472,8 @@ def test_ddp_find_unused_parameters_is_set_or_a_forced_false_refused(tmp_path):
     args = make_training_args(tmp_path / "a")
     assert args.ddp_find_unused_parameters is None
     trainer = StrategyTrainer(model=model4(), args=args, strategy_args=StrategyArguments(**lisa))
-    # StrategyTrainer trains with a resolved copy of the arguments (precision mapped); the copy is set.
-    assert trainer.args.ddp_find_unused_parameters is True
+    # Set on the arguments passed in, which are the Trainer's.
+    assert trainer.args is args and args.ddp_find_unused_parameters is True
 
     static = make_training_args(tmp_path / "b")
     trainer = StrategyTrainer(model=model4(), args=static, strategy_args=StrategyArguments(trainable_layers="-1:"))

@@ -164,7 +164,7 @@ def test_unreadable_architecture_without_plugin():
     model = SequentialNet()
     assert find_anatomy_by_structure(model) is None
     with pytest.raises(UnknownArchitectureError, match="hfls_model_anatomy"):
-        build_plan(model)
+        build_plan(model, StrategyArguments(trainable_layers="-1:"))
 
 
 def test_plugin_teaches_an_architecture():

@@ -128,27 +128,27 @@ def test_decision_table(tmp_path, hardware, precision, loaded):
 
 def test_auto_reasons_say_why():
     reasons = {
-        name: decide_precision(StrategyArguments(), probe=probe).reason for name, probe in HARDWARE.items()
+        name: decide_precision(StrategyArguments(precision="auto"), probe=probe).reason for name, probe in HARDWARE.items()
     }
     assert reasons["a100"] == "auto: NVIDIA A100 (cuda, compute capability 8.0) supports bf16"
     assert reasons["t4"].startswith("auto: Tesla T4 (cuda, compute capability 7.5) has no native bf16, so fp16")
     assert reasons["cpu"].startswith("auto: CPU, where autocast pays only with AMX")
-    other = decide_precision(StrategyArguments(), probe=HardwareProbe("mps", "mps", bf16_supported=False))
+    other = decide_precision(StrategyArguments(precision="auto"), probe=HardwareProbe("mps", "mps", bf16_supported=False))
     assert other.mode == "fp32"
 
 
 def test_explicit_flags_win_under_auto(tmp_path):
     args = make_training_args(tmp_path, bf16=True)
-    resolved = resolve_training_arguments(args, StrategyArguments(), probe=A100)
+    resolved = resolve_training_arguments(args, StrategyArguments(precision="auto"), probe=A100)
     assert resolved.bf16 and not resolved.fp16
-    assert precision_decision(resolved, StrategyArguments()).reason == "auto: TrainingArguments.bf16=true"
-    fp16 = resolve_training_arguments(make_training_args(tmp_path, fp16=True), StrategyArguments(), probe=A100)
+    assert precision_decision(resolved, StrategyArguments(precision="auto")).reason == "auto: TrainingArguments.bf16=true"
+    fp16 = resolve_training_arguments(make_training_args(tmp_path, fp16=True), StrategyArguments(precision="auto"), probe=A100)
     assert fp16.fp16 and not fp16.bf16
 
 
 def test_resolving_twice_gives_the_same_decision(tmp_path, saved_llama):
     model = load(saved_llama, torch.bfloat16)
-    strategy = StrategyArguments(trainable_layers="-1:")
+    strategy = StrategyArguments(trainable_layers="-1:", precision="auto")
     once = resolve_training_arguments(make_training_args(tmp_path), strategy, model=model, probe=CPU)
     twice = resolve_training_arguments(once, strategy, probe=CPU)
     assert precision_decision(once, strategy) == precision_decision(twice, strategy) is not None
@@ -171,8 +171,9 @@ def test_use_cpu_is_set_for_bf16_on_a_cpu(tmp_path):
 @pytest.mark.parametrize(
     "probe, strategy, training, option, fragments",
     [
-        (CPU, {}, dict(fp16=True), "fp16", ["fp16=True is not valid", "bf16 or fp32 on a CPU", "fp32 without a word"]),
-        (T4, {}, dict(bf16=True), "bf16", ["bf16=True is not valid", "Tesla T4", "no native bf16"]),
+        (CPU, dict(precision="auto"), dict(fp16=True), "fp16",
+         ["fp16=True is not valid", "bf16 or fp32 on a CPU", "fp32 without a word"]),
+        (T4, dict(precision="auto"), dict(bf16=True), "bf16", ["bf16=True is not valid", "Tesla T4", "no native bf16"]),
         (A100, dict(precision="bf16"), dict(fp16=True), "precision",
          ["precision='bf16' is not valid", "'fp16' or 'auto' when TrainingArguments.fp16=true"]),
         (A100, dict(precision="fp32"), dict(bf16=True), "precision",
@@ -222,14 +223,14 @@ def test_deepspeed_flag_against_trainer_flag_and_auto_follows_deepspeed(tmp_path
     args = make_training_args(tmp_path, bf16=True)
     args.deepspeed = {"fp16": {"enabled": True}}
     with pytest.raises(InvalidArgumentError, match="'bf16' enabled, or 'auto', when TrainingArguments.bf16=true"):
-        decide_precision(StrategyArguments(), args, probe=A100)
+        decide_precision(StrategyArguments(precision="auto"), args, probe=A100)
     args = make_training_args(tmp_path)
     args.deepspeed = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
     decision = decide_precision(StrategyArguments(pure_bf16=True), args, probe=A100)
     assert decision.mode == "bf16" and decision.bf16
     assert any("DeepSpeed manages parameter dtypes" in n for n in decision.notes)
     args.deepspeed = {"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}}
-    assert decide_precision(StrategyArguments(), args, probe=T4).mode == "fp16"
+    assert decide_precision(StrategyArguments(precision="auto"), args, probe=T4).mode == "fp16"
 
 
 def test_tf32_is_training_arguments_key_checked_against_the_hardware(tmp_path):
@@ -241,9 +242,9 @@ def test_tf32_is_training_arguments_key_checked_against_the_hardware(tmp_path):
     args = make_training_args(tmp_path)
     args.tf32 = True  # TrainingArguments itself refuses tf32=True on this CPU machine at construction
     with pytest.raises(InvalidArgumentError) as info:
-        resolve_training_arguments(args, StrategyArguments(), probe=T4)
+        resolve_training_arguments(args, StrategyArguments(precision="auto"), probe=T4)
     assert info.value.option == "tf32" and "Ampere" in str(info.value)
-    assert decide_precision(StrategyArguments(), args, probe=A100).tf32 is True
+    assert decide_precision(StrategyArguments(precision="auto"), args, probe=A100).tf32 is True
 
 
 @pytest.mark.parametrize(
@@ -294,13 +295,14 @@ def test_real_probe_on_this_machine():
 def test_bf16_amp_run_of_a_bf16_loaded_llama(tmp_path, saved_llama, capsys):
     """The issue's CPU criterion, and bit for bit what the same setup does by hand in a plain Trainer."""
     data = TokenDataset(n=8, seed=3)
-    strategy = StrategyArguments(trainable_layers="-1:")  # precision auto: CPU + bf16 model -> bf16 autocast
+    strategy = StrategyArguments(trainable_layers="-1:", precision="auto")  # CPU + bf16 model -> bf16 autocast
     ours = load(saved_llama, torch.bfloat16)
     frozen = [n for n, _ in ours.named_parameters() if not n.startswith(LAST)]
     fp32_frozen_bytes = tensor_bytes(load(saved_llama, torch.float32), frozen)
     args = make_training_args(tmp_path / "ours", max_steps=12, learning_rate=5e-3)
     trainer = StrategyTrainer(model=ours, args=args, train_dataset=data, strategy_args=strategy)
-    assert not args.bf16 and trainer.args.bf16 and trainer.accelerator.native_amp
+    # The arguments the user holds say what runs: resolved in place.
+    assert trainer.args is args and args.bf16 and trainer.accelerator.native_amp
     trainer.train()
 
     params = dict(ours.named_parameters())
@@ -401,7 +403,7 @@ def test_casting_keeps_ties_and_leaves_buffers_alone():
 
 def test_measured_bytes_are_dropped_when_a_dtype_is_replanned():
     model = tiny_model("llama")
-    plan = build_plan(model, StrategyArguments())
+    plan = build_plan(model, StrategyArguments(precision="auto"))
     plan.apply(model)
     assert plan["lm_head.weight"].nbytes == model.lm_head.weight.numel() * 4
     plan.set(["lm_head.weight"], "test", dtype=BF16)
@@ -438,7 +440,7 @@ def test_callback_refuses_precision_the_trainer_arguments_do_not_say(tmp_path, l
 
 def test_callback_equals_strategy_trainer_with_resolved_arguments(tmp_path, saved_llama):
     data = TokenDataset(n=8, seed=3)
-    strategy = StrategyArguments(trainable_layers="-1:", print_plan=False)
+    strategy = StrategyArguments(trainable_layers="-1:", precision="auto", print_plan=False)
     a = load(saved_llama, torch.bfloat16)
     trainer = StrategyTrainer(model=a, args=make_training_args(tmp_path / "a"), train_dataset=data,
                               strategy_args=strategy)
@@ -455,7 +457,7 @@ def test_callback_equals_strategy_trainer_with_resolved_arguments(tmp_path, save
 
 def test_callback_auto_follows_the_trainer_flags(tmp_path, saved_llama, lm_dataset):
     model = load(saved_llama, torch.bfloat16)
-    callback = StrategyCallback(StrategyArguments(trainable_layers="-1:"))
+    callback = StrategyCallback(StrategyArguments(trainable_layers="-1:", precision="auto"))
     Trainer(model=model, args=make_training_args(tmp_path), train_dataset=lm_dataset, callbacks=[callback])
     setting = callback.plan.settings["precision"]
     assert setting["mode"] == "fp32" and setting["reason"].startswith("auto with StrategyCallback")

@@ -144,8 +144,6 @@ def test_model_init_gets_the_plan(tmp_path, lm_dataset):
         (dict(trainable_layers="7"), InvalidArgumentError, "out of range"),
         (dict(trainable_layers="all", trainable_modules="attention"), PlanError, "Valid module names: "),
         (dict(trainable_params=["^nothing\\.here"]), PlanError, "matches no parameter"),
-        (dict(frozen_params=[".*"]), PlanError, "Nothing would train"),
-        (dict(trainable_layers="none", train_norm=False, train_head=False), PlanError, "Nothing would train"),
     ],
 )
 def test_bad_strategy_raises_at_construction_and_writes_nothing(tmp_path, lm_dataset, strategy, error, fragment):
@@ -156,6 +154,21 @@ def test_bad_strategy_raises_at_construction_and_writes_nothing(tmp_path, lm_dat
             strategy_args=StrategyArguments(**strategy),
         )
     assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "strategy", [dict(frozen_params=[".*"]), dict(trainable_layers="none", train_norm=False, train_head=False)]
+)
+def test_nothing_to_train_is_refused_when_training_starts_and_writes_nothing(tmp_path, lm_dataset, strategy):
+    output_dir = tmp_path / "out"
+    trainer = StrategyTrainer(
+        model=tiny_model("llama"), args=make_training_args(output_dir), train_dataset=lm_dataset,
+        eval_dataset=TokenDataset(n=4), strategy_args=StrategyArguments(print_plan=False, **strategy),
+    )
+    assert "eval_loss" in trainer.evaluate()  # a frozen model evaluates
+    with pytest.raises(PlanError, match="Nothing would train"):
+        trainer.train()
+    assert sorted(os.listdir(output_dir)) == []
 
 
 def test_module_error_lists_valid_names(lm_dataset, tmp_path):
@@ -170,7 +183,7 @@ def test_module_error_lists_valid_names(lm_dataset, tmp_path):
         assert valid in message
 
 
-def test_unknown_architecture_raises_at_construction(tmp_path):
+def test_unknown_architecture_raises_at_construction_for_a_layer_option(tmp_path):
     class Opaque(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -180,8 +193,9 @@ def test_unknown_architecture_raises_at_construction(tmp_path):
         def forward(self, x, labels=None):
             return {"loss": self.b(self.a(x)).sum()}
 
-    with pytest.raises(UnknownArchitectureError, match="hfls_model_anatomy"):
-        StrategyTrainer(model=Opaque(), args=make_training_args(tmp_path / "o"))
+    with pytest.raises(UnknownArchitectureError, match="trainable_layers='-1:' needs the decoder layers.*hfls_model_anatomy"):
+        StrategyTrainer(model=Opaque(), args=make_training_args(tmp_path / "o"),
+                        strategy_args=StrategyArguments(trainable_layers="-1:"))
     assert not (tmp_path / "o").exists()
 
 

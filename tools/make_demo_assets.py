@@ -2,7 +2,9 @@
 
     python tools/make_demo_assets.py
 
-Writes hf_llama_strategies/assets/demo/{train.csv,validation.csv,tokenizer files,config.json}.
+Writes hf_llama_strategies/assets/demo/{train.csv,validation.csv,tokenizer files,config.json}, and the
+instruction-tuning variant in assets/demo/sft/: train.json (Alpaca records), validation.jsonl (OpenAI
+`messages` records), a tokenizer with a chat template (ChatML) and a model config.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "hf_llama_strategies", "assets", "demo")
+SFT_OUT = os.path.join(OUT, "sft")
 
 SUBJECTS = ["the film", "this movie", "the plot", "the acting", "the soundtrack", "the ending", "the cast",
             "the script", "the director", "the story", "the camera work", "the dialogue", "this sequel",
@@ -72,6 +75,69 @@ def main() -> None:
     )
     config.save_pretrained(OUT)
     print(json.dumps({"vocab": len(fast), "train": 800, "validation": 200}))
+    make_sft()
+
+
+SFT_SYSTEM = "you are a film critic assistant . answer in one or two words ."
+
+
+def instruction(rng: random.Random) -> tuple[str, str, str]:
+    """(instruction, input, output) of one of three small tasks about a generated review."""
+    label = rng.randrange(2)
+    review = sentence(rng, label)
+    kind = rng.randrange(3)
+    if kind == 0:
+        return "what is the sentiment of this review ?", review, "positive" if label else "negative"
+    if kind == 1:
+        subject = next(s for s in sorted(SUBJECTS, key=len, reverse=True) if s in review)
+        return "which part of the film does this review talk about ?", review, subject
+    words = POSITIVE if label else NEGATIVE
+    return f"give a word that means the same as {rng.choice(words)} .", "", rng.choice(words)
+
+
+def make_sft() -> None:
+    """The SFT demo: Alpaca records to train on, OpenAI-style records to evaluate, a ChatML tokenizer."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from hf_llama_strategies.chat_templates import build_chat_template
+
+    rng = random.Random(4321)
+    os.makedirs(SFT_OUT, exist_ok=True)
+    records = [instruction(rng) for _ in range(700)]
+    train = [{"instruction": i, "input": x, "output": o} for i, x, o in records[:600]]
+    for record in train[::5]:
+        record["system"] = SFT_SYSTEM
+    with open(os.path.join(SFT_OUT, "train.json"), "w", encoding="utf-8") as fh:
+        json.dump(train, fh, indent=1)
+        fh.write("\n")
+    with open(os.path.join(SFT_OUT, "validation.jsonl"), "w", encoding="utf-8") as fh:
+        for i, x, o in records[600:]:
+            user = f"{i}\n{x}" if x else i
+            messages = [{"role": "system", "content": SFT_SYSTEM}, {"role": "user", "content": user},
+                        {"role": "assistant", "content": o}]
+            fh.write(json.dumps({"messages": messages}) + "\n")
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "<|im_start|>", "<|im_end|>"]
+    corpus = [" ".join(r) for r in records] + [SFT_SYSTEM, "system user assistant"]
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"], model_max_length=128,
+    )
+    fast.chat_template = build_chat_template("chatml")
+    fast.save_pretrained(SFT_OUT)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+        pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config.save_pretrained(SFT_OUT)
+    print(json.dumps({"sft_vocab": len(fast), "sft_train": len(train), "sft_validation": 100}))
 
 
 if __name__ == "__main__":

@@ -177,6 +177,8 @@ def skip_frozen_prefix(model: nn.Module, layers: Optional[nn.Module] = None) -> 
 @hookimpl
 def hfls_on_train_begin(model: nn.Module, plan: StrategyPlan, training_args: Optional["TrainingArguments"]) -> None:
     """Skip the frozen prefix when the Trainer (or the user) enabled activation checkpointing."""
+    if not plan.layers_path:
+        return  # no layer stack known: transformers' checkpointing as it is
     layers = _get_submodule(model, plan.layers_path)
     replaced = skip_frozen_prefix(model, layers)
     if replaced:

@@ -22,7 +22,7 @@ from ..anatomy import EMBEDDINGS, HEAD, LAYER, NORM, ModelAnatomy, parse_layer_s
 from ..arguments import StrategyArguments
 from ..errors import InvalidArgumentError, PlanError, format_choices
 from ..hookspecs import hookimpl
-from ..plan import ParamDecision, StrategyPlan
+from ..plan import DEFAULT_REASON, FROZEN_BEFORE_REASON, ParamDecision, StrategyPlan
 
 # Explicit option first; ``None`` means "use the default for this plan".
 _BLOCK_OPTIONS = {EMBEDDINGS: "train_embeddings", NORM: "train_norm", HEAD: "train_head"}
@@ -44,7 +44,7 @@ def _block_setting(kind: str, args: StrategyArguments) -> tuple[bool, str, bool]
     if value is not None:
         return value, f"{option}={str(value).lower()}", True
     if not args.restricts_layers:
-        return True, "default: full fine-tuning", False
+        return True, DEFAULT_REASON, False
     if kind in (NORM, HEAD):
         return True, f"default: {option} (true)", False
     return False, f"default: {kind} frozen when trainable_layers/trainable_modules restrict the layers", False
@@ -69,7 +69,7 @@ def _layer_decision(
     modules: Optional[list[str]],
 ) -> tuple[bool, str]:
     if not args.restricts_layers:
-        return True, "default: full fine-tuning"
+        return True, DEFAULT_REASON
     if decision.layer not in layers:
         return False, f"trainable_layers={args.trainable_layers!r}"
     if modules is not None:
@@ -102,7 +102,8 @@ def _resolve_tied(
         return value, f"{reason} (tied: {names})"
     if len({s[0] for s in settings.values()}) == 1:
         value, reason, _ = next(iter(settings.values()))
-        return value, f"{reason} (tied: {names})"
+        # No option involved: the tensor stays the user's to freeze or train (Trainer's rule).
+        return value, reason if reason == DEFAULT_REASON else f"{reason} (tied: {names})"
     plan.note(
         f"{names} are one tied tensor shared by the {' and the '.join(sorted(kinds))}; it stays frozen because "
         "the embeddings are frozen by default. Set train_head: true (or train_embeddings: true) to train it."
@@ -130,12 +131,23 @@ def _regex_matches(plan: StrategyPlan, option: str, patterns: list[str]) -> list
     return result
 
 
+def _require_blocks(anatomy: ModelAnatomy, args: StrategyArguments) -> None:
+    """Options naming layers or blocks need the model's anatomy; the regex options do not."""
+    if args.restricts_layers:
+        option = "trainable_modules" if args.trainable_layers.strip().lower() == "all" else "trainable_layers"
+        anatomy.require(option, getattr(args, option))
+    for option in _BLOCK_OPTIONS.values():
+        if getattr(args, option) is not None:
+            anatomy.require(option, getattr(args, option))
+
+
 @hookimpl(tryfirst=True)
 def hfls_plan_parameters(
     plan: StrategyPlan, anatomy: ModelAnatomy, strategy_args: StrategyArguments, training_args: object
 ) -> None:
     """Decide ``trainable`` for every parameter (runs before the other strategies)."""
     args = strategy_args
+    _require_blocks(anatomy, args)
     layers = set(parse_layer_selection(args.trainable_layers, anatomy.num_layers) or ())
     modules = args.trainable_modules.split(",") if args.trainable_modules else None
     if modules is not None:
@@ -154,7 +166,7 @@ def hfls_plan_parameters(
 
     plan.set(
         plan.select(lambda d: not d.requires_grad_before and d.trainable),
-        "frozen before the plan was built (for example by PEFT)",
+        FROZEN_BEFORE_REASON,
         trainable=False,
     )
     for option, value in (("trainable_params", True), ("frozen_params", False)):

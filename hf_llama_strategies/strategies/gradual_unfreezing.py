@@ -95,6 +95,7 @@ def hfls_plan_parameters(
     args = strategy_args
     if not is_gradual(args):
         return
+    anatomy.require("unfreeze_schedule", args.unfreeze_schedule)
     layers = scheduled_layers(plan)
     if not layers:
         raise PlanError(

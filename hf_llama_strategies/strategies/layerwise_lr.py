@@ -195,6 +195,9 @@ def hfls_plan_parameters(
     args = strategy_args
     if not uses_layerwise_lr(args):
         return
+    for option in ("layer_lr_decay", "embedding_lr", "head_lr"):
+        if getattr(args, option) is not None:
+            anatomy.require(option, getattr(args, option))  # lr_rules (regexes) work on any model
     base = _base_lr(training_args)
 
     def assign(names: list[str], reason: str, group: str, lr: Optional[float] = None, scale: Optional[float] = None):

@@ -79,6 +79,7 @@ def hfls_plan_parameters(
     args = strategy_args
     if args.lisa_layers is None:
         return
+    anatomy.require("lisa_layers", args.lisa_layers)
     layers = scheduled_layers(plan)
     if not layers:
         raise PlanError(

@@ -1,7 +1,8 @@
 """Mixed precision: the right fp16/bf16 for the hardware, fp32 master weights, half-precision frozen weights.
 
 Options: ``precision`` (``auto|bf16|fp16|fp32``), ``pure_bf16``, ``frozen_dtype``; TF32 is
-``TrainingArguments.tf32`` (the same flat key, see below). Two halves:
+``TrainingArguments.tf32`` (the same flat key, see below). With none of them set nothing here
+acts: ``TrainingArguments`` and the model's dtypes are used as the user gave them. Two halves:
 
 1. :func:`resolve_training_arguments` maps ``precision`` onto ``TrainingArguments.fp16`` /
    ``bf16`` for the hardware at hand (described by a :class:`HardwareProbe`, which the
@@ -145,7 +146,8 @@ class PrecisionDecision:
     """How a run trains: autocast mode, flags for ``TrainingArguments``, and why.
 
     Attributes:
-        precision, pure_bf16, frozen_dtype: the strategy options it was decided from.
+        precision, pure_bf16, frozen_dtype: the strategy options it was decided from
+            (``precision`` ``None``: unset, the flags as the user gave them).
         mode: ``"bf16"`` or ``"fp16"`` (autocast) or ``"fp32"`` (none).
         fp16, bf16, use_cpu: the ``TrainingArguments`` values it implies.
         tf32: ``TrainingArguments.tf32`` as given (``None``: PyTorch's default).
@@ -158,7 +160,7 @@ class PrecisionDecision:
             itself and keeps fp32 master weights of the trainable ones, so the plan casts nothing.
     """
 
-    precision: str
+    precision: Optional[str]
     pure_bf16: bool
     frozen_dtype: Optional[str]
     mode: str
@@ -186,6 +188,8 @@ class PrecisionDecision:
             weights = "parameters as loaded (DeepSpeed ZeRO-3 casts them and keeps fp32 master weights)"
         elif self.pure_bf16:
             weights = "every parameter bfloat16 (pure_bf16: no fp32 copy)"
+        elif self.precision is None and self.frozen_dtype is None:
+            weights = "parameters as loaded"
         elif self.mode == "fp32":
             weights = "every parameter float32"
         else:
@@ -205,8 +209,8 @@ def _refuse(option: str, value: Any, expected: str, hint: Optional[str] = None) 
 
 
 def _normalise_dtype(option: str, value: Any, allow_auto: bool) -> Optional[str]:
-    valid = "'auto', 'bf16', 'fp16' or 'fp32'" if allow_auto else "'bf16', 'fp16', 'fp32' or unset"
-    if value is None and not allow_auto:
+    valid = "'auto', 'bf16', 'fp16' or 'fp32' (or unset)" if allow_auto else "'bf16', 'fp16', 'fp32' or unset"
+    if value is None:
         return None
     if not isinstance(value, str):
         raise _refuse(option, value, valid)
@@ -280,6 +284,12 @@ def _zero_stage(config: dict) -> Optional[int]:
         return None
 
 
+def asks_precision(strategy_args: StrategyArguments) -> bool:
+    """Whether a precision option is set; without one, precision is the user's ``TrainingArguments``' affair."""
+    args = strategy_args
+    return args.precision is not None or bool(args.pure_bf16) or args.frozen_dtype is not None
+
+
 def dominant_dtype(dtypes_and_sizes: Iterable[tuple[str, int]]) -> Optional[str]:
     """The floating dtype (``"torch.bfloat16"`` ...) holding most elements, or ``None``."""
     totals: dict[str, int] = {}
@@ -345,8 +355,19 @@ def decide_precision(
             built Trainer): ``auto`` follows them, and an explicit ``precision`` must agree.
     """
     args = strategy_args
-    requested = args.precision
     user_fp16, user_bf16 = _user_flags(training_args)
+    if not asks_precision(args):
+        # No option asked: describe the flags as given, refuse nothing (the Trainer decides).
+        flag = "fp16" if user_fp16 else "bf16" if user_bf16 else None
+        return PrecisionDecision(
+            precision=None, pure_bf16=False, frozen_dtype=None, mode=flag or "fp32", fp16=user_fp16, bf16=user_bf16,
+            use_cpu=bool(getattr(training_args, "use_cpu", False)),
+            tf32=getattr(training_args, "tf32", None) if training_args is not None else None,
+            reason="precision unset: TrainingArguments as given", device=probe.describe(), model_dtype=model_dtype,
+            user_fp16=user_fp16, user_bf16=user_bf16,
+        )
+    # pure_bf16 or frozen_dtype without precision: as `auto`.
+    requested = args.precision if args.precision is not None else "auto"
     ds = _deepspeed_config(training_args)
     zero3 = ds is not None and _zero_stage(ds) == 3
     ds_flag = None
@@ -463,7 +484,7 @@ def decide_precision(
             "model holds before that."
         )
     return PrecisionDecision(
-        precision=requested,
+        precision=args.precision,
         pure_bf16=args.pure_bf16,
         frozen_dtype=args.frozen_dtype,
         mode=mode,
@@ -528,23 +549,28 @@ def resolve_training_arguments(
     probe: Optional[HardwareProbe] = None,
     plugins: Iterable[object] = (),
     plugin_manager: Optional["pluggy.PluginManager"] = None,
+    in_place: bool = False,
 ) -> "TrainingArguments":
     """Map ``precision`` onto ``fp16`` / ``bf16`` (and check ``tf32``) for the hardware at hand.
 
     Returns a new ``TrainingArguments`` (the input is not modified): when a flag changes it
     is built with ``dataclasses.replace``, so ``__post_init__`` runs again and accelerate's
     ``mixed_precision`` and a DeepSpeed config's ``"auto"`` fp16/bf16 fields follow it.
-    ``StrategyTrainer`` calls this at construction; call it yourself before building a
-    plain ``Trainer`` (with :class:`StrategyCallback`) or when writing a training script.
+    With ``in_place=True`` that result is written into ``training_args`` itself, which is
+    returned: what ``StrategyTrainer`` does, so that the object the user holds says how the
+    run trains. Call it yourself before building a plain ``Trainer`` (with
+    :class:`StrategyCallback`) or when writing a training script. With no precision option
+    set (``precision``, ``pure_bf16``, ``frozen_dtype``) nothing is decided or changed.
 
     Args:
         training_args: the user's arguments; an explicit ``fp16``/``bf16`` is honoured by
             ``precision: auto`` and must agree with any other ``precision``.
-        strategy_args: ``precision``, ``pure_bf16``, ``frozen_dtype`` (default: auto).
+        strategy_args: ``precision``, ``pure_bf16``, ``frozen_dtype`` (default: none set, nothing to do).
         model: the model to train, if loaded: on a CPU, ``auto`` picks bf16 autocast for a
             model loaded in bfloat16 (fp32 otherwise).
         probe: the hardware; default: the ``hfls_hardware_probe`` hook (torch's answer).
         plugins, plugin_manager: where the hook is looked up.
+        in_place: update ``training_args`` instead of returning a new object.
 
     Raises:
         InvalidArgumentError: fp16 on a CPU, bf16 where the GPU has none, ``precision``
@@ -553,6 +579,8 @@ def resolve_training_arguments(
             cannot work in the chosen mode.
     """
     strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
+    if not asks_precision(strategy_args):
+        return training_args if in_place else copy.copy(training_args)
     decision = _decide_for(training_args, strategy_args, model, probe, plugins, plugin_manager, fixed=False)
     changes: dict[str, Any] = {}
     if bool(training_args.fp16) != decision.fp16:
@@ -564,7 +592,18 @@ def resolve_training_arguments(
     resolved = dataclasses.replace(training_args, **changes) if changes else copy.copy(training_args)
     setattr(resolved, _DECISION_ATTR, decision)
     logger.info(f"hf-llama-strategies precision: {decision.summary()}")
-    return resolved
+    if not in_place:
+        return resolved
+    if changes:
+        logger.warning(
+            "hf-llama-strategies precision: TrainingArguments changed in place ("
+            + ", ".join(f"{key}={value}" for key, value in changes.items())
+            + f"), as the precision options ask: {decision.reason}."
+        )
+    # Everything __post_init__ derived from the new flags (accelerate's mixed_precision, a
+    # DeepSpeed config's "auto" fields) comes along.
+    vars(training_args).update(vars(resolved))
+    return training_args
 
 
 def copy_precision_decision(source: "TrainingArguments", target: "TrainingArguments") -> None:
@@ -598,7 +637,7 @@ def check_training_arguments(
     carrying the decision (for :func:`build_plan`), or ``training_args`` itself when it was
     resolved already.
     """
-    if precision_decision(training_args, strategy_args) is not None:
+    if not asks_precision(strategy_args) or precision_decision(training_args, strategy_args) is not None:
         return training_args
     decision = _decide_for(training_args, strategy_args, model, probe, plugins, plugin_manager, fixed=True)
     checked = copy.copy(training_args)
@@ -622,7 +661,7 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
             "pure_bf16", True, f"false with precision={args.precision}",
             "pure_bf16 trains bf16 weights; use precision: bf16 or auto with it.",
         )
-    if args.precision != "auto" or args.pure_bf16:
+    if args.precision not in (None, "auto") or args.pure_bf16:
         mode = "bf16" if args.pure_bf16 else args.precision
         _check_frozen_dtype(mode, args.pure_bf16, args.frozen_dtype, f"precision={args.precision}")
 
@@ -646,7 +685,24 @@ def hfls_adjust_plan(
     strategy_args: StrategyArguments,
     training_args: Optional["TrainingArguments"],
 ) -> None:
-    """Decide every floating-point parameter's dtype, after every strategy decided ``trainable``."""
+    """Decide every floating-point parameter's dtype, after every strategy decided ``trainable``.
+
+    With no precision option set, every dtype stays as loaded and no decision is recorded.
+    """
+    if asks_precision(strategy_args):
+        _plan_dtypes(plan, strategy_args, training_args)
+    fsdp = getattr(training_args, "fsdp", None) if training_args is not None else None
+    fsdp_config = getattr(training_args, "fsdp_config", None) or {}
+    if fsdp and int(fsdp_config.get("version", 2)) == 1 and len({d.dtype for d in plan}) > 1:
+        plan.note(
+            "FSDP1 flattens the parameters of each wrapped module into one tensor of one dtype, and this plan "
+            "mixes dtypes; use FSDP2 (fsdp_config version 2, the default) or frozen_dtype: fp32."
+        )
+
+
+def _plan_dtypes(
+    plan: StrategyPlan, strategy_args: StrategyArguments, training_args: Optional["TrainingArguments"]
+) -> None:
     decision = _plan_decision(plan, strategy_args, training_args)
     upcast: set[str] = set()
     frozen_fp16_under_bf16 = False
@@ -683,17 +739,11 @@ def hfls_adjust_plan(
             "Frozen float16 parameters under bf16 autocast: their matmuls run in bf16, with fewer mantissa bits "
             "than float16. frozen_dtype: fp32 keeps them exact; on a CUDA GPU, precision: fp16 uses them as they are."
         )
-    fsdp = getattr(training_args, "fsdp", None) if training_args is not None else None
-    fsdp_config = getattr(training_args, "fsdp_config", None) or {}
-    if fsdp and int(fsdp_config.get("version", 2)) == 1 and len({d.dtype for d in plan}) > 1:
-        plan.note(
-            "FSDP1 flattens the parameters of each wrapped module into one tensor of one dtype, and this plan "
-            "mixes dtypes; use FSDP2 (fsdp_config version 2, the default) or frozen_dtype: fp32."
-        )
 
 
 __all__ = [
     "HardwareProbe",
+    "asks_precision",
     "PrecisionDecision",
     "check_training_arguments",
     "copy_precision_decision",
