@@ -455,7 +455,7 @@ def estimate_training_memory(
     plan = build_plan(model, strategy_args, training_args, plugin_manager=pm)
     optim = str(getattr(training_args.optim, "value", training_args.optim))
     checkpointing = bool(training_args.activation_checkpointing) or bool(
-        getattr(model, "is_gradient_checkpointing", False)
+        getattr(model, "is_activation_checkpointing", False)
     )
     autocast_dtype = _autocast_dtype(plan, training_args)
     step = heaviest_step(plan, pm)
