@@ -650,7 +650,7 @@ def _simulate(
         if training_args.activation_checkpointing:
             enable_checkpointing_as_trainer(fake, training_args)
         optimizer = _build_optimizer(fake, plan, training_args)
-        pm.hook.hfls_on_train_begin(model=fake, plan=plan, training_args=training_args)
+        pm.hook.hfls_on_train_begin(model=fake, plan=plan, training_args=training_args, train_dataloader=None)
         # Steady state: the optimizer holds the state an earlier step created.
         trainable = [p for p in fake.parameters() if p.requires_grad]
         for param in trainable:
