@@ -315,3 +315,13 @@ def test_gpu_memory_check_skips_without_cuda_and_has_a_cpu_smoke_mode(capsys):
     report = module.main(["--smoke", "--out", ""])
     assert report["smoke"] and [r["case"] for r in report["grid"]] == ["full", "last2_ckpt"]
     assert all(abs(r["ratio"] - 1) < 1e-4 for r in report["grid"])
+
+
+def test_frozen_prefix_cache_gets_the_static_estimate_and_nothing_is_written(tmp_path):
+    # The cache's hook fingerprints the prefix's real weights, which fake tensors do not have.
+    directory = tmp_path / "cache"
+    strategy = StrategyArguments(trainable_layers="-1:", frozen_prefix_cache="disk",
+                                 frozen_prefix_cache_dir=str(directory), print_plan=False)
+    estimate = estimate_training_memory(tiny_llama(meta=True), strategy, args(tmp_path / "out"), seq_len=16)
+    assert not estimate.simulated and "could not run on fake tensors" in estimate.fallback_reason
+    assert not directory.exists() and not (tmp_path / "out").exists()
