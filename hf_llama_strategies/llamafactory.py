@@ -122,6 +122,14 @@ _REFUSED_PREFIXES = {
     "pref_": "preference training (DPO/ORPO/SimPO) is not SFT", "dpo_": "DPO is not SFT", "kto_": "KTO is not SFT",
     "simpo_": "SimPO is not SFT", "ppo_": "PPO is not SFT", "ref_model": "a reference model is for preference "
     "training", "reward_model": "reward models are for PPO", "ld_alpha": "preference training",
+    **dict.fromkeys(
+        ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+         "expert_model_parallel_size", "context_parallel_size", "sequence_parallel", "bias_activation_fusion",
+         "apply_rope_fusion", "use_distributed_optimizer", "overlap_param_gather", "overlap_grad_reduce",
+         "moe_grouped_gemm", "moe_token_dispatcher_type", "recompute_granularity"),
+        "a Megatron-Core training key (LLaMA-Factory's examples/megatron, launched with USE_MCA=1); "
+        "Megatron-Core is another backend",
+    ),
 }
 _SWITCHED = {"galore_": "use_galore", "apollo_": "use_apollo", "badam_": "use_badam", "kt_": "use_kt",
              "asft_alpha": "use_asft_loss", "eaft_alpha": "use_eaft_loss"}

@@ -180,6 +180,7 @@ def test_full_ignores_freeze_keys(workdir):
         ({"reward_model": "rm"}, "reward models are for PPO"),
         ({"use_galore": True, "galore_rank": 16}, "use_galore=True"),
         ({"use_asft_loss": True}, "use_asft_loss=True"),
+        ({"pipeline_model_parallel_size": 4}, "pipeline_model_parallel_size=4 has no meaning here: a Megatron-Core"),
         ({"quantization_bit": 4}, "quantization_bit=4"),
         ({"template": "qwen2_vl"}, "multimodal template"),
         ({"template": "no_such_template"}, "no chat template is shipped for it"),
