@@ -279,7 +279,7 @@ def _freeze_options(config: dict[str, Any], model_config: Any, notes: list[str])
                                        f"({num_layers}) with use_llama_pro")
         stride = num_layers // layers
         out["trainable_layers"] = f"{stride - 1}::{stride}"
-        notes.append(f"use_llama_pro with {layers} layers: every {stride}th layer from layer {stride - 1}")
+        notes.append(f"use_llama_pro with {layers} layers: layers {stride - 1}, {2 * stride - 1}, ... (one in {stride})")
     elif layers == 0:
         out["trainable_layers"] = "none"
     else:
