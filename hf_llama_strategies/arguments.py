@@ -20,7 +20,7 @@ _BOOL_OR_AUTO = "true, false, or unset (null) for the default"
 # Options that refine another option or the report: alone they ask for nothing.
 _REFINING_OPTIONS = frozenset({"print_plan", "allow_plan_change_on_resume", "lisa_drop_optimizer_state"})
 # Values that spell an option's default.
-_DEFAULT_SPELLINGS = {"trainable_layers": ("all",), "unfreeze_schedule": ("none",)}
+_DEFAULT_SPELLINGS = {"trainable_layers": ("all",), "unfreeze_schedule": ("none",), "frozen_prefix_cache": ("off",)}
 
 
 @dataclass
@@ -234,7 +234,37 @@ class StrategyArguments:
         },
     )
 
-    # -- speed: strategies/activation_checkpointing.py -------------------------------------
+    # -- speed: strategies/activation_checkpointing.py, strategies/frozen_prefix_cache.py ---
+
+    frozen_prefix_cache: str = field(
+        default="off",
+        metadata={
+            "help": (
+                "Run the frozen prefix (embeddings and the layers below the lowest one that ever trains) once per "
+                "distinct sample and start every later forward from its cached output: 'off' (default), 'memory' "
+                "(kept for the run) or 'disk' (kept in `frozen_prefix_cache_dir`, reused by later runs with the "
+                "same frozen weights, boundary and precision)."
+            )
+        },
+    )
+    frozen_prefix_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Directory of `frozen_prefix_cache: disk` (default: $HF_HOME/hf_llama_strategies/"
+                "frozen_prefix_cache); one subdirectory per fingerprint, never deleted by a run."
+            )
+        },
+    )
+    frozen_prefix_cache_max_gb: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Largest frozen-prefix cache allowed, in GB (1e9 bytes): a run whose training data needs more is "
+                "refused before training, with the figure. Unset: no limit."
+            )
+        },
+    )
 
     # -- plugins and reporting --------------------------------------------------------------
 

@@ -259,7 +259,9 @@ class StrategyCallback(TrainerCallback):
             )
             self.check_resume(checkpoint)
         if model is not None:
-            self.plugin_manager.hook.hfls_on_train_begin(model=model, plan=self.plan, training_args=args)
+            self.plugin_manager.hook.hfls_on_train_begin(
+                model=model, plan=self.plan, training_args=args, train_dataloader=kwargs.get("train_dataloader")
+            )
         if state.is_world_process_zero and self.strategy_args.print_plan:
             print(self.plan.table())
         if args.should_save:

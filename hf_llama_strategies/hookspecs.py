@@ -11,7 +11,7 @@ The order in which a plan is built::
     hfls_model_anatomy(model)                           # first non-None answer wins
     hfls_plan_parameters(plan, anatomy, strategy_args, training_args)   # every plugin
     hfls_adjust_plan(plan, anatomy, strategy_args, training_args)       # every plugin
-    hfls_validate_plan(plan, anatomy, strategy_args, training_args)     # every plugin
+    hfls_validate_plan(plan, anatomy, strategy_args, training_args, model)  # every plugin
 
 During training, at every optimizer-step boundary, for each schedule the plan defines::
 
@@ -24,7 +24,7 @@ describes an accelerator; ``hfls_adjust_plan`` has the last word on any decision
 ``hfls_on_train_begin`` changes how the model runs (module hooks, checkpointing) without
 changing the plan. It is called in every ``Trainer.train()`` call::
 
-    hfls_on_train_begin(model, plan, training_args)     # every plugin, before the first step
+    hfls_on_train_begin(model, plan, training_args, train_dataloader)   # every plugin, before the first step
 
 Use ``@hookimpl(tryfirst=True)`` / ``trylast=True`` to order a plugin among the others.
 """
@@ -108,8 +108,13 @@ def hfls_validate_plan(
     anatomy: "ModelAnatomy",
     strategy_args: "StrategyArguments",
     training_args: Optional["TrainingArguments"],
+    model: Optional["torch.nn.Module"],
 ) -> None:
-    """Refuse a finished plan that cannot train correctly, with a :class:`PlanError`."""
+    """Refuse a finished plan that cannot train correctly, with a :class:`PlanError`.
+
+    ``model`` is the model the plan was built for (its config, its modules), not yet changed by
+    the plan; ``None`` when a caller plans without one.
+    """
 
 
 @hookspec(firstresult=True)
@@ -148,6 +153,7 @@ def hfls_on_train_begin(
     model: "torch.nn.Module",
     plan: "StrategyPlan",
     training_args: Optional["TrainingArguments"],
+    train_dataloader: Optional["torch.utils.data.DataLoader"],
 ) -> None:
     """Prepare ``model`` for the training loop, right before its first step.
 
@@ -157,4 +163,9 @@ def hfls_on_train_begin(
     model for DDP/FSDP; no forward pass has run. For changes to how the model runs (module
     hooks, checkpointing functions) that leave ``requires_grad``, parameters and optimizer
     groups alone: those are the plan's, applied before the optimizer existed.
+
+    ``train_dataloader`` is the loader the Trainer will iterate (``None`` for a caller without
+    one): its ``dataset`` and ``collate_fn`` give what every step will feed the model (the
+    frozen-prefix cache's pre-pass reads them). A plugin must not iterate the loader itself:
+    starting an iterator draws from the global RNG and would change the data order.
     """

@@ -466,7 +466,7 @@ def build_plan(
     hook_kwargs = dict(plan=plan, anatomy=anatomy, strategy_args=strategy_args, training_args=training_args)
     pm.hook.hfls_plan_parameters(**hook_kwargs)
     pm.hook.hfls_adjust_plan(**hook_kwargs)
-    pm.hook.hfls_validate_plan(**hook_kwargs)
+    pm.hook.hfls_validate_plan(**hook_kwargs, model=model)
     if plan.num_trainable == 0:
         plan.note(_nothing_trains(plan) + " Fine for evaluation and prediction; training refuses it.")
     if plan.is_dynamic and not plan.active_names(0, pm):

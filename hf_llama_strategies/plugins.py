@@ -28,7 +28,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_llama_strategies.strategies.gradual_unfreezing",
     "hf_llama_strategies.strategies.lisa",
     "hf_llama_strategies.strategies.activation_checkpointing",
-
+    "hf_llama_strategies.strategies.frozen_prefix_cache",
 )
 
 

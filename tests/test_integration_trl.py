@@ -212,3 +212,38 @@ def test_a_model_id_loaded_by_sft_trainer_is_planned(tmp_path, tokenizer, texts)
     assert trained == sorted(trainer.strategy_plan.trainable_names()) == sorted(
         n for n, _ in trainer.model.named_parameters() if n.startswith(("model.layers.2.", "model.norm.", "lm_head."))
     )
+
+
+# -- no option set: the mixin is SFTTrainer itself -------------------------------------------
+
+
+def test_no_option_mixin_is_sft_trainer_bit_for_bit(tmp_path, tokenizer, texts):
+    """Losses, weights, every file of output_dir and checkpoints, callbacks, optimizer, args identity."""
+    from test_dropin import callback_types, files
+
+    overrides = dict(save_strategy="steps", save_steps=2)
+    ours_model, plain_model = tiny_model("llama").train(), tiny_model("llama").train()
+    ours_args, plain_args = sft_config(tmp_path / "ours", **overrides), sft_config(tmp_path / "plain", **overrides)
+    ours = StrategySFTTrainer(model=ours_model, args=ours_args, train_dataset=texts, processing_class=tokenizer,
+                              strategy_args=StrategyArguments())
+    plain = SFTTrainer(model=plain_model, args=plain_args, train_dataset=texts, processing_class=tokenizer)
+
+    assert plain.args is plain_args and ours.args is ours_args
+    assert ours.model is ours_model and plain.model is plain_model
+    assert callback_types(ours) == callback_types(plain)
+    assert not any(isinstance(c, StrategyCallback) for c in ours.callback_handler.callbacks)
+    ours.train()
+    plain.train()
+    ours.save_model()
+    plain.save_model()
+
+    assert len(losses(ours)) == STEPS and losses(ours) == losses(plain)
+    assert snapshot(ours_model) == snapshot(plain_model)
+    assert described(ours.optimizer, ours_model) == described(plain.optimizer, plain_model)
+    assert type(ours.optimizer.optimizer) is type(plain.optimizer.optimizer)
+    assert files(tmp_path / "ours") == files(tmp_path / "plain")
+    assert "checkpoint-2/trainer_state.json" in files(tmp_path / "ours")
+    assert not any(f.endswith("strategy_plan.json") for f in files(tmp_path / "ours"))
+    for sub in ("checkpoint-2", "checkpoint-4", "."):
+        ours_w, plain_w = (tmp_path / d / sub / "model.safetensors" for d in ("ours", "plain"))
+        assert ours_w.read_bytes() == plain_w.read_bytes()
