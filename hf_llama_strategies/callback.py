@@ -92,6 +92,8 @@ class StrategyCallback(TrainerCallback):
         self._step_base_lr: Optional[float] = None
         self._plugin_manager: Optional[pluggy.PluginManager] = None
         self._checked: Optional[tuple[str, int]] = None
+        #: How the plan differs from the resumed checkpoint's (allow_plan_change_on_resume), else None.
+        self.plan_change_on_resume: Any = None
 
     def check_resume(self, checkpoint: str) -> None:
         """Compare the plan with the one saved in ``checkpoint`` (once per checkpoint and plan).
@@ -101,7 +103,9 @@ class StrategyCallback(TrainerCallback):
         """
         assert self.plan is not None
         if self._checked != (checkpoint, id(self.plan)):
-            check_resumed_plan(self.plan, checkpoint, self.strategy_args.allow_plan_change_on_resume)
+            self.plan_change_on_resume = check_resumed_plan(
+                self.plan, checkpoint, self.strategy_args.allow_plan_change_on_resume, self._prepared_args
+            )
             self._checked = (checkpoint, id(self.plan))
 
     @property
@@ -274,6 +278,7 @@ class StrategyCallback(TrainerCallback):
         # train() call (and its optimizer or DDP wrapper) must start from.
         self.resume_checkpoint = None
         self._checked = None
+        self.plan_change_on_resume = None
         if self.plan is not None and model is not None and self.plan.is_dynamic:
             settle_requires_grad(self.plan, model, warn=False)
 
@@ -291,6 +296,11 @@ class StrategyCallback(TrainerCallback):
                 "`optimizer_cls_and_kwargs=callback.optimizer_cls_and_kwargs()` (and no `optimizers=`), or use "
                 "StrategyTrainer."
             )
+
+    def save_plan_into(self, checkpoint: str) -> None:
+        """Write the plan into a checkpoint directory (StrategyTrainer: before the checkpoint is published)."""
+        if self.plan is not None and (self._training_args is None or self._training_args.should_save):
+            self.plan.save(checkpoint)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
