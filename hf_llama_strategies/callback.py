@@ -30,8 +30,7 @@ from typing import Any, Callable, Iterable, Optional
 import pluggy
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_optimizer import is_optimizer_factory
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -41,7 +40,7 @@ from .optim import (
     NO_DECAY_SUFFIX,
     OptimizerClsAndKwargs,
     base_learning_rate,
-    create_optimizer_from_plan,
+    build_optimizer,
     group_learning_rates,
     settle_requires_grad,
 )
@@ -93,6 +92,8 @@ class StrategyCallback(TrainerCallback):
         self._step_base_lr: Optional[float] = None
         self._plugin_manager: Optional[pluggy.PluginManager] = None
         self._checked: Optional[tuple[str, int]] = None
+        #: How the plan differs from the resumed checkpoint's (allow_plan_change_on_resume), else None.
+        self.plan_change_on_resume: Any = None
 
     def check_resume(self, checkpoint: str) -> None:
         """Compare the plan with the one saved in ``checkpoint`` (once per checkpoint and plan).
@@ -102,7 +103,9 @@ class StrategyCallback(TrainerCallback):
         """
         assert self.plan is not None
         if self._checked != (checkpoint, id(self.plan)):
-            check_resumed_plan(self.plan, checkpoint, self.strategy_args.allow_plan_change_on_resume)
+            self.plan_change_on_resume = check_resumed_plan(
+                self.plan, checkpoint, self.strategy_args.allow_plan_change_on_resume, self._prepared_args
+            )
             self._checked = (checkpoint, id(self.plan))
 
     @property
@@ -189,16 +192,7 @@ class StrategyCallback(TrainerCallback):
             )
         check_something_trains(self.plan, model)
         settle_requires_grad(self.plan, model)
-        optimizer = create_optimizer_from_plan(model, self.plan, args, optimizer_cls_and_kwargs)
-        if optimizer is not None:
-            return optimizer
-        # optim= brings its own layout and the plan needs none: build it as the Trainer would.
-        cls, kwargs = optimizer_cls_and_kwargs or Trainer.get_optimizer_cls_and_kwargs(args, model)
-        kwargs = dict(kwargs)
-        if is_optimizer_factory(cls):
-            return cls()(model, **kwargs)
-        layout = next(kwargs.pop(k) for k in ("params", "model", "optimizer_dict") if k in kwargs)
-        return cls(layout, **kwargs)
+        return build_optimizer(model, self.plan, args, optimizer_cls_and_kwargs)
 
     # -- per-group learning rates -------------------------------------------------------------
 
@@ -284,6 +278,7 @@ class StrategyCallback(TrainerCallback):
         # train() call (and its optimizer or DDP wrapper) must start from.
         self.resume_checkpoint = None
         self._checked = None
+        self.plan_change_on_resume = None
         if self.plan is not None and model is not None and self.plan.is_dynamic:
             settle_requires_grad(self.plan, model, warn=False)
 
@@ -301,6 +296,11 @@ class StrategyCallback(TrainerCallback):
                 "`optimizer_cls_and_kwargs=callback.optimizer_cls_and_kwargs()` (and no `optimizers=`), or use "
                 "StrategyTrainer."
             )
+
+    def save_plan_into(self, checkpoint: str) -> None:
+        """Write the plan into a checkpoint directory (StrategyTrainer: before the checkpoint is published)."""
+        if self.plan is not None and (self._training_args is None or self._training_args.should_save):
+            self.plan.save(checkpoint)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

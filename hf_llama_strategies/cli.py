@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence
@@ -75,11 +76,19 @@ class RunArguments:
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Write into an output_dir that already holds files (nothing is deleted)."},
+        metadata={
+            "help": (
+                "Write into an output_dir that already holds other files. Only new files are added: a run that "
+                "would overwrite or delete anything there (an earlier run's checkpoints, model, plan or results) "
+                "is refused before it starts; resume such a run with resume_from_checkpoint instead."
+            )
+        },
     )
     metric: str = field(
         default="accuracy", metadata={"help": "Evaluation metric for seq_cls, a module shipped with the package."}
     )
+    #: Set by `resume_from_checkpoint: true` when output_dir holds a run killed before its first checkpoint.
+    restart_interrupted: bool = field(default=False, init=False)
 
 
 @dataclass
@@ -103,7 +112,6 @@ DEMO_CONFIG: dict[str, Any] = {
     "head_lr": 5e-3,
     "precision": "auto",
     "output_dir": "outputs/demo",
-    "overwrite_output_dir": True,
     "num_train_epochs": 2,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 64,
@@ -130,7 +138,6 @@ DEMO_SFT_CONFIG: dict[str, Any] = {
     "head_lr": 3e-3,
     "precision": "auto",
     "output_dir": "outputs/demo-sft",
-    "overwrite_output_dir": True,
     "num_train_epochs": 2,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 32,
@@ -141,6 +148,17 @@ DEMO_SFT_CONFIG: dict[str, Any] = {
     "logging_steps": 20,
     "seed": 0,
 }
+
+
+def _demo_config(demo: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A demo, into a fresh ``outputs/demo[-N]`` each time (a run never writes over an earlier one)."""
+    config = dict(demo)
+    if not _given("output_dir", {}, overrides):
+        base, n = config["output_dir"], 1
+        while os.path.exists(config["output_dir"]) and os.listdir(config["output_dir"]):
+            n += 1
+            config["output_dir"] = f"{base}-{n}"
+    return config
 
 
 class _Parser(HfArgumentParser):
@@ -163,16 +181,32 @@ def load_config_file(path: str) -> dict[str, Any]:
     import yaml
 
     if not os.path.isfile(path):
-        raise CliError(f"config file {path!r} does not exist.")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            data = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            raise CliError(f"config file {path!r} is not valid YAML: {exc}") from None
+        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        raise CliError(f"config file {path!r} {what}.")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        if b"\x00" in raw:
+            raise CliError(f"config file {path!r} is a binary file, not YAML.")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"config file {path!r} is not UTF-8 text (byte {exc.start}).") from None
+    except OSError as exc:
+        raise CliError(f"config file {path!r} cannot be read: {exc.strerror}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CliError(f"config file {path!r} is not valid YAML{at}: {problem}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise CliError(f"config file {path!r} must hold a mapping of keys to values, not a {type(data).__name__}.")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise CliError(f"config file {path!r}: keys must be names, got {bad_keys[0]!r}.")
     base = os.path.dirname(os.path.abspath(path))
     for key in _PATH_KEYS:
         value = data.get(key)
@@ -193,12 +227,59 @@ def _unknown_key_error(keys: Sequence[str]) -> CliError:
 
 
 def _override_keys(remaining: Sequence[str]) -> list[str]:
-    keys = []
+    keys: list[str] = []
     for token in remaining:
-        if not token.startswith("--"):
+        if token.startswith("--"):
+            keys.append(token[2:].split("=", 1)[0].replace("-", "_"))
+        elif not keys:
+            # A value with no --key before it (a --key before it is unknown and reported instead).
             raise CliError(f"unexpected value {token!r} on the command line (values follow a --key).")
-        keys.append(token[2:].split("=", 1)[0].replace("-", "_"))
     return keys
+
+
+def _join_dash_values(overrides: Sequence[str]) -> list[str]:
+    """``--key -2:`` as ``--key=-2:``: argparse takes a value starting with '-' (``-inf``, ``-2:``) for an option."""
+    out: list[str] = []
+    for token in overrides:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and token.startswith("-") and not token.startswith("--"):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _raw_value(key: str, config: dict[str, Any], overrides: Sequence[str]) -> Any:
+    """The value the user gave ``key`` (the command line wins), as written; ``None`` when not given."""
+    value = config.get(key)
+    tokens = list(overrides)
+    for i, token in enumerate(tokens):
+        name, eq, rest = token.lstrip("-").partition("=")
+        if token.startswith("--") and name.replace("-", "_") == key:
+            if eq:
+                value = rest
+            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                value = tokens[i + 1]
+            else:
+                value = True
+    return value
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "y", "on"))
+
+
+def _check_precision_flags(config: dict[str, Any], overrides: Sequence[str]) -> None:
+    """``precision`` beside a contradicting ``bf16`` / ``fp16``, said before TrainingArguments reads them."""
+    precision = _raw_value("precision", config, overrides)
+    if not isinstance(precision, str) or precision.strip().lower() in ("", "auto"):
+        return
+    wanted = precision.strip().lower()
+    for flag in ("bf16", "fp16"):
+        if _truthy(_raw_value(flag, config, overrides)) and wanted not in (flag, "float16" if flag == "fp16" else "bfloat16"):
+            raise InvalidArgumentError(
+                flag, True, f"unset (or false) with precision={precision!r}",
+                f"precision sets fp16/bf16 itself: remove {flag}, or set precision: {flag}.",
+            )
 
 
 def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple[Any, ...]:
@@ -206,10 +287,15 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple
 
     Returns ``(model_args, data_args, training_args, strategy_args, run_args)``.
     """
+    from .validation import check_config_types, check_data_arguments, check_run_arguments
+
     parser = _Parser()
     unknown = [key for key in config if key not in set(known_keys())]
     if unknown:
         raise _unknown_key_error(unknown)
+    config = check_config_types(config, ARGUMENT_CLASSES)
+    overrides = _join_dash_values(overrides)
+    _check_precision_flags(config, overrides)
     # The file's values become the parser's defaults: they keep their YAML types (lists,
     # bools, mappings), strings still go through each field's type, and the command line
     # overrides them.
@@ -220,7 +306,15 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple
     except (CliError, StrategyError):
         raise
     except ValueError as exc:
-        raise CliError(str(exc)) from None
+        message = str(exc)
+        if "use_cpu" in message and ("bf16" in message or "fp16" in message):
+            message = (
+                "bf16/fp16: true needs a GPU with that precision; on this machine set precision: auto (it "
+                "chooses what the hardware has) or use_cpu: true with bf16."
+            )
+        raise CliError(message) from None
+    except TypeError as exc:
+        raise CliError(f"a value has the wrong type: {exc}") from None
     if remaining:
         raise _unknown_key_error(_override_keys(remaining))
     model_args, data_args, training_args, strategy_args, run_args = parsed
@@ -233,13 +327,28 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> tuple
             "give exactly one of model_name_or_path (load weights) and model_config (build from a config); "
             f"got model_name_or_path={model_args.model_name_or_path!r}, model_config={model_args.model_config!r}."
         )
+    check_run_arguments(training_args)
+    check_data_arguments(data_args)
+    _check_metric_name(run_args.metric)
     training_args.resume_from_checkpoint = _resolve_resume(training_args)
+    if training_args.resume_from_checkpoint == _RESTART:
+        training_args.resume_from_checkpoint = None
+        run_args.restart_interrupted = True
     return model_args, data_args, training_args, strategy_args, run_args
 
 
+def _check_metric_name(name: Any) -> None:
+    from .metrics import metric_path
+
+    try:
+        metric_path(name)
+    except ValueError as exc:
+        raise InvalidArgumentError("metric", name, "the name of a metric shipped with the package", str(exc)) from None
+
+
 def _resolve_resume(training_args: TrainingArguments) -> Optional[str]:
-    """``resume_from_checkpoint``: a checkpoint directory, or true for the last one in output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """``resume_from_checkpoint``: a complete checkpoint directory, or true for the newest complete one."""
+    from .checkpoints import check_resume_checkpoint, describe_skipped, latest_complete_checkpoint
 
     value = training_args.resume_from_checkpoint
     text = str(value).strip().lower() if value is not None else None
@@ -248,26 +357,113 @@ def _resolve_resume(training_args: TrainingArguments) -> Optional[str]:
     expected = "a checkpoint directory, or true for the last checkpoint in output_dir"
     if value is True or text in ("true", "yes", "1"):
         out = training_args.output_dir
-        last = get_last_checkpoint(out) if out and os.path.isdir(out) else None
+        # save_only_model checkpoints hold no optimizer state by design.
+        strict = not training_args.save_only_model
+        last, skipped = latest_complete_checkpoint(out, strict) if out and os.path.isdir(out) else (None, [])
+        if last is None and out and os.path.isdir(out) and _interrupted_before_first_checkpoint(out):
+            print(
+                f"hf-llama-strategies: {out} holds a run interrupted before its first complete checkpoint; "
+                "training from the start."
+            )
+            return _RESTART
         if last is None:
-            raise InvalidArgumentError("resume_from_checkpoint", value, expected, f"No checkpoint-* folder in {out!r}.")
+            why = f" Incomplete: {describe_skipped(skipped)}." if skipped else ""
+            raise InvalidArgumentError(
+                "resume_from_checkpoint", value, expected, f"No complete checkpoint-* folder in {out!r}.{why}"
+            )
+        if skipped:
+            logger.warning(f"resume_from_checkpoint: skipping incomplete {describe_skipped(skipped)}; resuming {last}.")
+            print(f"hf-llama-strategies: skipped incomplete {describe_skipped(skipped)}; resuming from {last}")
         return last
     if not os.path.isdir(str(value)):
         raise InvalidArgumentError("resume_from_checkpoint", value, expected, "No such directory.")
+    check_resume_checkpoint(str(value), require_optimizer=not training_args.save_only_model)
     return str(value)
 
 
+_RESTART = "\x00restart"
+
+
+def _interrupted_before_first_checkpoint(out: str) -> bool:
+    """output_dir holds only what a run writes before its first complete checkpoint (nothing to lose)."""
+    from .checkpoints import CHECKPOINT_RE, INCOMPLETE_PREFIX, STAGING_PREFIX, checkpoint_problem
+
+    names = os.listdir(out)
+    if "strategy_plan.json" not in names:
+        return False
+    for name in names:
+        path = os.path.join(out, name)
+        if name in ("strategy_plan.json", "runs") or name.startswith((STAGING_PREFIX, INCOMPLETE_PREFIX)):
+            continue
+        if CHECKPOINT_RE.match(name) and checkpoint_problem(path) is not None:
+            continue
+        return False
+    return True
+
+
+#: Files (and patterns) a finished run leaves at the top of output_dir: never overwritten by a fresh run.
+_RUN_OUTPUTS = (
+    "strategy_plan.json", "trainer_state.json", "training_args.bin", "config.json", "generation_config.json",
+    "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "all_results.json",
+    "train_results.json", "eval_results.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt",
+)
+
+
+def _earlier_run_files(out: str) -> list[str]:
+    from .checkpoints import CHECKPOINT_RE
+
+    names = sorted(os.listdir(out))
+    return [
+        n for n in names
+        if CHECKPOINT_RE.match(n) or n in _RUN_OUTPUTS or (n.startswith("model-") and n.endswith(".safetensors"))
+    ]
+
+
 def _check_output_dir(training_args: TrainingArguments, run_args: RunArguments) -> None:
+    """Nothing in output_dir is overwritten or deleted (rotation then only sees this run's checkpoints).
+
+    A fresh run goes into an empty (or new) output_dir, or, with ``overwrite_output_dir``, one
+    that holds none of the files a run writes. A resumed run may not start behind a newer
+    complete checkpoint of output_dir (it would write over it).
+    """
+    from .checkpoints import checkpoint_problem, checkpoint_step, list_checkpoints
+
     out = training_args.output_dir
     if not out or not os.path.isdir(out) or not os.listdir(out):
         return
-    if training_args.resume_from_checkpoint or run_args.overwrite_output_dir:
+    resume = training_args.resume_from_checkpoint
+    if run_args.restart_interrupted:
         return
-    raise CliError(
-        f"output_dir={out!r} already holds files ({', '.join(sorted(os.listdir(out))[:5])}); nothing was written. "
-        "Choose another output_dir, resume with --resume_from_checkpoint, or pass --overwrite_output_dir true "
-        "to write into it."
-    )
+    if resume:
+        step = checkpoint_step(resume)
+        if step is None:
+            return
+        newer = [
+            os.path.basename(p) for p in list_checkpoints(out)
+            if (checkpoint_step(p) or 0) > step and checkpoint_problem(p) is None
+        ]
+        if newer:
+            raise CliError(
+                f"resuming from {resume} would write over the newer checkpoints {', '.join(newer)} of "
+                f"output_dir={out!r}; nothing was written. Resume from the newest (resume_from_checkpoint: true), or "
+                "give another output_dir."
+            )
+        return
+    held = sorted(os.listdir(out))
+    if not run_args.overwrite_output_dir:
+        raise CliError(
+            f"output_dir={out!r} already holds files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
+            "nothing was written. Choose another output_dir, resume with --resume_from_checkpoint, or pass "
+            "--overwrite_output_dir true to add this run's files beside them."
+        )
+    clash = _earlier_run_files(out)
+    if clash:
+        raise CliError(
+            f"output_dir={out!r} holds an earlier run ({', '.join(clash[:6])}{', ...' if len(clash) > 6 else ''}), "
+            "which this run would overwrite or rotate away; overwrite_output_dir only adds new files. Nothing was "
+            "written. Choose another output_dir, move those files away, or resume with resume_from_checkpoint: true."
+        )
 
 
 def _config_source(model_args: ModelArguments) -> str:
@@ -363,6 +559,41 @@ def _compute_metrics_for(metric_name: str) -> Any:
 
 def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str, float]:
     """Fine-tune as ``config`` says; returns the final metrics. Everything is checked before writing."""
+    model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
+    _check_output_dir(training_args, run_args)
+    created = _missing_dirs(training_args.output_dir)
+    try:
+        try:
+            os.makedirs(training_args.output_dir, exist_ok=True)
+        except OSError as exc:
+            raise InvalidArgumentError(
+                "output_dir", training_args.output_dir, "a directory that can be created", exc.strerror
+            ) from None
+        return _train(config, overrides, model_args, data_args, training_args, strategy_args, run_args)
+    finally:
+        # A run that failed before writing anything leaves no empty output_dir behind.
+        for path in created:
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while path and not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _train(
+    config: dict[str, Any], overrides: Sequence[str], model_args: Any, data_args: Any, training_args: Any,
+    strategy_args: Any, run_args: Any,
+) -> dict[str, float]:
     import math
 
     from transformers import DataCollatorWithPadding, default_data_collator
@@ -373,8 +604,6 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
 
     import datasets
 
-    model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
-    _check_output_dir(training_args, run_args)
     # Local files load in moments; their progress bars would bury the plan and any error.
     datasets.disable_progress_bars()
     model_config = load_model_config(model_args)
@@ -419,11 +648,29 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
             processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
             strategy_args=strategy_args,
         )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    metrics = dict(result.metrics)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
+    resume = training_args.resume_from_checkpoint
+    if resume:
+        from .checkpoints import checkpoint_finished, set_aside_incomplete
+
+        # The plan check first: a refused resume changes nothing in output_dir.
+        if trainer.strategy_callback.plan is not None:
+            trainer.strategy_callback.check_resume(resume)
+        set_aside_incomplete(training_args.output_dir)
+    if resume and checkpoint_finished(resume, training_args):
+        # Killed after its last checkpoint: its weights are the result (training again would add a step).
+        from transformers import TrainerState
+
+        print(f"hf-llama-strategies: {resume} is the end of this run; saving its final outputs")
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        trainer.save_model()
+        metrics: dict[str, float] = {}
+    else:
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+        metrics = dict(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
     if data.eval is not None:
         eval_metrics = trainer.evaluate()
         if task in (CAUSAL_LM, SFT) and "eval_loss" in eval_metrics:
@@ -460,13 +707,54 @@ def _default_reporters() -> list[str]:
     return ["tensorboard"]
 
 
-def run_plan(config: dict[str, Any], overrides: Sequence[str] = (), plot: Optional[str] = None) -> Any:
-    """Print the plan and a memory estimate with no weights loaded (meta device)."""
-    from .memory import estimate_memory
+@dataclass
+class PlanOptions:
+    """Options of ``plan`` beside the config keys: ``--plot``, ``--json``, ``--fit``, ``--world_size``..."""
+
+    plot: Optional[str] = None
+    json: bool = False
+    fit: Optional[int] = None
+    world_size: Optional[int] = None
+    fit_optimizers: tuple[str, ...] = ()
+
+
+def _positive(option: str, value: Any) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        number = 0
+    if isinstance(value, bool) or str(number) != str(value).strip() or number < 1:
+        raise InvalidArgumentError(option, value, "a positive integer")
+    return number
+
+
+def _check_step_shape(training_args: TrainingArguments, data_args: DataArguments) -> None:
+    """The batch shape the estimate simulates: positive integers, named by their keys."""
+    for option, value in (
+        ("per_device_train_batch_size", training_args.per_device_train_batch_size),
+        ("gradient_accumulation_steps", training_args.gradient_accumulation_steps),
+        ("max_seq_length", data_args.max_seq_length),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(option, value, "a positive integer")
+
+
+def run_plan(
+    config: dict[str, Any], overrides: Sequence[str] = (), plot: Optional[str] = None,
+    options: Optional[PlanOptions] = None,
+) -> Any:
+    """Print the plan, the static memory estimate and the step's peak, with no weights loaded (meta device).
+
+    With ``options.json`` one JSON object (``plan``, ``static_memory``, ``memory``, ``fit``) is printed
+    instead; with ``options.fit`` the settings that fit that many bytes are searched.
+    """
+    from .memory import estimate_memory, estimate_training_memory
     from .plan import build_plan
     from .strategies.precision import resolve_training_arguments
 
+    options = options or PlanOptions(plot=plot)
     model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
+    _check_step_shape(training_args, data_args)
     model_config = load_model_config(model_args)
     task = _task_from_config(model_config) if model_args.task == "auto" else model_args.task
     model = build_model(model_args, model_config, task, meta=True)
@@ -474,13 +762,34 @@ def run_plan(config: dict[str, Any], overrides: Sequence[str] = (), plot: Option
     training_args = resolve_training_arguments(training_args, strategy_args, model=model)
     plan = build_plan(model, strategy_args, training_args)
     estimate = estimate_memory(plan, str(getattr(training_args.optim, "value", training_args.optim)))
-    print(plan.table())
-    print(estimate.table())
-    if plot:
+    memory = estimate_training_memory(
+        model, strategy_args, training_args, seq_len=data_args.max_seq_length, world_size=options.world_size
+    )
+    fit = None
+    if options.fit is not None:
+        from .fit import fit_search
+
+        fit = fit_search(
+            model, strategy_args, training_args, options.fit, seq_len=data_args.max_seq_length,
+            world_size=options.world_size, optimizers=options.fit_optimizers,
+        )
+    if options.json:
+        print(json.dumps({
+            "plan": plan.to_dict(), "static_memory": estimate.to_dict(), "memory": memory.to_dict(),
+            "fit": None if fit is None else fit.to_dict(),
+        }, indent=2))
+    else:
+        print(plan.table())
+        print(estimate.table())
+        print(memory.table())
+        if fit is not None:
+            print(fit.report())
+    if options.plot:
         from .report import plot_plan
 
-        plot_plan(plan, plot, base_lr=training_args.learning_rate)
-        print(f"plot written to {plot}")
+        plot_plan(plan, options.plot, base_lr=training_args.learning_rate)
+        if not options.json:
+            print(f"plot written to {options.plot}")
     return plan
 
 
@@ -488,7 +797,7 @@ def run_plugins() -> list[dict[str, object]]:
     """Print the installed and active plugins with their hooks."""
     from .plugins import describe_plugins, get_plugin_manager
 
-    rows = describe_plugins(get_plugin_manager())
+    rows = describe_plugins(get_plugin_manager(strict=False))
     width = max(len(str(r["name"])) for r in rows)
     for row in rows:
         print(f"{str(row['name']).ljust(width)}  {row['source']}")
@@ -501,8 +810,11 @@ _USAGE = """usage: hf-llama-strategies COMMAND [CONFIG.yaml] [--key value ...]
 commands:
   train [CONFIG.yaml] [--key value ...]   fine-tune (no config: the bundled offline demo; --task sft: its
                                           instruction-tuning variant); a LLaMA-Factory YAML is translated
-  plan CONFIG.yaml [--plot PNG] [--key value ...]
-                                          print the plan and a memory estimate; loads no weights
+  plan CONFIG.yaml [--json] [--fit 80GiB [--fit_optimizers adafactor,sgd]] [--world_size N]
+       [--plot PNG] [--key value ...]
+                                          print the plan and the peak memory of a training step
+                                          (dry run on fake tensors: loads no weights); --fit finds
+                                          settings that fit, --json prints one JSON object
   plugins                                 list installed and active plugins with their hooks
 
 `hf-llama-strategies train --help` lists every key a config file or the command line may set.
@@ -510,20 +822,40 @@ commands:
 _COMMANDS = ("train", "plan", "plugins")
 
 
-def _split_plot(overrides: list[str]) -> tuple[Optional[str], list[str]]:
+def _split_plan_options(overrides: list[str]) -> tuple[PlanOptions, list[str]]:
+    """Take ``plan``'s own options out of the ``--key value`` overrides."""
+    from .fit import parse_size
+
     rest: list[str] = []
-    plot = None
+    options = PlanOptions()
+    valued = {"plot": "a file name, e.g. --plot plan.png", "fit": "a memory size, e.g. --fit 80GiB",
+              "world_size": "a number of ranks, e.g. --world_size 8",
+              "fit_optimizers": "optim values, e.g. --fit_optimizers adafactor,sgd"}
     tokens = iter(overrides)
     for token in tokens:
-        if token == "--plot":
-            plot = next(tokens, None)
-            if plot is None:
-                raise CliError("--plot needs a file name, e.g. --plot plan.png")
-        elif token.startswith("--plot="):
-            plot = token.split("=", 1)[1]
-        else:
+        name, eq, value = token.partition("=")
+        key = name[2:].replace("-", "_") if name.startswith("--") else None
+        if key == "json" and not eq:
+            options.json = True
+            continue
+        if key not in valued:
             rest.append(token)
-    return plot, rest
+            continue
+        if not eq:
+            value = next(tokens, None)
+            if value is None or value.startswith("--"):
+                raise CliError(f"--{key} needs {valued[key]}")
+        if key == "plot":
+            options.plot = value
+        elif key == "fit":
+            options.fit = parse_size(value, "--fit")
+        elif key == "world_size":
+            options.world_size = _positive("--world_size", value)
+        else:
+            options.fit_optimizers = tuple(v.strip() for v in value.split(",") if v.strip())
+    if options.fit_optimizers and options.fit is None:
+        raise CliError("--fit_optimizers needs --fit BUDGET (the optimizers are tried in the fit search).")
+    return options, rest
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -539,6 +871,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise CliError(f"unknown command {command!r}{hint} Commands: {', '.join(_COMMANDS)}.")
         if command == "plugins":
+            if rest:
+                raise CliError(f"plugins takes no arguments, got {' '.join(rest)!r}.")
             run_plugins()
             return 0
         if "-h" in rest or "--help" in rest:
@@ -548,25 +882,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The config file is the first word that is not a --key or its value.
         config_path = rest[0] if rest and not rest[0].startswith("-") else None
         overrides = rest[1:] if config_path is not None else rest
-        plot = None
+        plan_options = PlanOptions()
         if command == "plan":
-            plot, overrides = _split_plot(overrides)
+            plan_options, overrides = _split_plan_options(overrides)
             if config_path is None:
                 raise CliError(f"plan needs a config file, e.g. {os.path.join(CONFIGS_DIR, 'llama3-8b.yaml')}")
         if config_path:
             config = load_config_file(config_path)
             if is_llamafactory_config(config):
-                config = translate_llamafactory(config, os.path.dirname(os.path.abspath(config_path)))
+                # `plan --json` prints one JSON object and nothing else.
+                config = translate_llamafactory(
+                    config, os.path.dirname(os.path.abspath(config_path)), echo=not plan_options.json
+                )
         else:
-            config = dict(DEMO_SFT_CONFIG if _demo_task(overrides) == SFT else DEMO_CONFIG)
+            config = _demo_config(DEMO_SFT_CONFIG if _demo_task(overrides) == SFT else DEMO_CONFIG, overrides)
         if command == "train":
             run_train(config, overrides)
         else:
-            run_plan(config, overrides, plot=plot)
+            run_plan(config, overrides, options=plan_options)
         return 0
     except StrategyError as exc:
-        print(f"hf-llama-strategies: error: {exc}", file=sys.stderr)
+        print(f"hf-llama-strategies: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("hf-llama-strategies: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        # Bad input is refused above with one line; anything else is ours to fix.
+        import traceback
+
+        traceback.print_exc()
+        print(
+            "hf-llama-strategies: internal error: this is a bug in hf-llama-strategies (or a library it calls), "
+            "not a problem with your input; please report it with the traceback above.",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a plan difference) as one line: its lines joined by ' | '."""
+    parts = [re.sub(r"^-\s+", "", p.strip()) for p in message.splitlines()]
+    return " | ".join(p for p in parts if p)
 
 
 if __name__ == "__main__":

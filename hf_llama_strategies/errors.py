@@ -45,3 +45,7 @@ def format_choices(choices: Iterable[str], limit: int = 40) -> str:
     if len(items) > limit:
         shown += f", ... ({len(items) - limit} more)"
     return shown
+
+
+class PluginError(StrategyError):
+    """A plugin failed, answered a hook wrongly, or could not be loaded; the message names it and the hook."""

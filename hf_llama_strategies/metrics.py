@@ -10,9 +10,12 @@ _METRICS_DIR = os.path.join(os.path.dirname(__file__), "assets", "metrics")
 
 def metric_path(name: str) -> str:
     """Path of a shipped ``evaluate`` metric module (``accuracy``)."""
+    shipped = sorted(os.listdir(_METRICS_DIR))
+    # A name only: a path would make evaluate import and run that file's code.
+    if not isinstance(name, str) or name not in shipped:
+        raise ValueError(f"metric={name!r} is not shipped with hf-llama-strategies; shipped metrics: {shipped}")
     path = os.path.join(_METRICS_DIR, name, f"{name}.py")
     if not os.path.isfile(path):
-        shipped = sorted(os.listdir(_METRICS_DIR))
         raise ValueError(f"metric={name!r} is not shipped with hf-llama-strategies; shipped metrics: {shipped}")
     return path
 

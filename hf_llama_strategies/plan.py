@@ -323,6 +323,14 @@ class StrategyPlan:
                     counts[key] = counts.get(key, 0) + 1
         for (block, attr, a, b), count in counts.items():
             lines.append(f"{block}: {attr} {a} -> {b} ({count} parameter{'s' if count > 1 else ''})")
+        for key in sorted(set(self.settings) & set(other.settings)):
+            # A strategy lists under "decides" the keys of its settings that change the result
+            # (precision: the autocast mode; training: the learning rate and the seed). A setting
+            # only one plan has (a dry run, an older plan file) cannot be compared.
+            mine_set, theirs_set = self.settings[key] or {}, other.settings[key] or {}
+            for field_name in sorted(set(mine_set.get("decides", ())) | set(theirs_set.get("decides", ()))):
+                if mine_set.get(field_name) != theirs_set.get(field_name):
+                    lines.append(f"{key}: {field_name} {mine_set.get(field_name)!r} -> {theirs_set.get(field_name)!r}")
         for name in sorted(set(self.schedules) | set(other.schedules)):
             mine_spec, theirs_spec = self.schedules.get(name), other.schedules.get(name)
             if mine_spec is None or theirs_spec is None:
@@ -463,6 +471,14 @@ def build_plan(
         # Each option that needs the blocks refuses this (ModelAnatomy.require); the others apply.
         anatomy = ModelAnatomy.without_layers(model)
     plan = StrategyPlan.from_model(model, anatomy, strategy_args)
+    if training_args is not None:
+        # What a resumed run must share with the interrupted one beyond the per-parameter
+        # decisions: the base rate (default-rate parameters store none) and the data-order seed.
+        plan.settings["training"] = {
+            "learning_rate": float(training_args.learning_rate),
+            "seed": int(training_args.seed),
+            "decides": ["learning_rate", "seed"],
+        }
     hook_kwargs = dict(plan=plan, anatomy=anatomy, strategy_args=strategy_args, training_args=training_args)
     pm.hook.hfls_plan_parameters(**hook_kwargs)
     pm.hook.hfls_adjust_plan(**hook_kwargs)

@@ -7,13 +7,18 @@ on a strategy's name.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib
-from typing import Iterable, Optional
+import importlib.metadata
+import types
+from typing import Any, Callable, Iterable, Optional
 
 import pluggy
 from transformers.utils import logging
 
 from . import hookspecs
+from .errors import PluginError, StrategyError
 from .hookspecs import ENTRY_POINT_GROUP, PROJECT_NAME
 
 logger = logging.get_logger(__name__)
@@ -32,14 +37,114 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 )
 
 
-def _register(pm: pluggy.PluginManager, plugin: object, name: Optional[str] = None) -> None:
+def _display_name(plugin: object, name: Optional[str]) -> str:
+    """How messages name a plugin: its entry-point or module name, else its class name."""
+    if name is not None and not name.isdigit():
+        return name
+    if isinstance(plugin, types.ModuleType):
+        return plugin.__name__
+    return getattr(plugin, "__qualname__", None) or type(plugin).__qualname__
+
+
+def _check_hook_names(plugin: object, display: str) -> None:
+    """A ``hfls_`` attribute that names no hook is a typo: refused at registration, with the closest hook."""
+    known = {n for n in dir(hookspecs) if n.startswith("hfls_")}
+    for attr in dir(plugin):
+        if not attr.startswith("hfls_") or attr in known or not callable(getattr(plugin, attr, None)):
+            continue
+        close = difflib.get_close_matches(attr, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; hooks: {', '.join(sorted(known))}."
+        raise PluginError(f"plugin {display!r} defines {attr!r}, which is not a hook of hf-llama-strategies{hint}")
+
+
+def _check_answer(hook: str, display: str, result: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse a third-party answer of the wrong type or about things that do not exist."""
+    where = f"plugin {display!r} (hook {hook})"
+    if result is None:
+        return
+    if hook == "hfls_model_anatomy":
+        from .anatomy import ModelAnatomy
+
+        if not isinstance(result, ModelAnatomy):
+            raise PluginError(f"{where} returned a {type(result).__name__}, expected a ModelAnatomy or None.")
+        modules = dict(kwargs["model"].named_modules())
+        paths = [result.layers_path, *result.embedding_paths, *result.norm_paths, *result.head_paths]
+        missing = [p for p in paths if p not in modules]
+        if missing:
+            raise PluginError(f"{where}: module path {missing[0]!r} does not exist in {type(kwargs['model']).__name__}.")
+        layers = modules[result.layers_path]
+        count = len(layers) if hasattr(layers, "__len__") else None
+        if count is None or result.num_layers != count or result.num_layers < 1:
+            raise PluginError(
+                f"{where}: num_layers={result.num_layers!r}, but {result.layers_path!r} holds {count} layers."
+            )
+    elif hook == "hfls_active_parameters":
+        if isinstance(result, (str, bytes)) or not hasattr(result, "__iter__"):
+            raise PluginError(f"{where} returned a {type(result).__name__}, expected parameter names (a set or list).")
+        names = list(result)
+        wrong = [n for n in names if not isinstance(n, str)]
+        if wrong:
+            raise PluginError(f"{where} returned {wrong[0]!r}, not a parameter name.")
+        unknown = [n for n in names if n not in kwargs["plan"].decisions]
+        if unknown:
+            raise PluginError(f"{where} returned the unknown parameter name {unknown[0]!r}.")
+
+
+def _guard(function: Callable[..., Any], hook: str, display: str, argnames: tuple[str, ...]) -> Callable[..., Any]:
+    """``function`` whose failures and wrong answers name the plugin and the hook."""
+
+    @functools.wraps(function)
+    def guarded(*args: Any) -> Any:
+        try:
+            result = function(*args)
+        except StrategyError:
+            raise  # a deliberate refusal of the user's input, worded by the plugin
+        except Exception as exc:
+            raise PluginError(f"plugin {display!r} failed in {hook}: {type(exc).__name__}: {exc}") from exc
+        _check_answer(hook, display, result, dict(zip(argnames, args)))
+        return result
+
+    return guarded
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: Optional[str] = None, trusted: bool = False) -> None:
     if pm.is_registered(plugin) or (name is not None and pm.has_plugin(name)):
         return
-    pm.register(plugin, name=name)
+    display = _display_name(plugin, name)
+    _check_hook_names(plugin, display)
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {display!r} cannot be registered: {exc}") from None
+    if trusted:
+        return
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and not impl.hookwrapper and not impl.wrapper:
+                impl.function = _guard(impl.function, caller.name, display, tuple(impl.argnames))
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Load the ``hf_llama_strategies`` entry points one by one: a broken one is recorded, not fatal here."""
+    broken: dict[str, str] = getattr(pm, "hfls_broken", {})
+    sources: dict[str, str] = getattr(pm, "hfls_sources", {})
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+            continue
+        dist = getattr(ep, "dist", None)
+        source = f"{dist.name} {dist.version}" if dist is not None else "entry point"
+        try:
+            _register(pm, ep.load(), name=ep.name)
+        except Exception as exc:
+            broken[ep.name] = f"{source}: {type(exc).__name__}: {exc}"
+            continue
+        sources[ep.name] = source
+    pm.hfls_broken = broken  # type: ignore[attr-defined]
+    pm.hfls_sources = sources  # type: ignore[attr-defined]
 
 
 def get_plugin_manager(
-    plugins: Iterable[object] = (), load_entry_points: bool = True
+    plugins: Iterable[object] = (), load_entry_points: bool = True, strict: bool = True
 ) -> pluggy.PluginManager:
     """A plugin manager with the built-in strategies, installed plugins and ``plugins``.
 
@@ -48,13 +153,27 @@ def get_plugin_manager(
             so with the same ordering marks they run last.
         load_entry_points: also load the plugins that installed packages declare in the
             ``hf_llama_strategies`` entry-point group.
+        strict: refuse to go on when an installed plugin cannot be loaded (``False``: record
+            it in ``pm.hfls_broken``, as the ``plugins`` command lists it).
+
+    Raises:
+        PluginError: a plugin cannot be loaded or registered (a hook-like name with a typo),
+            naming it.
     """
     pm = pluggy.PluginManager(PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
+    pm.hfls_broken = {}  # type: ignore[attr-defined]
+    pm.hfls_sources = {}  # type: ignore[attr-defined]
     for module_name in BUILTIN_PLUGINS:
-        _register(pm, importlib.import_module(module_name), name=module_name)
+        _register(pm, importlib.import_module(module_name), name=module_name, trusted=True)
     if load_entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _load_entry_points(pm)
+        if strict and pm.hfls_broken:  # type: ignore[attr-defined]
+            name, why = next(iter(pm.hfls_broken.items()))  # type: ignore[attr-defined]
+            raise PluginError(
+                f"installed plugin {name!r} cannot be loaded ({why}). Fix or uninstall it; "
+                "`hf-llama-strategies plugins` lists what loads."
+            )
     for plugin in plugins:
         _register(pm, plugin)
     return pm
@@ -62,13 +181,12 @@ def get_plugin_manager(
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:
     """One entry per registered plugin: its name, where it comes from and its hooks."""
-    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    sources = getattr(pm, "hfls_sources", {})
     rows = []
     for name, plugin in pm.list_name_plugin():
-        dist = dists.get(id(plugin))
-        source = "built-in" if name in BUILTIN_PLUGINS else "in code"
-        if dist is not None:
-            source = f"{dist.project_name} {dist.version}"
+        source = "built-in" if name in BUILTIN_PLUGINS else sources.get(name, "in code")
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
         rows.append({"name": name, "source": source, "hooks": hooks})
+    for name, why in getattr(pm, "hfls_broken", {}).items():
+        rows.append({"name": name, "source": f"BROKEN, not loaded: {why}", "hooks": []})
     return rows

@@ -21,6 +21,8 @@ from .plan import PLAN_FILE_NAME, StrategyPlan
 
 if TYPE_CHECKING:
     import pluggy
+
+    from .resume import PlanChange
     from transformers import TrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -122,30 +124,46 @@ def _blocks(plan: StrategyPlan, names: list[str]) -> str:
 # -- resume -------------------------------------------------------------------------------
 
 
-def check_resumed_plan(plan: StrategyPlan, checkpoint: str, allow_change: bool) -> None:
+def check_resumed_plan(
+    plan: StrategyPlan, checkpoint: str, allow_change: bool, training_args: Optional["TrainingArguments"] = None
+) -> Optional["PlanChange"]:
     """Compare ``plan`` with the ``strategy_plan.json`` saved in ``checkpoint``.
+
+    Compares every per-parameter decision, the schedules, and the settings that change the
+    result (precision mode, base learning rate, seed).
+
+    Returns:
+        ``None`` when the plans train alike (or the checkpoint holds no plan), else the
+        :class:`~hf_llama_strategies.resume.PlanChange` the resumed run must follow
+        (``allow_change`` only).
 
     Raises:
         PlanError: the plans differ and ``allow_change`` is false; the message lists the
-            differences (checkpoint -> now) and how to resume anyway.
+            differences (checkpoint -> now) and how to resume anyway. Also a change that
+            ``allow_change`` cannot follow (see :func:`~hf_llama_strategies.resume.plan_change`).
     """
+    from .resume import plan_change
+
     path = os.path.join(checkpoint, PLAN_FILE_NAME)
     if not os.path.isdir(checkpoint):
         logger.warning(
             f"The run resumes, but {checkpoint} does not exist: the plan it was trained with cannot be checked "
             "(StrategyCallback does not see resume_from_checkpoint; StrategyTrainer checks the checkpoint passed)."
         )
-        return
+        return None
     if not os.path.isfile(path):
         logger.warning(
-            f"Resuming from {checkpoint}, which holds no {PLAN_FILE_NAME} (saved without hf-llama-strategies?): "
+            f"Resuming from {checkpoint}, which holds no {PLAN_FILE_NAME} (a plain Trainer checkpoint): "
             "the plan it was trained with cannot be checked."
         )
-        return
-    saved = StrategyPlan.load(path)
+        return None
+    try:
+        saved = StrategyPlan.load(path)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path} is damaged ({type(exc).__name__}: {exc}); the checkpoint cannot be resumed.") from None
     lines = saved.differences(plan)
     if not lines:
-        return
+        return None
     shown = [f"  - {line}" for line in lines[:_MAX_DIFF_LINES]]
     if len(lines) > _MAX_DIFF_LINES:
         shown.append(f"  ... and {len(lines) - _MAX_DIFF_LINES} more")
@@ -154,11 +172,12 @@ def check_resumed_plan(plan: StrategyPlan, checkpoint: str, allow_change: bool) 
         + "\n".join(shown)
     )
     if allow_change:
+        change = plan_change(saved, plan, training_args)
         logger.warning(message + "\nallow_plan_change_on_resume is set: resuming with the new plan.")
-        return
+        return change
     raise PlanError(
         message + "\nA resumed run must train by the same plan to continue the interrupted one (optimizer groups, "
-        "schedules, learning rates). Restore the options the checkpoint was trained with, or set "
+        "schedules, learning rates, precision, seed). Restore the options the checkpoint was trained with, or set "
         "allow_plan_change_on_resume: true to resume with the new plan anyway."
     )
 

@@ -12,15 +12,17 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import CONFIG_NAME, logging
 
 from .arguments import StrategyArguments
 from .callback import StrategyCallback
+from .checkpoints import can_stage, save_checkpoint_staged
+from .errors import InvalidArgumentError
 from .optim import create_optimizer_from_plan, settle_requires_grad
 from .plan import StrategyPlan, build_plan, check_something_trains, torch_dtype
 from .strategies.precision import copy_precision_decision, resolve_training_arguments
 from .runtime import check_ddp_arguments, check_deepspeed_arguments, check_fsdp_arguments
+from .validation import check_trainer_arguments, resolve_resume_checkpoint
 
 logger = logging.get_logger(__name__)
 
@@ -54,6 +56,10 @@ class StrategyTrainerMixin:
         strategy_plugins: Iterable[object] = (),
         **kwargs: Any,
     ) -> None:
+        if strategy_args is not None and not isinstance(strategy_args, StrategyArguments):
+            raise InvalidArgumentError(
+                "strategy_args", type(strategy_args).__name__, "a StrategyArguments (or None for no strategy)"
+            )
         self.strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
         self.strategy_callback = StrategyCallback(self.strategy_args, plugins=strategy_plugins)
         self._hfls_save_dtype: Optional[torch.dtype] = None
@@ -71,6 +77,8 @@ class StrategyTrainerMixin:
                 args = (args[0], training_args, *args[2:])
             else:
                 kwargs["args"] = training_args
+        # Values no run survives (NaN rate, batch size 0) fail here, before output_dir exists.
+        check_trainer_arguments(training_args)
         # Before Trainer.__init__, which sets accelerate up from fp16/bf16: the resolved
         # flags are the ones used, and a bad strategy fails before output_dir is created.
         resolve_training_arguments(
@@ -155,14 +163,36 @@ class StrategyTrainerMixin:
         if self.model_init is None and self.strategy_callback.plan is not None:  # type: ignore[attr-defined]
             # Here and not at construction: a frozen model evaluates and predicts.
             check_something_trains(self.strategy_callback.plan, self.model)  # type: ignore[attr-defined]
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer raises its own error
+        # True: the newest *complete* checkpoint (a partial one left by a kill is skipped and
+        # named); an explicit one must be complete. Both before any weight is loaded.
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args)
         if isinstance(checkpoint, str):
+            resume_from_checkpoint = checkpoint
             if self.strategy_callback.plan is not None:
                 self.strategy_callback.check_resume(checkpoint)
             self.strategy_callback.resume_checkpoint = checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """``Trainer._save_checkpoint``, written into a hidden sibling and renamed into place.
+
+        A run killed while it saves leaves no ``checkpoint-N`` (only ``.tmp-checkpoint-N``, which
+        nothing reads): a checkpoint is complete, ``strategy_plan.json`` included, or absent.
+        The files are the Trainer's; older checkpoints rotate once the new one is in place.
+        """
+        if not self._hfls_active or not can_stage(self.args, trial):
+            return super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        write = lambda: super(StrategyTrainerMixin, self)._save_checkpoint(model, trial)  # noqa: E731
+        save_checkpoint_staged(self, write, finish=self.strategy_callback.save_plan_into)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        """``Trainer``'s, then the current plan's groups and rates where the plan changed on resume."""
+        change = self.strategy_callback.plan_change_on_resume if self._hfls_active else None
+        if checkpoint is None or change is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        from .resume import load_with_changed_plan
+
+        load_with_changed_plan(self, checkpoint, change, super()._load_optimizer_and_scheduler)  # type: ignore[misc]
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
         model = super().call_model_init(trial)  # type: ignore[misc]

@@ -235,14 +235,23 @@ def test_yaml_values_keep_their_types(tiny_config_dir):
 
 
 def test_resume_true_means_the_last_checkpoint(tmp_path, tiny_config_dir):
+    import torch
+    from safetensors.torch import save_file
+
     out = tmp_path / "run"
-    (out / "checkpoint-2").mkdir(parents=True)
-    (out / "checkpoint-4").mkdir()
+    for step in (2, 4):
+        ckpt = out / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}), encoding="utf-8")
+        save_file({"w": torch.zeros(2)}, str(ckpt / "model.safetensors"))
+        torch.save({}, ckpt / "optimizer.pt")
+        torch.save({}, ckpt / "scheduler.pt")
+    (out / "checkpoint-6").mkdir()  # an interrupted save: skipped
     base = {"model_config": tiny_config_dir, "output_dir": str(out)}
     training = cli.parse_config(dict(base, resume_from_checkpoint=True))[2]
     assert training.resume_from_checkpoint == str(out / "checkpoint-4")
     assert cli.parse_config(dict(base), ["--resume_from_checkpoint", "false"])[2].resume_from_checkpoint is None
-    with pytest.raises(cli.InvalidArgumentError, match="No checkpoint-"):
+    with pytest.raises(cli.InvalidArgumentError, match="No complete checkpoint-"):
         cli.parse_config(dict(base, output_dir=str(tmp_path / "empty"), resume_from_checkpoint="true"))
     with pytest.raises(cli.InvalidArgumentError, match="No such directory"):
         cli.parse_config(dict(base, resume_from_checkpoint=str(tmp_path / "nope")))

@@ -201,7 +201,11 @@ class PrecisionDecision:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (``strategy_plan.json``'s ``settings.precision``)."""
-        return {**dataclasses.asdict(self), "notes": list(self.notes), "summary": self.summary()}
+        # "decides": what a resumed run must share (StrategyPlan.differences); not the device.
+        return {
+            **dataclasses.asdict(self), "notes": list(self.notes), "summary": self.summary(),
+            "decides": ["mode", "pure_bf16", "frozen_dtype"],
+        }
 
 
 def _refuse(option: str, value: Any, expected: str, hint: Optional[str] = None) -> InvalidArgumentError:
