@@ -5,6 +5,7 @@ from .arguments import StrategyArguments
 from .callback import StrategyCallback
 from .errors import InvalidArgumentError, PlanError, StrategyError, UnknownArchitectureError
 from .hookspecs import hookimpl, hookspec
+from .memory import TrainingMemoryEstimate, estimate_training_memory
 from .plan import PLAN_FILE_NAME, ParamDecision, StrategyPlan, build_plan
 from .plugins import get_plugin_manager
 from .strategies.precision import HardwareProbe, resolve_training_arguments
@@ -25,8 +26,10 @@ __all__ = [
     "StrategyPlan",
     "StrategyTrainer",
     "StrategyTrainerMixin",
+    "TrainingMemoryEstimate",
     "UnknownArchitectureError",
     "build_plan",
+    "estimate_training_memory",
     "get_plugin_manager",
     "hookimpl",
     "hookspec",

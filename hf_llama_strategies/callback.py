@@ -30,8 +30,7 @@ from typing import Any, Callable, Iterable, Optional
 import pluggy
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_optimizer import is_optimizer_factory
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -41,7 +40,7 @@ from .optim import (
     NO_DECAY_SUFFIX,
     OptimizerClsAndKwargs,
     base_learning_rate,
-    create_optimizer_from_plan,
+    build_optimizer,
     group_learning_rates,
     settle_requires_grad,
 )
@@ -193,16 +192,7 @@ class StrategyCallback(TrainerCallback):
             )
         check_something_trains(self.plan, model)
         settle_requires_grad(self.plan, model)
-        optimizer = create_optimizer_from_plan(model, self.plan, args, optimizer_cls_and_kwargs)
-        if optimizer is not None:
-            return optimizer
-        # optim= brings its own layout and the plan needs none: build it as the Trainer would.
-        cls, kwargs = optimizer_cls_and_kwargs or Trainer.get_optimizer_cls_and_kwargs(args, model)
-        kwargs = dict(kwargs)
-        if is_optimizer_factory(cls):
-            return cls()(model, **kwargs)
-        layout = next(kwargs.pop(k) for k in ("params", "model", "optimizer_dict") if k in kwargs)
-        return cls(layout, **kwargs)
+        return build_optimizer(model, self.plan, args, optimizer_cls_and_kwargs)
 
     # -- per-group learning rates -------------------------------------------------------------
 

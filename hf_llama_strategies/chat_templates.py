@@ -106,6 +106,9 @@ TEMPLATES: dict[str, TemplateSpec] = {
     ),
     "qwen3_nothink": TemplateSpec(**_CHATML, observation=_QWEN_TOOL, eos="<|im_end|>"),
     "qwen3": TemplateSpec(**_CHATML, observation=_QWEN_TOOL, thinking=True, eos="<|im_end|>"),
+    # Qwen3.5's text slots are Qwen3's (its tool format and vision plugin differ; text only here).
+    "qwen3_5_nothink": TemplateSpec(**_CHATML, observation=_QWEN_TOOL, eos="<|im_end|>"),
+    "qwen3_5": TemplateSpec(**_CHATML, observation=_QWEN_TOOL, thinking=True, eos="<|im_end|>"),
     "chatml": TemplateSpec(
         **_CHATML, observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n", eos="<|im_end|>"
     ),

@@ -711,13 +711,54 @@ def _default_reporters() -> list[str]:
     return ["tensorboard"]
 
 
-def run_plan(config: dict[str, Any], overrides: Sequence[str] = (), plot: Optional[str] = None) -> Any:
-    """Print the plan and a memory estimate with no weights loaded (meta device)."""
-    from .memory import estimate_memory
+@dataclass
+class PlanOptions:
+    """Options of ``plan`` beside the config keys: ``--plot``, ``--json``, ``--fit``, ``--world_size``..."""
+
+    plot: Optional[str] = None
+    json: bool = False
+    fit: Optional[int] = None
+    world_size: Optional[int] = None
+    fit_optimizers: tuple[str, ...] = ()
+
+
+def _positive(option: str, value: Any) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        number = 0
+    if isinstance(value, bool) or str(number) != str(value).strip() or number < 1:
+        raise InvalidArgumentError(option, value, "a positive integer")
+    return number
+
+
+def _check_step_shape(training_args: TrainingArguments, data_args: DataArguments) -> None:
+    """The batch shape the estimate simulates: positive integers, named by their keys."""
+    for option, value in (
+        ("per_device_train_batch_size", training_args.per_device_train_batch_size),
+        ("gradient_accumulation_steps", training_args.gradient_accumulation_steps),
+        ("max_seq_length", data_args.max_seq_length),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(option, value, "a positive integer")
+
+
+def run_plan(
+    config: dict[str, Any], overrides: Sequence[str] = (), plot: Optional[str] = None,
+    options: Optional[PlanOptions] = None,
+) -> Any:
+    """Print the plan, the static memory estimate and the step's peak, with no weights loaded (meta device).
+
+    With ``options.json`` one JSON object (``plan``, ``static_memory``, ``memory``, ``fit``) is printed
+    instead; with ``options.fit`` the settings that fit that many bytes are searched.
+    """
+    from .memory import estimate_memory, estimate_training_memory
     from .plan import build_plan
     from .strategies.precision import resolve_training_arguments
 
+    options = options or PlanOptions(plot=plot)
     model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
+    _check_step_shape(training_args, data_args)
     model_config = load_model_config(model_args)
     task = _task_from_config(model_config) if model_args.task == "auto" else model_args.task
     model = build_model(model_args, model_config, task, meta=True)
@@ -725,13 +766,34 @@ def run_plan(config: dict[str, Any], overrides: Sequence[str] = (), plot: Option
     training_args = resolve_training_arguments(training_args, strategy_args, model=model)
     plan = build_plan(model, strategy_args, training_args)
     estimate = estimate_memory(plan, str(getattr(training_args.optim, "value", training_args.optim)))
-    print(plan.table())
-    print(estimate.table())
-    if plot:
+    memory = estimate_training_memory(
+        model, strategy_args, training_args, seq_len=data_args.max_seq_length, world_size=options.world_size
+    )
+    fit = None
+    if options.fit is not None:
+        from .fit import fit_search
+
+        fit = fit_search(
+            model, strategy_args, training_args, options.fit, seq_len=data_args.max_seq_length,
+            world_size=options.world_size, optimizers=options.fit_optimizers,
+        )
+    if options.json:
+        print(json.dumps({
+            "plan": plan.to_dict(), "static_memory": estimate.to_dict(), "memory": memory.to_dict(),
+            "fit": None if fit is None else fit.to_dict(),
+        }, indent=2))
+    else:
+        print(plan.table())
+        print(estimate.table())
+        print(memory.table())
+        if fit is not None:
+            print(fit.report())
+    if options.plot:
         from .report import plot_plan
 
-        plot_plan(plan, plot, base_lr=training_args.learning_rate)
-        print(f"plot written to {plot}")
+        plot_plan(plan, options.plot, base_lr=training_args.learning_rate)
+        if not options.json:
+            print(f"plot written to {options.plot}")
     return plan
 
 
@@ -752,8 +814,11 @@ _USAGE = """usage: hf-llama-strategies COMMAND [CONFIG.yaml] [--key value ...]
 commands:
   train [CONFIG.yaml] [--key value ...]   fine-tune (no config: the bundled offline demo; --task sft: its
                                           instruction-tuning variant); a LLaMA-Factory YAML is translated
-  plan CONFIG.yaml [--plot PNG] [--key value ...]
-                                          print the plan and a memory estimate; loads no weights
+  plan CONFIG.yaml [--json] [--fit 80GiB [--fit_optimizers adafactor,sgd]] [--world_size N]
+       [--plot PNG] [--key value ...]
+                                          print the plan and the peak memory of a training step
+                                          (dry run on fake tensors: loads no weights); --fit finds
+                                          settings that fit, --json prints one JSON object
   plugins                                 list installed and active plugins with their hooks
 
 `hf-llama-strategies train --help` lists every key a config file or the command line may set.
@@ -761,20 +826,40 @@ commands:
 _COMMANDS = ("train", "plan", "plugins")
 
 
-def _split_plot(overrides: list[str]) -> tuple[Optional[str], list[str]]:
+def _split_plan_options(overrides: list[str]) -> tuple[PlanOptions, list[str]]:
+    """Take ``plan``'s own options out of the ``--key value`` overrides."""
+    from .fit import parse_size
+
     rest: list[str] = []
-    plot = None
+    options = PlanOptions()
+    valued = {"plot": "a file name, e.g. --plot plan.png", "fit": "a memory size, e.g. --fit 80GiB",
+              "world_size": "a number of ranks, e.g. --world_size 8",
+              "fit_optimizers": "optim values, e.g. --fit_optimizers adafactor,sgd"}
     tokens = iter(overrides)
     for token in tokens:
-        if token == "--plot":
-            plot = next(tokens, None)
-            if plot is None:
-                raise CliError("--plot needs a file name, e.g. --plot plan.png")
-        elif token.startswith("--plot="):
-            plot = token.split("=", 1)[1]
-        else:
+        name, eq, value = token.partition("=")
+        key = name[2:].replace("-", "_") if name.startswith("--") else None
+        if key == "json" and not eq:
+            options.json = True
+            continue
+        if key not in valued:
             rest.append(token)
-    return plot, rest
+            continue
+        if not eq:
+            value = next(tokens, None)
+            if value is None or value.startswith("--"):
+                raise CliError(f"--{key} needs {valued[key]}")
+        if key == "plot":
+            options.plot = value
+        elif key == "fit":
+            options.fit = parse_size(value, "--fit")
+        elif key == "world_size":
+            options.world_size = _positive("--world_size", value)
+        else:
+            options.fit_optimizers = tuple(v.strip() for v in value.split(",") if v.strip())
+    if options.fit_optimizers and options.fit is None:
+        raise CliError("--fit_optimizers needs --fit BUDGET (the optimizers are tried in the fit search).")
+    return options, rest
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -801,21 +886,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The config file is the first word that is not a --key or its value.
         config_path = rest[0] if rest and not rest[0].startswith("-") else None
         overrides = rest[1:] if config_path is not None else rest
-        plot = None
+        plan_options = PlanOptions()
         if command == "plan":
-            plot, overrides = _split_plot(overrides)
+            plan_options, overrides = _split_plan_options(overrides)
             if config_path is None:
                 raise CliError(f"plan needs a config file, e.g. {os.path.join(CONFIGS_DIR, 'llama3-8b.yaml')}")
         if config_path:
             config = load_config_file(config_path)
             if is_llamafactory_config(config):
-                config = translate_llamafactory(config, os.path.dirname(os.path.abspath(config_path)))
+                # `plan --json` prints one JSON object and nothing else.
+                config = translate_llamafactory(
+                    config, os.path.dirname(os.path.abspath(config_path)), echo=not plan_options.json
+                )
         else:
             config = _demo_config(DEMO_SFT_CONFIG if _demo_task(overrides) == SFT else DEMO_CONFIG, overrides)
         if command == "train":
             run_train(config, overrides)
         else:
-            run_plan(config, overrides, plot=plot)
+            run_plan(config, overrides, options=plan_options)
         return 0
     except StrategyError as exc:
         print(f"hf-llama-strategies: error: {one_line(str(exc))}", file=sys.stderr)

@@ -122,6 +122,14 @@ _REFUSED_PREFIXES = {
     "pref_": "preference training (DPO/ORPO/SimPO) is not SFT", "dpo_": "DPO is not SFT", "kto_": "KTO is not SFT",
     "simpo_": "SimPO is not SFT", "ppo_": "PPO is not SFT", "ref_model": "a reference model is for preference "
     "training", "reward_model": "reward models are for PPO", "ld_alpha": "preference training",
+    **dict.fromkeys(
+        ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+         "expert_model_parallel_size", "context_parallel_size", "sequence_parallel", "bias_activation_fusion",
+         "apply_rope_fusion", "use_distributed_optimizer", "overlap_param_gather", "overlap_grad_reduce",
+         "moe_grouped_gemm", "moe_token_dispatcher_type", "recompute_granularity"),
+        "a Megatron-Core training key (LLaMA-Factory's examples/megatron, launched with USE_MCA=1); "
+        "Megatron-Core is another backend",
+    ),
 }
 _SWITCHED = {"galore_": "use_galore", "apollo_": "use_apollo", "badam_": "use_badam", "kt_": "use_kt",
              "asft_alpha": "use_asft_loss", "eaft_alpha": "use_eaft_loss"}
@@ -157,6 +165,34 @@ def _resolve(path: str, base_dir: str) -> str:
     return os.path.abspath(next((c for c in candidates if os.path.exists(c)), path))
 
 
+def _whole(config: dict[str, Any], key: str, default: Any, minimum: Optional[int] = None,
+           option: Optional[str] = None) -> Any:
+    """``config[key]`` (or ``default``; None stays None), checked to be a whole number (at least ``minimum``)."""
+    value = config.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        least = f" of at least {minimum}" if minimum is not None else ""
+        raise InvalidArgumentError(option or key, value, f"a whole number{least}")
+    return value
+
+
+def _flag(config: dict[str, Any], key: str) -> bool:
+    """``config[key]`` checked to be true, false or unset (a typo such as ``yes`` would silently switch it on)."""
+    value = config.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidArgumentError(key, value, "true or false")
+    return bool(value)
+
+
+def _mapping(value: Any, option: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(option, value, "a mapping of names, as in LLaMA-Factory's dataset_info.json")
+    return dict(value)
+
+
 def _names(value: Any) -> list[str]:
     if value is None:
         return []
@@ -171,30 +207,39 @@ def _dataset_specs(names: list[str], dataset_dir: str, max_samples: Optional[int
         raise InvalidArgumentError("dataset_dir", dataset_dir, "a directory holding dataset_info.json",
                                    f"No {info_path}.")
     with open(info_path, encoding="utf-8") as fh:
-        info = json.load(fh)
+        try:
+            info = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgumentError("dataset_dir", dataset_dir, f"a valid JSON {info_path}", str(exc)) from None
+    if not isinstance(info, dict):
+        raise InvalidArgumentError("dataset_dir", dataset_dir, f"a {info_path} mapping dataset names to entries")
     specs = []
     for name in names:
         if name not in info:
             raise InvalidArgumentError("dataset", name, f"a dataset named in {info_path}: {sorted(info)}")
         attr = info[name]
-        if "file_name" not in attr:
+        if not isinstance(attr, dict) or "file_name" not in attr:
             raise _refuse(f"dataset {name!r}", attr, "it is on a hub or behind a script; this runs offline from "
                           "local files: download it and give its file_name in dataset_info.json")
         if attr.get("ranking"):
             raise _refuse(f"dataset {name!r}", "ranking: true", "pairwise (DPO/RM) data is not SFT data")
-        columns = dict(attr.get("columns") or {})
+        columns = _mapping(attr.get("columns"), f"dataset {name!r} columns")
+        fmt = normalise_format(attr.get("formatting", "alpaca"), f"dataset {name!r} formatting")
+        if fmt == "alpaca" and set(columns) == {"prompt"}:
+            raise _refuse(f"dataset {name!r} columns", columns, "one text column is LLaMA-Factory's pre-training "
+                          "(stage: pt) data, with no response to learn; for raw text use the native task: causal_lm")
         # LLaMA-Factory reads these only when dataset_info.json names them.
         columns = {**{c: None for c in UNREAD_BY_DEFAULT if c not in columns}, **columns}
         for column in ("images", "videos", "audios", "chosen", "rejected", "kto_tag"):
             if columns.get(column):
                 raise _refuse(f"dataset {name!r} columns.{column}", columns[column],
                               "multimodal and preference columns are not supported")
-        fmt = normalise_format(attr.get("formatting", "alpaca"), f"dataset {name!r} formatting")
+        tags = _mapping(attr.get("tags"), f"dataset {name!r} tags")
         path = os.path.join(dataset_dir, attr["file_name"])
         files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith((".json", ".jsonl"))]
                  if os.path.isdir(path) else [path])
         limit = max_samples
-        if attr.get("num_samples") is not None:
+        if _whole(attr, "num_samples", None, minimum=1, option=f"dataset {name!r} num_samples") is not None:
             limit = attr["num_samples"] if limit is None else min(limit, attr["num_samples"])
             notes.append(f"dataset {name}: num_samples {attr['num_samples']} keeps the first records "
                          "(LLaMA-Factory draws them at random)")
@@ -202,8 +247,8 @@ def _dataset_specs(names: list[str], dataset_dir: str, max_samples: Optional[int
             spec: dict[str, Any] = {"file": file, "format": fmt}
             if columns:
                 spec["columns"] = columns
-            if attr.get("tags"):
-                spec["tags"] = dict(attr["tags"])
+            if tags:
+                spec["tags"] = tags
             if limit is not None:
                 spec["max_samples"] = int(limit)
             specs.append(spec)
@@ -221,19 +266,20 @@ def _model_config(path: Optional[str], trust_remote_code: bool) -> Any:
 
 def _freeze_options(config: dict[str, Any], model_config: Any, notes: list[str]) -> dict[str, Any]:
     """LLaMA-Factory's freeze tuning as strategy options (``_setup_freeze_tuning`` in its adapter.py)."""
-    layers = int(config.get("freeze_trainable_layers", 2))
+    layers = _whole(config, "freeze_trainable_layers", 2)
     num_layers = getattr(model_config, "num_hidden_layers", None) if model_config is not None else None
     out: dict[str, Any] = {"train_embeddings": False, "train_norm": False, "train_head": False}
-    if config.get("use_llama_pro") and num_layers is not None and layers >= num_layers:
+    llama_pro = _flag(config, "use_llama_pro")
+    if llama_pro and num_layers is not None and layers >= num_layers:
         out["trainable_layers"] = "all"
         notes.append(f"use_llama_pro with {layers} of {num_layers} layers: every layer trains")
-    elif config.get("use_llama_pro"):
+    elif llama_pro:
         if num_layers is None or layers <= 0 or num_layers % layers:
             raise InvalidArgumentError("freeze_trainable_layers", layers, "a divisor of the model's layer count "
                                        f"({num_layers}) with use_llama_pro")
         stride = num_layers // layers
         out["trainable_layers"] = f"{stride - 1}::{stride}"
-        notes.append(f"use_llama_pro with {layers} layers: every {stride}th layer from layer {stride - 1}")
+        notes.append(f"use_llama_pro with {layers} layers: layers {stride - 1}, {2 * stride - 1}, ... (one in {stride})")
     elif layers == 0:
         out["trainable_layers"] = "none"
     else:
@@ -335,7 +381,7 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
 
     # Data.
     dataset_dir = _resolve(str(config.get("dataset_dir", "data")), base_dir)
-    max_samples = config.get("max_samples")
+    max_samples = _whole(config, "max_samples", None, minimum=1)
     names = _names(config.get("dataset"))
     if not names:
         raise InvalidArgumentError("dataset", config.get("dataset"), "one or more dataset names of dataset_info.json")
@@ -344,7 +390,7 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
         out["sft_eval_datasets"] = _dataset_specs(_names(config["eval_dataset"]), dataset_dir, max_samples, notes)
     if config.get("val_size"):
         out["validation_split"] = config["val_size"]
-    out["max_seq_length"] = int(config.get("cutoff_len", 2048))
+    out["max_seq_length"] = _whole(config, "cutoff_len", 2048, minimum=1)
     positions = getattr(model_config, "n_positions", None)  # learned absolute positions (GPT-2 style)
     if positions and out["max_seq_length"] > positions:
         notes.append(f"cutoff_len {out['max_seq_length']}: cut to the model's {positions} positions")
@@ -353,12 +399,12 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
     notes.append("bad_records: skip: malformed records are left out and counted, as LLaMA-Factory skips them")
     notes.append("cutoff_len: sequences are cut at the end (TRL); LLaMA-Factory shortens prompt and reply in "
                  "proportion")
-    if config.get("use_dft_loss"):
+    if _flag(config, "use_dft_loss"):
         out["sft_loss"] = "dft"
     for key in ("train_on_prompt", "mask_history", "default_system", "enable_thinking"):
         if key in config:
             out[key] = config[key]
-    if config.get("packing") or config.get("neat_packing"):
+    if _flag(config, "packing") or _flag(config, "neat_packing"):
         out["packing"] = True
         notes.append("packing: TRL's best-fit packing, each sequence attending only to itself")
 
@@ -378,9 +424,12 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
     if "evaluation_strategy" in config:
         out["eval_strategy"] = config["evaluation_strategy"]
     if "warmup_ratio" in config and "warmup_steps" not in config:
-        out["warmup_steps"] = float(config["warmup_ratio"])  # a fraction of the steps in transformers 5
+        ratio = config["warmup_ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise InvalidArgumentError("warmup_ratio", ratio, "a fraction of the training steps in [0, 1)")
+        out["warmup_steps"] = float(ratio)  # a fraction of the steps in transformers 5
     out.setdefault("precision", "auto")
-    if config.get("pure_bf16") or config.get("bf16"):
+    if _flag(config, "pure_bf16") or config.get("bf16"):
         out.setdefault("model_dtype", "bfloat16")  # LLaMA-Factory loads the weights in its compute dtype
         if not _has_gpu() and "use_cpu" not in config:
             # transformers refuses bf16 without a GPU unless use_cpu says the CPU is meant.

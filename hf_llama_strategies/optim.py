@@ -227,6 +227,28 @@ def create_optimizer_from_plan(
     return optimizer_cls(groups, **optimizer_kwargs)
 
 
+def build_optimizer(
+    model: nn.Module,
+    plan: StrategyPlan,
+    training_args: "TrainingArguments",
+    optimizer_cls_and_kwargs: Optional[OptimizerClsAndKwargs] = None,
+) -> torch.optim.Optimizer:
+    """The optimizer a run of ``plan`` trains with: the plan's groups, or ``optim=``'s own layout.
+
+    :func:`create_optimizer_from_plan`, and where ``optim=`` lays out its own parameters (and the
+    plan needs nothing but the default layout), the optimizer built as the Trainer builds it.
+    """
+    optimizer = create_optimizer_from_plan(model, plan, training_args, optimizer_cls_and_kwargs)
+    if optimizer is not None:
+        return optimizer
+    cls, kwargs = optimizer_cls_and_kwargs or Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    kwargs = dict(kwargs)
+    if is_optimizer_factory(cls):
+        return cls()(model, **kwargs)
+    layout = next(kwargs.pop(k) for k in _OWN_LAYOUT_KWARGS if k in kwargs)
+    return cls(layout, **kwargs)
+
+
 def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Current learning rate of every named plan group (``.no_decay`` halves folded in)."""
     rates: dict[str, float] = {}

@@ -502,8 +502,10 @@ def _load_split(split: str, data_args: Any, sft_args: SFTArguments, tokenizer: A
     bad.sort(key=lambda b: (b[0], b[1]))
     _refuse_or_count(bad, sft_args, split)
     if not kept:
+        path, number, exc = bad[0]
         raise InvalidArgumentError(option, specs[0].file, "data with at least one usable record",
-                                   "Every record was bad.")
+                                   f"Every record was bad; the first, record {number} of {path}: {exc.problem}. "
+                                   f"Fix: {exc.fix}.")
     limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
     return kept[:limit] if limit else kept
 
@@ -527,6 +529,8 @@ def load_sft_data(data_args: Any, sft_args: SFTArguments, tokenizer: Any, seed: 
     if sft_args.sft_loss not in SFT_LOSSES:
         raise InvalidArgumentError("sft_loss", sft_args.sft_loss, f"one of {list(SFT_LOSSES)}")
     normalise_format(sft_args.sft_format)
+    if sft_args.default_system is not None and not isinstance(sft_args.default_system, str):
+        raise InvalidArgumentError("default_system", sft_args.default_system, "the system prompt as text")
     template = resolve_chat_template(tokenizer, sft_args)
     # Every reply is learned through the template's generation markers; without them, or with
     # mask_history, TRL's prompt/completion form learns the last one.

@@ -30,6 +30,7 @@ from tiny_models import tiny_model  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer  # noqa: E402
 
 from hf_llama_strategies import StrategyArguments, StrategyCallback, StrategyTrainer  # noqa: E402
+from hf_llama_strategies.strategies.frozen_prefix_cache import get_frozen_prefix_cache  # noqa: E402
 
 GLOBAL_BATCH = 4
 #: A directory of OUT_DIR: when present, the model is loaded from it (the tests save
@@ -76,7 +77,16 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, Any]]] = {
         "trainer",
         dict(bf16=True, deepspeed={**DS_BASE, "zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}),
     ),
+    # The frozen-prefix cache (last layer trains) and its uncached twin; "disk" shares one
+    # directory (CACHE_DIR under OUT_DIR) between the ranks.
+    "cache_off": (dict(trainable_layers="-1:"), "trainer", {}),
+    "cache_memory": (dict(trainable_layers="-1:", frozen_prefix_cache="memory"), "trainer", {}),
+    "cache_disk": (dict(trainable_layers="-1:", frozen_prefix_cache="disk"), "trainer", {}),
 }
+CACHE_DIR = "frozen_prefix_cache"
+#: Training samples (TokenDataset(n=...)); 64 unless named: the cache scenarios' 8 samples make
+#: the 6 steps 3 epochs, so that each rank meets its (reshuffled) samples again.
+DATA_SIZE = {"cache_off": 8, "cache_memory": 8, "cache_disk": 8}
 
 
 class RecordingMixin:
@@ -172,8 +182,10 @@ def run(scenario: str, out_dir: str, reference: bool = False, **overrides: Any) 
         model = tiny_model("llama", num_hidden_layers=NUM_LAYERS).train()
     initial = _full_parameters(model)
     partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    if options.get("frozen_prefix_cache") == "disk":
+        options = {**options, "frozen_prefix_cache_dir": os.path.join(out_dir, CACHE_DIR)}
     strategy = StrategyArguments(print_plan=False, **options)
-    data = TokenDataset(n=64)
+    data = TokenDataset(n=DATA_SIZE.get(scenario, 64))
     if kind == "callback":
         callback = StrategyCallback(strategy)
         trainer: Trainer = RecordingTrainer(
@@ -188,6 +200,7 @@ def run(scenario: str, out_dir: str, reference: bool = False, **overrides: Any) 
         cls = CpuFsdpStrategyTrainer if kind == "fsdp" and not reference else RecordingStrategyTrainer
         trainer = cls(model=model, args=args, train_dataset=data, strategy_args=strategy)
     trainer.train()
+    cache = get_frozen_prefix_cache(trainer.model)
     final = _full_parameters(trainer.model)
     groups = [(g.get("name"), len(g["params"])) for g in trainer.optimizer.param_groups]
     # DeepSpeed's ZeRO optimizers keep their own (fp32) master partitions of the trainable parameters.
@@ -210,6 +223,9 @@ def run(scenario: str, out_dir: str, reference: bool = False, **overrides: Any) 
         "dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
         # accelerate launch passes its settings to the processes as ACCELERATE_* variables.
         "launched_by_accelerate": "ACCELERATE_MIXED_PRECISION" in os.environ,
+        "cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses,
+                                             "prepass_samples": cache.prepass_samples,
+                                             "loaded_entries": cache.loaded_entries, "entries": len(cache.entries)},
     }
     path = os.path.join(out_dir, f"{scenario}_{'reference' if reference else f'rank{rank}'}.pt")
     if reference or rank < world_size:

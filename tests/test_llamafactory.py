@@ -41,6 +41,12 @@ DATASET_INFO = {
               "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}},
     "pairs": {"file_name": "reviews.json", "ranking": True},
     "hub": {"hf_hub_url": "llamafactory/alpaca_en"},
+    # As LLaMA-Factory's c4_demo / wiki_demo: one text column, pre-training data.
+    "text": {"file_name": "reviews.json", "columns": {"prompt": "instruction"}},
+    "broken": {"file_name": "broken.json"},
+    "flat_columns": {"file_name": "reviews.json", "columns": "instruction"},
+    "listed_tags": {"file_name": "chats.json", "formatting": "sharegpt", "tags": ["role"]},
+    "many": {"file_name": "reviews.json", "num_samples": "many"},
 }
 
 
@@ -57,6 +63,7 @@ def workdir(tmp_path, monkeypatch):
         json.dumps({"q": r["instruction"], "ctx": r["input"], "a": r["output"]}) + "\n" for r in ALPACA),
         encoding="utf-8")
     (data / "chats.json").write_text(json.dumps(CHATS), encoding="utf-8")
+    (data / "broken.json").write_text(json.dumps([{"instruction": "x"}] * 3), encoding="utf-8")
     # The classification demo's tokenizer: it has no chat template, so `template` must supply one.
     tokenizer = AutoTokenizer.from_pretrained(cli.DEMO_DIR)
     assert not tokenizer.chat_template
@@ -113,6 +120,7 @@ def translate(workdir, **extra):
         ({"freeze_extra_modules": "norm"}, {"trainable_params": ["norm"], "train_norm": False}),
         ({}, {"train_embeddings": False, "train_norm": False, "train_head": False, "trainable_layers": "-1:"}),
         ({"cutoff_len": 1024, "template": "qwen"}, {"max_seq_length": 1024, "chat_template": "qwen"}),
+        ({"template": "qwen3_5_nothink"}, {"chat_template": "qwen3_5_nothink"}),
         ({"warmup_ratio": 0.25, "evaluation_strategy": "epoch"}, {"warmup_steps": 0.25, "eval_strategy": "epoch"}),
         ({"val_size": 0.1, "train_on_prompt": True}, {"validation_split": 0.1, "train_on_prompt": True}),
         ({"pure_bf16": True, "bf16": False}, {"pure_bf16": True, "model_dtype": "bfloat16", "precision": "auto"}),
@@ -172,6 +180,7 @@ def test_full_ignores_freeze_keys(workdir):
         ({"reward_model": "rm"}, "reward models are for PPO"),
         ({"use_galore": True, "galore_rank": 16}, "use_galore=True"),
         ({"use_asft_loss": True}, "use_asft_loss=True"),
+        ({"pipeline_model_parallel_size": 4}, "pipeline_model_parallel_size=4 has no meaning here: a Megatron-Core"),
         ({"quantization_bit": 4}, "quantization_bit=4"),
         ({"template": "qwen2_vl"}, "multimodal template"),
         ({"template": "no_such_template"}, "no chat template is shipped for it"),
@@ -179,6 +188,20 @@ def test_full_ignores_freeze_keys(workdir):
         ({"dataset": "hub"}, "it is on a hub"),
         ({"dataset": "nope"}, "dataset='nope' is not valid"),
         ({"learning_rat": 1e-4}, "did you mean 'learning_rate'"),
+        ({"dataset": "text"}, "pre-training (stage: pt) data"),
+        ({"dataset": "broken"}, "broken.json: the `output` field is missing. Fix:"),
+        ({"dataset": "flat_columns"}, "dataset 'flat_columns' columns='instruction' is not valid: expected a mapping"),
+        ({"dataset": "listed_tags"}, "dataset 'listed_tags' tags=['role'] is not valid"),
+        ({"dataset": "many"}, "dataset 'many' num_samples='many' is not valid: expected a whole number"),
+        ({"cutoff_len": "long"}, "cutoff_len='long' is not valid: expected a whole number of at least 1"),
+        ({"cutoff_len": -5}, "cutoff_len=-5 is not valid"),
+        ({"max_samples": 0}, "max_samples=0 is not valid"),
+        ({"freeze_trainable_layers": "two"}, "freeze_trainable_layers='two' is not valid"),
+        ({"warmup_ratio": 5}, "warmup_ratio=5 is not valid: expected a fraction"),
+        ({"use_dft_loss": "x"}, "use_dft_loss='x' is not valid: expected true or false"),
+        ({"neat_packing": "yes"}, "neat_packing='yes' is not valid"),
+        ({"use_llama_pro": 1}, "use_llama_pro=1 is not valid"),
+        ({"default_system": 5}, "default_system=5 is not valid: expected the system prompt as text"),
     ],
 )
 def test_keys_without_meaning_here_are_refused_by_name(workdir, capsys, change, fragment):
@@ -186,6 +209,14 @@ def test_keys_without_meaning_here_are_refused_by_name(workdir, capsys, change, 
     assert cli.main(["train", path]) == 2
     err = capsys.readouterr().err
     assert fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (workdir / "saves").exists()
+
+
+def test_a_malformed_dataset_info_is_refused_naming_it(workdir, capsys):
+    (workdir / "data" / "dataset_info.json").write_text('{"reviews": ', encoding="utf-8")
+    assert cli.main(["train", write(workdir, lf_config())]) == 2
+    err = capsys.readouterr().err
+    assert "dataset_dir=" in err and "a valid JSON" in err and len(err.strip().splitlines()) == 1, err
     assert not (workdir / "saves").exists()
 
 

@@ -45,6 +45,31 @@ def sentence(rng: random.Random, label: int) -> str:
     return " ".join(p for p in parts if p)
 
 
+def save_tokenizer_and_config(out: str, corpus: list[str], extra_specials: list[str], eos: str, max_length: int,
+                              chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer trained on ``corpus`` and a 4-layer Llama config for it, saved in ``out``."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", *extra_specials]
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
+    additional = [t for t in extra_specials if t != eos]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token=eos,
+        model_max_length=max_length, **({"additional_special_tokens": additional} if additional else {}),
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out)
+    LlamaConfig(
+        vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=max_length,
+        pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+        tie_word_embeddings=False,
+    ).save_pretrained(out)
+    return fast
+
+
 def main() -> None:
     rng = random.Random(1234)
     os.makedirs(OUT, exist_ok=True)
@@ -56,24 +81,7 @@ def main() -> None:
             writer.writerow(["text", "label"])
             writer.writerows(part)
 
-    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    tokenizer.train_from_iterator([t for t, _ in rows], trainers.WordLevelTrainer(special_tokens=specials))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]",
-        model_max_length=64,
-    )
-    fast.save_pretrained(OUT)
-
-    config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
-        pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    config.save_pretrained(OUT)
+    fast = save_tokenizer_and_config(OUT, [t for t, _ in rows], [], "[EOS]", 64)
     print(json.dumps({"vocab": len(fast), "train": 800, "validation": 200}))
     make_sft()
 
@@ -118,25 +126,9 @@ def make_sft() -> None:
                         {"role": "assistant", "content": o}]
             fh.write(json.dumps({"messages": messages}) + "\n")
 
-    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "<|im_start|>", "<|im_end|>"]
     corpus = [" ".join(r) for r in records] + [SFT_SYSTEM, "system user assistant"]
-    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"], model_max_length=128,
-    )
-    fast.chat_template = build_chat_template("chatml")
-    fast.save_pretrained(SFT_OUT)
-    config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-        pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    config.save_pretrained(SFT_OUT)
+    fast = save_tokenizer_and_config(SFT_OUT, corpus, ["<|im_start|>", "<|im_end|>"], "<|im_end|>", 128,
+                                     chat_template=build_chat_template("chatml"))
     print(json.dumps({"sft_vocab": len(fast), "sft_train": len(train), "sft_validation": 100}))
 
 

@@ -75,10 +75,14 @@ SETTINGS_KEY = "frozen_prefix_cache"
 CACHE_FORMAT_VERSION = 1
 _GB = 10**9
 _ATTRIBUTE = "_hfls_frozen_prefix_cache"
-# Keyword arguments the Trainer passes that do not shape the prefix.
-_NOT_INPUTS = frozenset({"labels", "num_items_in_batch"})
+# Keyword arguments the Trainer passes that do not shape the prefix. TRL's SFTTrainer adds
+# ``fused_lm_head`` (its head reads the backbone's ``last_hidden_state``; only the head's arithmetic
+# changes), ``output_router_logits`` (an extra output) and, under sequence parallelism, ``shift_labels``.
+_NOT_INPUTS = frozenset({"labels", "shift_labels", "num_items_in_batch"})
 _FLAGS = frozenset({"return_dict", "output_attentions", "output_hidden_states", "use_cache", "logits_to_keep",
-                    "return_loss"})
+                    "return_loss", "fused_lm_head", "output_router_logits"})
+# Keys of padding-free batches (TRL's packing "bfd" or padding_free=True): one row holding the whole batch.
+_PADDING_FREE_KEYS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"})
 _IGNORE_INDEX = -100
 
 __all__ = [
@@ -518,6 +522,8 @@ class FrozenPrefixCache:
         self._stash: Optional[torch.Tensor] = None
         self._pending: Optional[Callable[[], None]] = None
         self._warned_full = False
+        self._warned_bypass = False
+        self._used = False
         self._handles: list[Any] = []
         self._patched: list[tuple[nn.Module, Any]] = []
         pad = getattr(getattr(model, "config", None), "pad_token_id", None)
@@ -542,6 +548,7 @@ class FrozenPrefixCache:
             backbone.forward = self._cached_backbone(backbone.forward)
             self._patched.append((backbone, own))
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._after_model_call))
         boundary = modules[self.boundary.module]
         self._handles.append(boundary.register_forward_pre_hook(self._on_boundary, with_kwargs=True))
 
@@ -573,6 +580,7 @@ class FrozenPrefixCache:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if self._computing or self._bypass or self._stash is None:
                 return original(*args, **kwargs)
+            self._used = True
             return BaseModelOutputWithPast(last_hidden_state=self._stash)
 
         return forward
@@ -590,6 +598,7 @@ class FrozenPrefixCache:
                 f"{tuple(self._stash.shape)}: this model calls its layers in a way the cache does not support. "
                 "Set frozen_prefix_cache: off."
             )
+        self._used = True
         if args:
             return (self._stash, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": self._stash}
@@ -601,13 +610,30 @@ class FrozenPrefixCache:
         if inputs is None:
             # Generation (a KV cache), inputs_embeds, positional inputs: run the model as it is.
             self._bypass, self._stash = True, None
+            if module.training and not self._warned_bypass:
+                # Not silent: a training run whose batches all pass here would gain nothing.
+                logger.warning(
+                    "frozen_prefix_cache: a training batch with inputs %s (positional: %d) is not one the cache can "
+                    "key; such batches run the whole model uncached.", sorted(kwargs), len(args),
+                )
+                self._warned_bypass = True
             return None
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending()
         self._stash = self.lookup(inputs, labels)
-        self._bypass = False
+        self._bypass, self._used = False, False
         return None
+
+    def _after_model_call(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._computing or self._bypass or self._stash is None or self._used:
+            return None
+        # The skipped modules returned placeholders: a forward that reached neither the boundary nor the
+        # skipped backbone (say, a head that reads its weight directly after the final norm) used them.
+        raise RuntimeError(
+            f"frozen_prefix_cache: the model's forward never called {self.boundary.module} (nor its skipped "
+            "backbone), so the cached states were not used and the output is wrong. Set frozen_prefix_cache: off."
+        )
 
     @staticmethod
     def _model_inputs(args: tuple, kwargs: dict) -> tuple[Optional[dict[str, torch.Tensor]], Any]:
@@ -628,7 +654,8 @@ class FrozenPrefixCache:
         ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
         if ids is None or ids.ndim != 2 or (mask is not None and mask.shape != ids.shape):
             return None, None
-        return inputs, kwargs.get("labels")
+        labels = kwargs.get("labels")
+        return inputs, labels if labels is not None else kwargs.get("shift_labels")
 
     # -- keys and entries -----------------------------------------------------------------
 
@@ -779,8 +806,10 @@ class FrozenPrefixCache:
     # -- the pre-pass -----------------------------------------------------------------------
 
     def prepare(self, dataset: Any, collate: Callable[[list], Any], batch_size: int, show_progress: bool,
-                option: str, estimate_per_token: int) -> tuple[int, int]:
+                option: str, estimate_per_token: int, prepass: bool = True) -> tuple[int, int]:
         """Check the data, size the cache, and schedule the pre-pass for the first forward.
+
+        With ``prepass=False`` nothing is scheduled: samples are computed when training first meets them.
 
         Returns ``(distinct samples not yet cached, their estimated bytes)``.
 
@@ -816,7 +845,7 @@ class FrozenPrefixCache:
                 f"cached). Raise frozen_prefix_cache_max_gb to at least {math.ceil(total / _GB * 1000) / 1000:g}, "
                 "or set frozen_prefix_cache: off."
             )
-        if pending:
+        if pending and prepass:
             self._pending = lambda: self._prepass(dataset, collate, pending, show_progress, option)
         return len(seen), estimate
 
@@ -912,6 +941,13 @@ def _collate(dataset: Any, collate: Callable[[list], Any], chunk: list[int], opt
     batch = collate([dataset[i] for i in chunk])
     if not isinstance(batch, Mapping):
         raise PlanError(f"{option}: the data collator returns {type(batch).__name__}, not a dict of model inputs.")
+    if _PADDING_FREE_KEYS & set(batch):
+        raise PlanError(
+            f"{option}: the data collator builds padding-free batches (keys {sorted(_PADDING_FREE_KEYS & set(batch))}"
+            ": TRL's padding_free=True, or packing with packing_strategy 'bfd'), which concatenate a whole batch into "
+            "one row: a sample's prefix is then keyed with whichever samples share its shuffled batch and never hits. "
+            "Use padding_free=False (with packing: packing_strategy='wrapped'), or set frozen_prefix_cache: off."
+        )
     inputs, labels = FrozenPrefixCache._model_inputs((), dict(batch))
     if inputs is None:
         raise PlanError(
@@ -1000,7 +1036,14 @@ def hfls_on_train_begin(
         return
     batch_size = getattr(training_args, "per_device_eval_batch_size", None) or 8
     show = training_args is None or (not training_args.disable_tqdm and training_args.process_index == 0)
-    count, estimate = cache.prepare(dataset, collate, batch_size, show, option, int(settings["bytes_per_token"]))
+    # Under DDP a rank trains on 1/world_size of the data per epoch: a pre-pass over all of it would cost
+    # each rank world_size epochs of the prefix. Each rank caches what its shard brings as it first arrives.
+    world_size = getattr(training_args, "world_size", 1) or 1
+    count, estimate = cache.prepare(dataset, collate, batch_size, show, option, int(settings["bytes_per_token"]),
+                                    prepass=world_size <= 1)
+    if world_size > 1:
+        logger.info("%s: %d processes: no pre-pass; each rank caches its samples when it first trains on them.",
+                    option, world_size)
     figure = (
         f"{len(dataset)} training samples, {count} to compute (~{_human_bytes(estimate)}), "
         f"{cache.loaded_entries} read from {cache.directory}" if cache.directory else
