@@ -140,6 +140,15 @@ def checkpoint_problem(path: str, require_optimizer: bool = True) -> Optional[st
         return f"{TRAINER_STATE} is not valid JSON"
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
         return f"{TRAINER_STATE} holds no global_step"
+    step = state["global_step"]
+    named = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    # The Trainer names a checkpoint after its global_step: another one is a state file edited
+    # or copied from elsewhere, and the run would resume at the wrong step.
+    if step < 0 or (named is not None and int(named.group(1)) != step):
+        return f"{TRAINER_STATE} holds global_step={step}, not the step the folder is named after"
+    for key, kind in (("log_history", list), ("best_metric", (int, float, type(None)))):
+        if key in state and not isinstance(state[key], kind) or isinstance(state.get(key), bool):
+            return f"{TRAINER_STATE} holds {key}={state[key]!r}, not a {getattr(kind, '__name__', 'number')}"
     problem = _weights_problem(path)
     if problem:
         return problem

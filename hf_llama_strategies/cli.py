@@ -360,6 +360,10 @@ def _resolve_resume(training_args: TrainingArguments) -> Optional[str]:
         # save_only_model checkpoints hold no optimizer state by design.
         strict = not training_args.save_only_model
         last, skipped = latest_complete_checkpoint(out, strict) if out and os.path.isdir(out) else (None, [])
+        if last is None and out and (not os.path.exists(out) or os.path.isdir(out) and not os.listdir(out)):
+            # A run killed before it wrote anything (while loading the model or the data).
+            print(f"hf-llama-strategies: {out} holds no earlier run yet; training from the start.")
+            return _RESTART
         if last is None and out and os.path.isdir(out) and _interrupted_before_first_checkpoint(out):
             print(
                 f"hf-llama-strategies: {out} holds a run interrupted before its first complete checkpoint; "

@@ -115,11 +115,18 @@ def check_data_file(option: str, path: str, builder: str) -> None:
         raise DataFileError(option, path, "It holds only whitespace.")
     if builder == "csv":
         rows = csv.reader(text.splitlines())
-        header = next(rows, None)
-        if not header or not any(c.strip() for c in header):
-            raise DataFileError(option, path, "Its first line (the CSV header) is empty.")
-        if not any(any(c.strip() for c in row) for row in rows):
-            raise DataFileError(option, path, f"It has a header ({', '.join(header)}) but no rows.")
+        # pandas (which datasets reads CSV with) has no field limit: neither may this check.
+        limit = csv.field_size_limit(2**31 - 1)
+        try:
+            header = next(rows, None)
+            if not header or not any(c.strip() for c in header):
+                raise DataFileError(option, path, "Its first line (the CSV header) is empty.")
+            if not any(any(c.strip() for c in row) for row in rows):
+                raise DataFileError(option, path, f"It has a header ({', '.join(header)}) but no rows.")
+        except csv.Error as exc:  # a row the csv module cannot parse
+            raise DataFileError(option, path, f"Line {rows.line_num} is not valid CSV: {exc}.") from exc
+        finally:
+            csv.field_size_limit(limit)
     elif builder == "json":
         stripped = text.strip()
         if stripped.startswith("["):

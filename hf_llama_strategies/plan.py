@@ -484,7 +484,9 @@ def build_plan(
     pm.hook.hfls_adjust_plan(**hook_kwargs)
     pm.hook.hfls_validate_plan(**hook_kwargs, model=model)
     if plan.num_trainable == 0:
-        plan.note(_nothing_trains(plan) + " Fine for evaluation and prediction; training refuses it.")
+        # Not logged as a warning: training raises this same message, and a refused CLI run prints one line.
+        plan.notes.append(_nothing_trains(plan) + " Fine for evaluation and prediction; training refuses it.")
+        logger.info(plan.notes[-1])
     if plan.is_dynamic and not plan.active_names(0, pm):
         first = min(d.active_from for d in plan if d.trainable)
         raise PlanError(

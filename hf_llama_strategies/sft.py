@@ -337,8 +337,23 @@ def resolve_chat_template(tokenizer: Any, sft_args: SFTArguments) -> str:
     else:
         hint = "Multimodal templates have no text-only meaning. " if MULTIMODAL_TEMPLATE.search(value) else ""
         raise InvalidArgumentError("chat_template", value, f"one of {names}, a .jinja file or Jinja text", hint)
+    _check_jinja(value, template)
     tokenizer.chat_template = template
     return template
+
+
+def _check_jinja(value: str, template: str) -> None:
+    """Compile ``template`` as transformers will, so a syntax error is named before training."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateError as exc:
+        raise InvalidArgumentError(
+            "chat_template", value, "a valid Jinja chat template",
+            f"Jinja: {exc.message} (line {getattr(exc, 'lineno', '?')}).",
+        ) from exc
 
 
 def _has_markers(template: str) -> bool:

@@ -37,6 +37,9 @@ from .errors import InvalidArgumentError
 logger = logging.get_logger(__name__)
 
 _SEED_MAX = 2**32 - 1
+# Step counts and batch sizes end up in torch/numpy int64 and itertools.islice (sys.maxsize):
+# a larger YAML integer crashes deep in the loop or never finishes.
+_INT_MAX = 2**63 - 1
 
 
 def _is_number(value: Any) -> bool:
@@ -50,8 +53,8 @@ def _finite(option: str, value: Any, expected: str) -> float:
 
 
 def _at_least_one(option: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidArgumentError(option, value, "a whole number >= 1")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _INT_MAX:
+        raise InvalidArgumentError(option, value, f"a whole number in [1, {_INT_MAX}]")
 
 
 def _strategy_value(args: Any, name: str) -> Any:
@@ -71,7 +74,7 @@ def check_trainer_arguments(args: Any) -> None:
     for option in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         _at_least_one(option, getattr(args, option))
     _finite("num_train_epochs", args.num_train_epochs, "a finite number of epochs > 0 (or max_steps > 0)")
-    if not isinstance(args.max_steps, int) or isinstance(args.max_steps, bool):
+    if not isinstance(args.max_steps, int) or isinstance(args.max_steps, bool) or abs(args.max_steps) > _INT_MAX:
         raise InvalidArgumentError("max_steps", args.max_steps, "a whole number: -1 (use num_train_epochs) or >= 1")
     wd = _finite("weight_decay", args.weight_decay, "a finite number >= 0")
     if wd < 0:
@@ -86,12 +89,19 @@ def check_trainer_arguments(args: Any) -> None:
         raise InvalidArgumentError("adam_epsilon", args.adam_epsilon, "a finite number > 0, e.g. 1e-8")
     if not isinstance(args.seed, int) or isinstance(args.seed, bool) or not 0 <= args.seed <= _SEED_MAX:
         raise InvalidArgumentError("seed", args.seed, f"a whole number in [0, {_SEED_MAX}]")
-    if not isinstance(args.dataloader_num_workers, int) or args.dataloader_num_workers < 0:
-        raise InvalidArgumentError("dataloader_num_workers", args.dataloader_num_workers, "a whole number >= 0")
+    # Each worker is a process: a huge count forks until the machine runs out of them.
+    workers_max = max(32, 4 * (os.cpu_count() or 1))
+    workers = args.dataloader_num_workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or not 0 <= workers <= workers_max:
+        raise InvalidArgumentError("dataloader_num_workers", workers, f"a whole number in [0, {workers_max}]")
     for strategy, steps in (("save_strategy", "save_steps"), ("eval_strategy", "eval_steps")):
         value = getattr(args, steps)
         if _strategy_value(args, strategy) == "steps" and value is not None and (not _is_number(value) or value <= 0):
             raise InvalidArgumentError(steps, value, f"a number > 0 with {strategy}: steps")
+    for option in ("logging_steps", "save_steps", "eval_steps", "warmup_steps"):
+        value = getattr(args, option, None)
+        if _is_number(value) and abs(value) > _INT_MAX:
+            raise InvalidArgumentError(option, value, f"a number of steps up to {_INT_MAX}")
     out = args.output_dir
     if out and os.path.exists(out) and not os.path.isdir(out):
         raise InvalidArgumentError("output_dir", out, "a directory (or a path to create one)", "It is a file.")
@@ -224,16 +234,25 @@ def check_config_types(config: dict[str, Any], classes: Iterable[type]) -> dict[
             continue
         if value is None and default is None:
             continue
+        if isinstance(value, bool) and _accepts_str(hint) and key not in _FLAG_TEXT_OPTIONS:
+            # `tokenizer_name_or_path: true` would become the Hub repository "true".
+            raise InvalidArgumentError(key, value, f"a value of type {_describe(hint)}")
         if isinstance(value, (int, float)) and _accepts_str(hint):
             # As the command line would give it (`resume_from_checkpoint: true`, `trainable_layers: 2`).
             out[key] = str(value).lower() if isinstance(value, bool) else str(value)
             continue
-        if _accepts_str(hint) and value is not None:
-            # Text options normalise YAML lists and mappings themselves (trainable_modules,
-            # sft_datasets) and refuse what they cannot use.
+        if key in _STRUCTURED_TEXT_OPTIONS and value is not None:
+            # These normalise YAML lists and mappings themselves (sft_datasets from LLaMA-Factory)
+            # and refuse what they cannot use.
             continue
         raise InvalidArgumentError(key, value, f"a value of type {_describe(hint)}")
     return out
+
+
+# Text options outside StrategyArguments that take a YAML list or mapping as well (sft.py).
+_STRUCTURED_TEXT_OPTIONS = frozenset({"sft_datasets", "sft_eval_datasets"})
+# Text options whose value may be a YAML boolean (`resume_from_checkpoint: true`).
+_FLAG_TEXT_OPTIONS = frozenset({"resume_from_checkpoint"})
 
 
 def _accepts_str(hint: Any) -> bool:
@@ -276,6 +295,14 @@ def resolve_resume_checkpoint(value: Any, args: Any, strict: bool = False) -> An
         return found if found is not None else value
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
+        if not os.path.isdir(path):
+            # The Trainer's ValueError ("Can't find a valid checkpoint") came after the callbacks
+            # ran on_init; still a ValueError, now naming the option.
+            raise CheckpointError(
+                f"resume_from_checkpoint={path!r} cannot be resumed from: "
+                f"{'it is a file' if os.path.exists(path) else 'no such directory'}. Give a checkpoint directory, "
+                "or resume_from_checkpoint=True for the newest complete one in output_dir."
+            )
         if os.path.isdir(path):
             check_resume_checkpoint(path, require_optimizer=require_optimizer)
             if not require_optimizer and checkpoint_problem(path) is not None:

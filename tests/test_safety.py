@@ -237,11 +237,16 @@ def _break(kind):
         elif kind == "truncated_optimizer":
             data = (ckpt / "optimizer.pt").read_bytes()
             (ckpt / "optimizer.pt").write_bytes(data[:100])
+        elif kind in ("wrong_step", "negative_step", "bad_log_history"):
+            state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+            state.update({"wrong_step": {"global_step": 99}, "negative_step": {"global_step": -4},
+                          "bad_log_history": {"log_history": "junk"}}[kind])
+            (ckpt / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     return apply
 
 
 DAMAGE = ["no_state", "bad_state", "bad_plan", "truncated_weights", "no_weights", "no_optimizer", "no_scheduler",
-          "truncated_optimizer"]
+          "truncated_optimizer", "wrong_step", "negative_step", "bad_log_history"]
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
@@ -427,6 +432,39 @@ def test_bad_values_exit_2_with_one_line_and_earlier_files_unchanged(tmp_path, r
     assert tree(out) == before
 
 
+# Found by a probe of a few hundred bad inputs (issue 12 follow-up): each was a traceback, a
+# fork bomb, a run that never ends, or a Hub lookup of a YAML boolean.
+BAD_PROBED = [
+    ({"per_device_train_batch_size": 10**30}, "per_device_train_batch_size=1000000000000000000000000000000"),
+    ({"max_steps": 10**30}, "max_steps=1000000000000000000000000000000"),
+    ({"save_strategy": "steps", "save_steps": 10**30}, "save_steps=1000000000000000000000000000000"),
+    ({"dataloader_num_workers": 10**30}, "dataloader_num_workers=1000000000000000000000000000000"),
+    ({"dataloader_num_workers": 100000}, "dataloader_num_workers=100000"),
+    ({"tokenizer_name_or_path": ["a", "b"]}, "tokenizer_name_or_path=['a', 'b']"),
+    ({"tokenizer_name_or_path": {"a": 1}}, "tokenizer_name_or_path={'a': 1}"),
+    ({"tokenizer_name_or_path": True}, "tokenizer_name_or_path=True"),
+    ({"model_config": True}, "model_config=True"),
+    ({"model_config": ["a"]}, "model_config=['a']"),
+    ({"task": "sft", "train_file": os.path.join(cli.DEMO_SFT_DIR, "validation.jsonl"), "chat_template": "{% for x in %}"},
+     "chat_template='{% for x in %}' is not valid: expected a valid Jinja chat template"),
+    ({"trainable_layers": "-1:", "frozen_prefix_cache": "disk", "frozen_prefix_cache_dir": "/proc/no-such-dir"},
+     "frozen_prefix_cache_dir='/proc/no-such-dir'"),
+    ({"trainable_layers": "none", "train_head": False, "train_embeddings": False, "train_norm": False},
+     "Nothing would train"),  # was a warning line, then the same message as the error
+]
+
+
+@pytest.mark.parametrize("change, fragment", BAD_PROBED, ids=[str(i) for i in range(len(BAD_PROBED))])
+def test_probed_bad_values_exit_2_with_one_line_and_nothing_written(tmp_path, reference, capfd, change, fragment):
+    out = tmp_path / "run"
+    config = lm_run_config(reference["config_dir"], reference["corpus"], out, **change)
+    capfd.readouterr()
+    assert cli.main(["train", write_yaml(tmp_path / "c.yaml", config)]) == 2
+    line = one_line_error(capfd)  # fd level: logged warnings count as lines too
+    assert fragment in line, line
+    assert not out.exists()
+
+
 BAD_DATA = [
     ("train.csv", b"", "The file is empty"),
     ("train.csv", "text,label\n", "has a header (text, label) but no rows"),
@@ -545,6 +583,21 @@ def test_strategy_trainer_refuses_strategy_args_of_another_type(tmp_path, lm_dat
         StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path / "o"), train_dataset=lm_dataset,
                         strategy_args={"trainable_layers": "-1:"})
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where, fragment", [("missing", "no such directory"), ("file", "it is a file")])
+def test_strategy_trainer_resume_from_a_path_that_is_no_checkpoint_names_the_option(tmp_path, lm_dataset, where,
+                                                                                     fragment):
+    from hf_llama_strategies.checkpoints import CheckpointError
+    from tiny_models import tiny_model
+
+    path = tmp_path / "ckpt"
+    if where == "file":
+        path.write_text("x", encoding="utf-8")
+    trainer = StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path / "out"),
+                              train_dataset=lm_dataset, strategy_args=strategy(trainable_layers="-1:"))
+    with pytest.raises(CheckpointError, match=f"resume_from_checkpoint=.*{fragment}"):  # was the Trainer's ValueError
+        trainer.train(resume_from_checkpoint=str(path))
 
 
 def test_strategy_trainer_resume_true_takes_the_newest_complete_checkpoint(tmp_path, lm_dataset):
@@ -686,3 +739,24 @@ def test_allow_plan_change_with_another_head_lr_uses_the_new_rate(tmp_path, cls_
     head = [v for k, v in logged.items() if k.startswith("learning_rate/") and "head" in k]
     # Linear decay over 4 steps: the third update runs at half the base rate, the new one.
     assert head and math.isclose(head[0], 3e-2 / 2, rel_tol=1e-6), logged
+
+
+def test_a_csv_field_over_the_csv_modules_limit_is_read_not_a_traceback(tmp_path):
+    import csv
+
+    from hf_llama_strategies.data import check_data_file
+
+    path = tmp_path / "train.csv"
+    path.write_text('text,label\n"' + "x" * 200_000 + '",1\nshort,0\n', encoding="utf-8")
+    limit = csv.field_size_limit()
+    check_data_file("train_file", str(path), "csv")  # raised _csv.Error (internal error, exit 1) before
+    assert csv.field_size_limit() == limit
+
+
+def test_resume_true_after_a_kill_before_anything_was_written_trains_from_the_start(tmp_path, reference, capsys):
+    # SIGKILL while the model or data loads leaves no output_dir: `resume_from_checkpoint: true` was refused.
+    out = tmp_path / "run"
+    config = lm_run_config(reference["config_dir"], reference["corpus"], out, resume_from_checkpoint=True)
+    assert cli.main(["train", write_yaml(tmp_path / "c.yaml", config)]) == 0
+    assert "holds no earlier run yet; training from the start" in capsys.readouterr().out
+    assert_same_weights(out, reference["out"])

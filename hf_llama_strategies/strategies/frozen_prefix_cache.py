@@ -1017,7 +1017,13 @@ def hfls_on_train_begin(
         max_gb = settings.get("max_gb")
         directory = settings.get("dir") if mode == DISK else None
         if directory is not None:
-            os.makedirs(directory, exist_ok=True)
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:  # os.access passes on /proc, a read-only mount, for root
+                raise InvalidArgumentError(
+                    "frozen_prefix_cache_dir", directory, "a directory this process can create and write",
+                    f"Creating it failed: {exc.strerror}.",
+                ) from exc
         cache = FrozenPrefixCache(model, boundary, digest, meta, directory,
                                   None if max_gb is None else int(max_gb * _GB))
         cache.install()
