@@ -732,17 +732,6 @@ def _positive(option: str, value: Any) -> int:
     return number
 
 
-def _check_step_shape(training_args: TrainingArguments, data_args: DataArguments) -> None:
-    """The batch shape the estimate simulates: positive integers, named by their keys."""
-    for option, value in (
-        ("per_device_train_batch_size", training_args.per_device_train_batch_size),
-        ("gradient_accumulation_steps", training_args.gradient_accumulation_steps),
-        ("max_seq_length", data_args.max_seq_length),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(option, value, "a positive integer")
-
-
 def run_plan(
     config: dict[str, Any], overrides: Sequence[str] = (), plot: Optional[str] = None,
     options: Optional[PlanOptions] = None,
@@ -757,8 +746,8 @@ def run_plan(
     from .strategies.precision import resolve_training_arguments
 
     options = options or PlanOptions(plot=plot)
+    # parse_config has refused a batch size, accumulation or max_seq_length below 1 (validation.py).
     model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
-    _check_step_shape(training_args, data_args)
     model_config = load_model_config(model_args)
     task = _task_from_config(model_config) if model_args.task == "auto" else model_args.task
     model = build_model(model_args, model_config, task, meta=True)
