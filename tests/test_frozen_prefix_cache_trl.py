@@ -22,25 +22,16 @@ pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'hf-lla
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl import SFTConfig  # noqa: E402
 
 from conftest import losses, snapshot, strategy
-from hf_llama_strategies import PlanError, StrategyTrainerMixin  # noqa: E402
+from test_integration_trl import StrategySFTTrainer, tokenizer  # noqa: E402,F401 (a fixture)
+from hf_llama_strategies import PlanError  # noqa: E402
 from hf_llama_strategies.cli import DEMO_DIR  # noqa: E402
 from hf_llama_strategies.strategies import frozen_prefix_cache as fpc  # noqa: E402
 
 ROWS = 16
 EPOCHS = 2
-
-
-class StrategySFTTrainer(StrategyTrainerMixin, SFTTrainer):
-    pass
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(DEMO_DIR)
 
 
 @pytest.fixture(scope="module")
