@@ -28,6 +28,7 @@ from transformers.utils import logging
 from .arguments import StrategyArguments
 from .errors import InvalidArgumentError
 from .plan import StrategyPlan, torch_dtype
+from .plan_report import format_bytes, format_flops
 from .planner import build_plan
 
 if TYPE_CHECKING:
@@ -329,22 +330,6 @@ class TrainingMemoryEstimate:
         lines.extend(f"  note: {n}" for n in self.notes)
         lines.append("  not counted (add a margin on a GPU): " + "; ".join(self.not_seen))
         return "\n".join(lines)
-
-
-def format_bytes(count: float) -> str:
-    """``85899345920`` -> ``'80.00 GiB'``."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(count) >= size:
-            return f"{count / size:,.2f} {unit}"
-    return f"{int(count)} B"
-
-
-def format_flops(count: float) -> str:
-    """``1.5e12`` -> ``'1.50 TFLOP'``."""
-    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if count >= size:
-            return f"{count / size:,.2f} {unit}"
-    return f"{int(count)} FLOP"
 
 
 def _blocks_table(blocks: list[BlockMemory]) -> str:

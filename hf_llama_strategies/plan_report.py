@@ -10,11 +10,25 @@ from .errors import StrategyError
 from .plan import ParamDecision, StrategyPlan, decision_nbytes
 
 
-def _human_bytes(count: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+def format_bytes(count: float) -> str:
+    """``85899345920`` -> ``'80.00 GiB'``."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(count) >= size:
+            return f"{count / size:,.2f} {unit}"
+    return f"{int(count)} B"
+
+
+def format_flops(count: float) -> str:
+    """``1.5e12`` -> ``'1.50 TFLOP'``."""
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
         if count >= size:
-            return f"{count / size:.2f}{unit}"
-    return f"{count}B"
+            return f"{count / size:,.2f} {unit}"
+    return f"{int(count)} FLOP"
+
+
+def _human_bytes(count: int) -> str:
+    # The table's compact form: "1.50GiB".
+    return format_bytes(count).replace(" ", "")
 
 
 def _human(count: int) -> str:

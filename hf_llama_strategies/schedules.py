@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from .anatomy import LAYER
 from .errors import InvalidArgumentError
+from .layer_selection import selects_none
 
 if TYPE_CHECKING:
+    from .arguments import StrategyArguments
     from .plan import StrategyPlan
 
 
@@ -27,3 +29,9 @@ def check_positive_int(option: str, value: Any, what: str) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgumentError(option, value, f"a positive integer ({what})")
+
+
+def refuse_without_layers(option: str, value: Any, strategy_args: "StrategyArguments", why: str) -> None:
+    """A schedule of decoder layers needs some: refuse ``option`` when ``trainable_layers`` is ``none``."""
+    if selects_none(strategy_args.trainable_layers):
+        raise InvalidArgumentError(option, value, "unset when trainable_layers='none'", why)

@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
 
+from hf_llama_strategies import hookimpl  # noqa: E402  (after the offline settings above)
+
 VOCAB = 128
 
 
@@ -49,6 +51,17 @@ def described(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[
     return [
         (g.get("name"), g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups
     ]
+
+
+class ProbeIs:
+    """A plugin that describes ``probe``'s hardware (the ``hfls_hardware_probe`` hook), for machines we lack."""
+
+    def __init__(self, probe) -> None:
+        self.probe = probe
+
+    @hookimpl
+    def hfls_hardware_probe(self, training_args):
+        return self.probe
 
 
 def strategy(**options):

@@ -7,7 +7,7 @@ import os
 import pathlib
 
 import pytest
-from conftest import TokenDataset, make_training_args
+from conftest import ProbeIs, TokenDataset, make_training_args
 from tiny_models import tiny_model
 
 from hf_llama_strategies import (
@@ -107,15 +107,6 @@ def test_one_plugin_manager_per_cli_train(tmp_path, monkeypatch):
     assert cli.main(["train", *overrides]) == 0
     assert (out / "strategy_plan.json").is_file()
     assert len(built) == 1, "parse_config, the plan and the trainer share the default manager"
-
-
-class ProbeIs:
-    def __init__(self, probe):
-        self.probe = probe
-
-    @hookimpl
-    def hfls_hardware_probe(self, training_args):
-        return self.probe
 
 
 def test_build_plan_asks_the_hardware_of_a_probe_plugin(tmp_path):

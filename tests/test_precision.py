@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TokenDataset, losses, make_training_args
+from conftest import ProbeIs, TokenDataset, losses, make_training_args
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
 
@@ -60,17 +60,6 @@ def saved_llama(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny_llama")
     tiny_model("llama").save_pretrained(path)
     return str(path)
-
-
-class ProbeIs:
-    """A plugin that describes ``probe``'s hardware (the ``hfls_hardware_probe`` hook)."""
-
-    def __init__(self, probe):
-        self.probe = probe
-
-    @hookimpl
-    def hfls_hardware_probe(self, training_args):
-        return self.probe
 
 
 def load(path: str, dtype: torch.dtype) -> torch.nn.Module:

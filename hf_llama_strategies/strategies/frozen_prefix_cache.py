@@ -63,6 +63,7 @@ from ..errors import InvalidArgumentError, PlanError
 from ..hookspecs import hookimpl
 from ..layer_selection import restricts_layers
 from ..plan import StrategyPlan
+from ..plan_report import format_bytes
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -225,13 +226,6 @@ def _boundary_from_settings(settings: Mapping[str, Any]) -> Boundary:
     return Boundary(b["kind"], int(b["index"]), b["module"], tuple(b["skipped"]))
 
 
-def _human_bytes(count: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{int(count)} B"
-
-
 def _dtype_size(name: str) -> int:
     dtype = getattr(torch, name.removeprefix("torch."), None)
     return dtype.itemsize if isinstance(dtype, torch.dtype) else 4
@@ -304,7 +298,7 @@ def hfls_adjust_plan(
     itemsize = _dtype_size(embedding.dtype) if embedding is not None else 4
     summary = (
         f"{mode}; {_prefix_text(plan, boundary)} run once per distinct sample, each forward starts at "
-        f"{boundary.describe()} from cached states ({_human_bytes(hidden * itemsize)} per token)"
+        f"{boundary.describe()} from cached states ({format_bytes(hidden * itemsize)} per token)"
     )
     if epochs is not None and epochs > 1:
         share, ratio = estimated_run_ratio(plan, boundary, epochs)
@@ -726,7 +720,7 @@ class FrozenPrefixCache:
             if not self._warned_full:
                 logger.warning(
                     "frozen_prefix_cache: the cache is full (%s, frozen_prefix_cache_max_gb); further samples are "
-                    "computed each time.", _human_bytes(self.nbytes),
+                    "computed each time.", format_bytes(self.nbytes),
                 )
                 self._warned_full = True
             return False
@@ -839,8 +833,8 @@ class FrozenPrefixCache:
             total = self.nbytes + estimate
             raise PlanError(
                 f"frozen_prefix_cache_max_gb={self.max_bytes / _GB:g}: the cache of this run's training data would "
-                f"hold {total / _GB:.3f} GB ({_human_bytes(total)}: {len(seen)} samples to compute, "
-                f"{missing_tokens} tokens x {estimate_per_token} bytes, plus {_human_bytes(self.nbytes)} already "
+                f"hold {total / _GB:.3f} GB ({format_bytes(total)}: {len(seen)} samples to compute, "
+                f"{missing_tokens} tokens x {estimate_per_token} bytes, plus {format_bytes(self.nbytes)} already "
                 f"cached). Raise frozen_prefix_cache_max_gb to at least {math.ceil(total / _GB * 1000) / 1000:g}, "
                 "or set frozen_prefix_cache: off."
             )
@@ -866,7 +860,7 @@ class FrozenPrefixCache:
         self.prepass_samples = self.misses - before
         logger.warning(
             "frozen_prefix_cache: pre-pass computed %d samples in %.2f s; the cache holds %d samples, %s.",
-            self.prepass_samples, self.prepass_seconds, len(self.entries), _human_bytes(self.nbytes),
+            self.prepass_samples, self.prepass_seconds, len(self.entries), format_bytes(self.nbytes),
         )
 
     def _device(self) -> torch.device:
@@ -1044,9 +1038,9 @@ def hfls_on_train_begin(
         logger.info("%s: %d processes: no pre-pass; each rank caches its samples when it first trains on them.",
                     option, world_size)
     figure = (
-        f"{len(dataset)} training samples, {count} to compute (~{_human_bytes(estimate)}), "
+        f"{len(dataset)} training samples, {count} to compute (~{format_bytes(estimate)}), "
         f"{cache.loaded_entries} read from {cache.directory}" if cache.directory else
-        f"{len(dataset)} training samples, {count} to compute (~{_human_bytes(estimate)})"
+        f"{len(dataset)} training samples, {count} to compute (~{format_bytes(estimate)})"
     )
     settings["summary"] = settings["summary"].split("; cache: ")[0] + f"; cache: {figure}"
     logger.info("%s: %s", option, figure)

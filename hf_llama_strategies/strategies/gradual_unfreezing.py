@@ -19,9 +19,9 @@ from ..anatomy import LAYER, ModelAnatomy
 from ..arguments import StrategyArguments
 from ..errors import InvalidArgumentError, PlanError
 from ..hookspecs import hookimpl
-from ..layer_selection import format_layers, selects_none
+from ..layer_selection import format_layers
 from ..plan import StrategyPlan
-from ..schedules import check_positive_int, scheduled_layers
+from ..schedules import check_positive_int, refuse_without_layers, scheduled_layers
 
 GRADUAL = "gradual"
 _SCHEDULES = (GRADUAL, "none")
@@ -60,11 +60,10 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
             "unfreeze_interval_steps", None, "a positive integer with unfreeze_schedule: gradual",
             "It is the number of optimizer steps after which one more layer starts training.",
         )
-    if selects_none(args.trainable_layers):
-        raise InvalidArgumentError(
-            "unfreeze_schedule", value, "unset when trainable_layers='none'",
-            "Gradual unfreezing unfreezes the layers trainable_layers selects, and it selects none.",
-        )
+    refuse_without_layers(
+        "unfreeze_schedule", value, args,
+        "Gradual unfreezing unfreezes the layers trainable_layers selects, and it selects none.",
+    )
 
 
 @hookimpl(trylast=True)

@@ -26,9 +26,9 @@ from ..anatomy import LAYER, ModelAnatomy
 from ..arguments import StrategyArguments
 from ..errors import InvalidArgumentError, PlanError
 from ..hookspecs import hookimpl
-from ..layer_selection import format_layers, selects_none
+from ..layer_selection import format_layers
 from ..plan import StrategyPlan
-from ..schedules import check_positive_int, scheduled_layers
+from ..schedules import check_positive_int, refuse_without_layers, scheduled_layers
 
 SCHEDULE = "lisa"
 DEFAULT_INTERVAL_STEPS = 20
@@ -60,11 +60,10 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
                 "It has no effect without LISA.",
             )
         return
-    if selects_none(args.trainable_layers):
-        raise InvalidArgumentError(
-            "lisa_layers", args.lisa_layers, "unset when trainable_layers='none'",
-            "LISA draws among the layers trainable_layers selects, and it selects none.",
-        )
+    refuse_without_layers(
+        "lisa_layers", args.lisa_layers, args,
+        "LISA draws among the layers trainable_layers selects, and it selects none.",
+    )
 
 
 @hookimpl(trylast=True)
