@@ -10,8 +10,8 @@ callback refuses to train when the plan's groups did not reach the optimizer.
 Nor can it change ``TrainingArguments``: by ``on_init_end`` the Trainer has set up
 accelerate (autocast, loss scaling) from ``fp16``/``bf16``. So ``precision: auto`` follows
 those flags as they are, and an explicit ``precision`` that they do not already say is
-refused (see :func:`~hf_llama_strategies.strategies.precision.check_training_arguments`);
-pass the arguments through :func:`~hf_llama_strategies.resolve_training_arguments`
+refused (the run context decides with ``fixed=True``, see
+:class:`~hf_llama_strategies.context.RunContext`); pass the arguments through :func:`~hf_llama_strategies.resolve_training_arguments`
 before building the Trainer to let ``auto`` choose.
 
 It also moves dynamic schedules at step boundaries and checks a resumed run's plan. Resume
@@ -35,6 +35,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .arguments import StrategyArguments
+from .context import RunContext
+from .distributed import check_distributed
 from .errors import PlanError
 from .optim import (
     NO_DECAY_SUFFIX,
@@ -44,16 +46,10 @@ from .optim import (
     group_learning_rates,
     settle_requires_grad,
 )
-from .plan import DEFAULT_GROUP, StrategyPlan, build_plan, check_something_trains
-from .strategies.precision import check_training_arguments
-from .plugins import get_plugin_manager
-from .runtime import (
-    ScheduleRunner,
-    check_ddp_arguments,
-    check_deepspeed_arguments,
-    check_fsdp_arguments,
-    check_resumed_plan,
-)
+from .plan import DEFAULT_GROUP, StrategyPlan
+from .planner import build_plan, check_something_trains
+from .plugins import plugin_manager_for
+from .runtime import ScheduleRunner, check_resumed_plan
 
 logger = logging.get_logger(__name__)
 
@@ -75,11 +71,22 @@ class StrategyCallback(TrainerCallback):
     Args:
         strategy_args: the strategy; default: full fine-tuning.
         plugins: extra plugin objects, beside built-in and installed ones.
+        context: the run's context, when the caller has one (``StrategyTrainer``); by default the
+            callback builds it when the Trainer hands it the model (``on_init_end``), taking
+            the Trainer's ``TrainingArguments`` as they are.
     """
 
-    def __init__(self, strategy_args: Optional[StrategyArguments] = None, plugins: Iterable[object] = ()) -> None:
+    def __init__(
+        self,
+        strategy_args: Optional[StrategyArguments] = None,
+        plugins: Iterable[object] = (),
+        *,
+        context: Optional[RunContext] = None,
+    ) -> None:
         self.strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
         self.plugins = tuple(plugins)
+        #: The run's context (plugin manager, precision decision, distributed setup), once known.
+        self.context = context
         self.plan: Optional[StrategyPlan] = None
         self.runner: Optional[ScheduleRunner] = None
         #: The checkpoint a resumed run starts from, when known (StrategyTrainer sets it).
@@ -90,7 +97,6 @@ class StrategyCallback(TrainerCallback):
         # Rates of the last optimizer step, read before the scheduler moves them.
         self._step_lrs: dict[str, float] = {}
         self._step_base_lr: Optional[float] = None
-        self._plugin_manager: Optional[pluggy.PluginManager] = None
         self._checked: Optional[tuple[str, int]] = None
         #: How the plan differs from the resumed checkpoint's (allow_plan_change_on_resume), else None.
         self.plan_change_on_resume: Any = None
@@ -111,15 +117,16 @@ class StrategyCallback(TrainerCallback):
     @property
     def plugin_manager(self) -> pluggy.PluginManager:
         """The plugin manager of this run: built-in, installed and ``plugins``."""
-        if self._plugin_manager is None:
-            self._plugin_manager = get_plugin_manager(self.plugins)
-        return self._plugin_manager
+        if self.context is not None:
+            return self.context.plugin_manager
+        return plugin_manager_for(self.plugins)
 
     def prepare(self, model: nn.Module, training_args: Optional[TrainingArguments] = None) -> StrategyPlan:
         """Build the plan for ``model`` (once); set its parameters' ``requires_grad`` and dtype.
 
         ``training_args`` are taken as final: checked against the precision options (an
-        explicit ``precision`` they contradict is refused), never changed. Every parameter
+        explicit ``precision`` they contradict is refused), never changed; the run context
+        is built on the first call (unless given). Every parameter
         that may ever train requires grad afterwards (what the optimizer and a DDP reducer
         must see); schedules take over when training begins.
         """
@@ -129,12 +136,14 @@ class StrategyCallback(TrainerCallback):
             training_args is not None and training_args is not self._prepared_args
         ):
             self._prepared_args = training_args
-            if training_args is not None:
-                training_args = check_training_arguments(
-                    training_args, self.strategy_args, model=model, plugins=self.plugins
+            if self.context is None:
+                self.context = RunContext.create(
+                    self.strategy_args, training_args, model=model, plugins=self.plugins, fixed=True
                 )
-            self.plan = build_plan(model, self.strategy_args, training_args, plugin_manager=self.plugin_manager)
-            self.runner = ScheduleRunner(self.plan, self.plugin_manager)
+            else:
+                self.context.use_training_arguments(training_args, model=model)
+            self.plan = build_plan(model, context=self.context)
+            self.runner = ScheduleRunner(self.plan, self.context.plugin_manager)
             self._prepared_model = model
         assert self.plan is not None
         self.plan.apply(model)
@@ -229,10 +238,9 @@ class StrategyCallback(TrainerCallback):
     ) -> None:
         self._training_args = args
         if model is not None:
-            self.prepare(model, args)
-            check_ddp_arguments(self.plan, args, model, can_set=False)
-            check_fsdp_arguments(self.plan, args, can_set=False)
-            check_deepspeed_arguments(self.plan, args)
+            plan = self.prepare(model, args)
+            assert self.context is not None
+            check_distributed(plan, self.context.distributed, can_set=False)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
@@ -254,7 +262,8 @@ class StrategyCallback(TrainerCallback):
             self.check_resume(checkpoint)
         if model is not None:
             self.plugin_manager.hook.hfls_on_train_begin(
-                model=model, plan=self.plan, training_args=args, train_dataloader=kwargs.get("train_dataloader")
+                model=model, plan=self.plan, training_args=args, train_dataloader=kwargs.get("train_dataloader"),
+                context=self.context,
             )
         if state.is_world_process_zero and self.strategy_args.print_plan:
             print(self.plan.table())

@@ -732,9 +732,9 @@ def run_plan(
     With ``options.json`` one JSON object (``plan``, ``static_memory``, ``memory``, ``fit``) is printed
     instead; with ``options.fit`` the settings that fit that many bytes are searched.
     """
+    from .context import RunContext
     from .memory import estimate_memory, estimate_training_memory
-    from .plan import build_plan
-    from .strategies.precision import resolve_training_arguments
+    from .planner import build_plan
 
     options = options or PlanOptions(plot=plot)
     # parse_config has refused a batch size, accumulation or max_seq_length below 1 (validation.py).
@@ -743,11 +743,13 @@ def run_plan(
     task = _task_from_config(model_config) if model_args.task == "auto" else model_args.task
     model = build_model(model_args, model_config, task, meta=True)
     # As `train` would: precision resolved for this machine (and by any installed probe plugin).
-    training_args = resolve_training_arguments(training_args, strategy_args, model=model)
-    plan = build_plan(model, strategy_args, training_args)
+    context = RunContext.create(strategy_args, training_args, model=model)
+    training_args = context.resolve_training_arguments()
+    plan = build_plan(model, context=context)
     estimate = estimate_memory(plan, str(getattr(training_args.optim, "value", training_args.optim)))
     memory = estimate_training_memory(
-        model, strategy_args, training_args, seq_len=data_args.max_seq_length, world_size=options.world_size
+        model, strategy_args, training_args, seq_len=data_args.max_seq_length, world_size=options.world_size,
+        plugin_manager=context.plugin_manager,
     )
     fit = None
     if options.fit is not None:
@@ -755,7 +757,7 @@ def run_plan(
 
         fit = fit_search(
             model, strategy_args, training_args, options.fit, seq_len=data_args.max_seq_length,
-            world_size=options.world_size, optimizers=options.fit_optimizers,
+            world_size=options.world_size, optimizers=options.fit_optimizers, plugin_manager=context.plugin_manager,
         )
     if options.json:
         print(json.dumps({
@@ -769,7 +771,7 @@ def run_plan(
         if fit is not None:
             print(fit.report())
     if options.plot:
-        from .report import plot_plan
+        from .plan_report import plot_plan
 
         plot_plan(plan, options.plot, base_lr=training_args.learning_rate)
         if not options.json:

@@ -18,7 +18,6 @@ smaller, less efficient matrix product), then fewer changed settings.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from torch import nn
 from .arguments import StrategyArguments
 from .errors import InvalidArgumentError
 from .memory import TrainingMemoryEstimate, estimate_training_memory, format_bytes, format_flops
-from .plan import build_plan, torch_dtype
+from .plan import torch_dtype
+from .planner import build_plan
 
 if TYPE_CHECKING:
     import pluggy
@@ -228,8 +228,7 @@ def fit_search(
                 training_args, per_device_train_batch_size=per_device,
                 gradient_accumulation_steps=batch // per_device, activation_checkpointing=ckpt, optim=optim,
             )
-            strategy = copy.copy(strategy_args)
-            strategy.frozen_dtype = frozen
+            strategy = dataclasses.replace(strategy_args, frozen_dtype=frozen)
             estimate: TrainingMemoryEstimate = estimate_training_memory(
                 model, strategy, args, seq_len=seq_len, world_size=world_size, plugin_manager=plugin_manager,
             )

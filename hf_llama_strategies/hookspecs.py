@@ -8,10 +8,16 @@ passed in code (``StrategyTrainer(..., strategy_plugins=[MyPlugin()])``).
 The order in which a plan is built::
 
     hfls_validate_arguments(strategy_args)              # every plugin, no model needed
+    hfls_hardware_probe(training_args)                  # first non-None answer wins, when precision is asked
     hfls_model_anatomy(model)                           # first non-None answer wins
-    hfls_plan_parameters(plan, anatomy, strategy_args, training_args)   # every plugin
-    hfls_adjust_plan(plan, anatomy, strategy_args, training_args)       # every plugin
-    hfls_validate_plan(plan, anatomy, strategy_args, training_args, model)  # every plugin
+    hfls_plan_parameters(plan, anatomy, strategy_args, training_args, context)   # every plugin
+    hfls_adjust_plan(plan, anatomy, strategy_args, training_args, context)       # every plugin
+    hfls_validate_plan(plan, anatomy, strategy_args, training_args, model, context)  # every plugin
+
+``context`` is the run's :class:`~hf_llama_strategies.context.RunContext` (its plugin manager,
+arguments, precision decision and distributed setup), as pytest hands ``config`` to its hooks.
+An implementation names only the arguments it uses (pluggy passes those), so a plugin written
+before ``context`` existed keeps working.
 
 During training, at every optimizer-step boundary, for each schedule the plan defines::
 
@@ -24,9 +30,12 @@ describes an accelerator; ``hfls_adjust_plan`` has the last word on any decision
 ``hfls_on_train_begin`` changes how the model runs (module hooks, checkpointing) without
 changing the plan. It is called in every ``Trainer.train()`` call::
 
-    hfls_on_train_begin(model, plan, training_args, train_dataloader)   # every plugin, before the first step
+    hfls_on_train_begin(model, plan, training_args, train_dataloader, context)   # every plugin, before the first step
 
-Use ``@hookimpl(tryfirst=True)`` / ``trylast=True`` to order a plugin among the others.
+Order: pluggy calls the implementations of a hook from the last registered plugin to the
+first: plugins passed in code (registered last) before installed ones, installed ones before
+the built-in strategies. Use ``@hookimpl(tryfirst=True)`` / ``trylast=True`` to order a plugin
+among the others.
 """
 
 from __future__ import annotations
@@ -43,8 +52,9 @@ if TYPE_CHECKING:
 
     from .anatomy import ModelAnatomy
     from .arguments import StrategyArguments
+    from .context import RunContext
     from .plan import StrategyPlan
-    from .strategies.precision import HardwareProbe
+    from .precision import HardwareProbe
 
 PROJECT_NAME = "hf_llama_strategies"
 ENTRY_POINT_GROUP = "hf_llama_strategies"
@@ -80,6 +90,7 @@ def hfls_plan_parameters(
     anatomy: "ModelAnatomy",
     strategy_args: "StrategyArguments",
     training_args: Optional["TrainingArguments"],
+    context: "RunContext",
 ) -> None:
     """Write this strategy's decisions into ``plan`` (trainable, lr, weight decay, dtype...).
 
@@ -95,6 +106,7 @@ def hfls_adjust_plan(
     anatomy: "ModelAnatomy",
     strategy_args: "StrategyArguments",
     training_args: Optional["TrainingArguments"],
+    context: "RunContext",
 ) -> None:
     """Change the plan after every strategy has written into it.
 
@@ -109,6 +121,7 @@ def hfls_validate_plan(
     strategy_args: "StrategyArguments",
     training_args: Optional["TrainingArguments"],
     model: Optional["torch.nn.Module"],
+    context: "RunContext",
 ) -> None:
     """Refuse a finished plan that cannot train correctly, with a :class:`PlanError`.
 
@@ -122,8 +135,9 @@ def hfls_hardware_probe(training_args: Optional["TrainingArguments"]) -> Optiona
     """Describe the device that ``training_args`` will train on (type, name, bf16 and TF32 support).
 
     Return ``None`` to let the next plugin (and finally the built-in probe, which asks
-    torch) answer. Used by :func:`~hf_llama_strategies.resolve_training_arguments` to map
-    ``precision`` onto the hardware; a plugin can teach a new accelerator, or a test can
+    torch) answer. Asked once per run, when a precision option is set, by the run context
+    (and so by :func:`~hf_llama_strategies.resolve_training_arguments` and
+    :func:`~hf_llama_strategies.build_plan`) to map ``precision`` onto the hardware; a plugin can teach a new accelerator, or a test can
     stand in for hardware it does not have.
     """
 
@@ -154,6 +168,7 @@ def hfls_on_train_begin(
     plan: "StrategyPlan",
     training_args: Optional["TrainingArguments"],
     train_dataloader: Optional["torch.utils.data.DataLoader"],
+    context: "RunContext",
 ) -> None:
     """Prepare ``model`` for the training loop, right before its first step.
 

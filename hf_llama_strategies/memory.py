@@ -26,7 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.utils import logging
 
 from .arguments import StrategyArguments
-from .plan import StrategyPlan, build_plan, torch_dtype
+from .plan import StrategyPlan, torch_dtype
+from .planner import build_plan
 from .validation import check_positive_int
 
 if TYPE_CHECKING:
@@ -433,7 +434,7 @@ def estimate_training_memory(
     """
     from transformers import TrainingArguments
 
-    from .plugins import get_plugin_manager
+    from .plugins import plugin_manager_for
 
     started = time.perf_counter()
     if training_args is None:
@@ -444,7 +445,7 @@ def estimate_training_memory(
     seq_len = check_positive_int("seq_len", default_seq_len(training_args) if seq_len is None else seq_len)
     world_size = check_positive_int("world_size", training_args.world_size if world_size is None else world_size)
     accumulation = check_positive_int("gradient_accumulation_steps", training_args.gradient_accumulation_steps)
-    pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+    pm = plugin_manager if plugin_manager is not None else plugin_manager_for()
     strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
     plan = build_plan(model, strategy_args, training_args, plugin_manager=pm)
     optim = str(getattr(training_args.optim, "value", training_args.optim))
@@ -774,9 +775,9 @@ def sharding(training_args: Optional["TrainingArguments"]) -> tuple[Optional[str
     ``reshard_after_forward: false`` (shard_grad_op) and ZeRO-2 gradients and state; ZeRO-1 the
     state; DDP nothing.
     """
-    from .optim import deepspeed_config
+    from .distributed import read_deepspeed_config
 
-    config, _ = deepspeed_config(training_args)
+    config, _ = read_deepspeed_config(training_args)
     if config is not None:
         stage = (config.get("zero_optimization") or {}).get("stage", 0)
         stage = int(stage) if str(stage).isdigit() else 0

@@ -10,8 +10,6 @@ back for the logs, and the DeepSpeed check that the groups survive.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import torch
@@ -278,73 +276,3 @@ def base_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) -
     lr = lr.item() if torch.is_tensor(lr) else lr
     initial = initial.item() if torch.is_tensor(initial) else initial
     return learning_rate * (lr / initial)
-
-
-# -- DeepSpeed ---------------------------------------------------------------------------
-
-
-def deepspeed_config(training_args: Any) -> tuple[Optional[dict[str, Any]], str]:
-    """The DeepSpeed config a ``TrainingArguments`` will train with, and where it comes from.
-
-    Reads the parsed config (``hf_deepspeed_config``, or accelerate's plugin when launched
-    with ``accelerate launch --use_deepspeed``) when there is one, else ``deepspeed`` as a
-    dict, a JSON file path or a JSON string; without deepspeed installed too. ``(None, "")``
-    when DeepSpeed is not configured.
-    """
-    if training_args is None:
-        return None, ""
-    for holder, where in (
-        (getattr(training_args, "hf_deepspeed_config", None), "TrainingArguments.deepspeed"),
-        (getattr(getattr(training_args, "deepspeed_plugin", None), "hf_ds_config", None), "accelerate's DeepSpeed plugin"),
-    ):
-        config = getattr(holder, "config", None)
-        if isinstance(config, dict):
-            source = getattr(training_args, "deepspeed", None)
-            return config, (f"{where} ({source})" if isinstance(source, str) else where)
-    source = getattr(training_args, "deepspeed", None)
-    if isinstance(source, dict):
-        return source, "TrainingArguments.deepspeed (a dict)"
-    if isinstance(source, str) and source:
-        if os.path.isfile(source):
-            with open(source, encoding="utf-8") as fh:
-                return json.load(fh), f"the DeepSpeed config file {source}"
-        try:
-            parsed = json.loads(source)
-        except json.JSONDecodeError:
-            return None, ""
-        if isinstance(parsed, dict):
-            return parsed, "TrainingArguments.deepspeed (a JSON string)"
-    return None, ""
-
-
-def check_deepspeed_keeps_groups(plan: StrategyPlan, training_args: Any, options: str) -> None:
-    """Refuse a DeepSpeed config that would replace the plan's optimizer groups.
-
-    With an ``"optimizer"`` block the Trainer lets DeepSpeed build the optimizer over all
-    parameters and never calls ``create_optimizer``; with a ``"scheduler"`` block
-    DeepSpeed's schedulers (``WarmupLR``, ``WarmupDecayLR``...) set one absolute rate on
-    every group. Either way per-group rates would be lost silently.
-
-    Args:
-        plan: the finished plan; nothing is checked when it needs only the default layout.
-        training_args: ``TrainingArguments`` (or any object with its DeepSpeed attributes).
-        options: the options that made the groups, for the message.
-
-    Raises:
-        PlanError: naming the config, the blocks to remove and the alternative.
-    """
-    if not plan.has_custom_groups:
-        return
-    config, where = deepspeed_config(training_args)
-    blocks = [key for key in ("optimizer", "scheduler") if isinstance(config, dict) and key in config]
-    if not blocks:
-        return
-    quoted = " and ".join(f'"{b}"' for b in blocks)
-    raise PlanError(
-        f"{where} has {'an' if blocks[0] == 'optimizer' else 'a'} {quoted} block, which would make DeepSpeed "
-        f"replace the plan's optimizer groups {plan.group_names()} (set by {options}) without a word: an "
-        '"optimizer" block makes the Trainer skip create_optimizer, a "scheduler" block sets one rate on every '
-        f"group. Remove the {quoted} {'blocks' if len(blocks) > 1 else 'block'} from the DeepSpeed config: the "
-        "Trainer then builds the optimizer from `optim=` and the plan, and its `lr_scheduler_type` schedule, and "
-        f"DeepSpeed wraps them. Or drop {options}."
-    )

@@ -1,8 +1,10 @@
-"""``StrategyPlan``: the resolved decision for every parameter, and ``build_plan``.
+"""``StrategyPlan``: the resolved decision for every parameter (the data model).
 
 The plan is the single source of truth: strategies write into it (through the
-``hfls_plan_parameters`` and ``hfls_adjust_plan`` hooks), the runtime only applies it.
-It prints as a table, serialises to ``strategy_plan.json``, and needs no training.
+``hfls_plan_parameters`` and ``hfls_adjust_plan`` hooks, called by
+:mod:`~hf_llama_strategies.planner`), the runtime only applies it (:meth:`StrategyPlan.apply`).
+It serialises to ``strategy_plan.json`` and prints as a table
+(:mod:`~hf_llama_strategies.plan_report`). This module knows no plugin manager and no strategy.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .anatomy import EMBEDDINGS, HEAD, LAYER, NORM, OTHER, ModelAnatomy, parameter_numel
-from .arguments import StrategyArguments
+from .anatomy import LAYER, ModelAnatomy, parameter_numel
 from .errors import PlanError
-from .plugins import get_plugin_manager
 
 if TYPE_CHECKING:
     import pluggy
-    from transformers import TrainingArguments
+
+    from .arguments import StrategyArguments
 
 logger = logging.get_logger(__name__)
 
@@ -137,7 +138,7 @@ class StrategyPlan:
     # -- building -------------------------------------------------------------------------
 
     @classmethod
-    def from_model(cls, model: nn.Module, anatomy: ModelAnatomy, strategy_args: StrategyArguments) -> "StrategyPlan":
+    def from_model(cls, model: nn.Module, anatomy: ModelAnatomy, strategy_args: "StrategyArguments") -> "StrategyPlan":
         """A plan where everything trains, in ``named_parameters`` order."""
         aliases_of: dict[str, list[str]] = {}
         for alias, canonical in anatomy.tied_parameters.items():
@@ -250,8 +251,8 @@ class StrategyPlan:
         Args:
             global_step: optimizer steps already taken (``TrainerState.global_step`` when
                 the step begins); with gradient accumulation one step spans several batches.
-            plugin_manager: the manager the plan was built with (default: built-in and
-                installed plugins).
+            plugin_manager: the run's manager (:attr:`RunContext.plugin_manager`); default:
+                the manager of built-in and installed plugins.
 
         Raises:
             PlanError: no installed plugin implements one of the plan's schedules, or a
@@ -259,7 +260,11 @@ class StrategyPlan:
         """
         if global_step < 0:
             raise ValueError(f"global_step must be >= 0, got {global_step}")
-        pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+        if plugin_manager is None:
+            from .plugins import default_plugin_manager  # only when asked without a run's manager
+
+            plugin_manager = default_plugin_manager()
+        pm = plugin_manager
         active: set[str] = set()
         governed: dict[str, set[str]] = {name: set() for name in self.schedules}
         for d in self:
@@ -423,6 +428,8 @@ class StrategyPlan:
 
     def table(self) -> str:
         """The plan as a text table: one row per block, runs of identical layers merged."""
+        from .plan_report import format_plan_table  # the rendering imports this module
+
         return format_plan_table(self)
 
     def __str__(self) -> str:
@@ -434,78 +441,6 @@ _COMPARED_FIELDS = ("kind", "layer", "numel", "dtype", "trainable", "active_from
                     "group", "tied_with")
 
 
-def build_plan(
-    model: nn.Module,
-    strategy_args: Optional[StrategyArguments] = None,
-    training_args: Optional["TrainingArguments"] = None,
-    plugins: Iterable[object] = (),
-    plugin_manager: Optional["pluggy.PluginManager"] = None,
-) -> StrategyPlan:
-    """Resolve every parameter of ``model`` under ``strategy_args``, without training.
-
-    A model whose layers no plugin can find (an ``nn.Sequential``, a regression model) gets
-    a plan where every parameter is ``other``: regex options and precision apply to it, an
-    option that names layers, embeddings, norm or head is refused. A plan where nothing
-    trains is returned with a note; :func:`check_something_trains` refuses it when training
-    starts (evaluation and prediction need nothing to train).
-
-    Args:
-        model: any ``nn.Module``: a ``PreTrainedModel``, a PEFT model, anything a ``Trainer`` takes.
-        strategy_args: the strategy; default: full fine-tuning.
-        training_args: the ``TrainingArguments`` the plan will train with, for strategies
-            that depend on them (learning rate, precision).
-        plugins: extra plugin objects, beside built-in and installed ones.
-        plugin_manager: a ready manager (then ``plugins`` is ignored).
-
-    Raises:
-        UnknownArchitectureError: an option needs the model's layers or blocks, and no plugin
-            could find them.
-        PlanError: the options cannot apply to this model.
-    """
-    strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
-    pm = plugin_manager if plugin_manager is not None else get_plugin_manager(plugins)
-    # Again here: StrategyArguments.__post_init__ cannot see plugins passed in code.
-    pm.hook.hfls_validate_arguments(strategy_args=strategy_args)
-    anatomy = pm.hook.hfls_model_anatomy(model=model)
-    if anatomy is None:
-        # Each option that needs the blocks refuses this (ModelAnatomy.require); the others apply.
-        anatomy = ModelAnatomy.without_layers(model)
-    plan = StrategyPlan.from_model(model, anatomy, strategy_args)
-    if training_args is not None:
-        # What a resumed run must share with the interrupted one beyond the per-parameter
-        # decisions: the base rate (default-rate parameters store none) and the data-order seed.
-        plan.settings["training"] = {
-            "learning_rate": float(training_args.learning_rate),
-            "seed": int(training_args.seed),
-            "decides": ["learning_rate", "seed"],
-        }
-    hook_kwargs = dict(plan=plan, anatomy=anatomy, strategy_args=strategy_args, training_args=training_args)
-    pm.hook.hfls_plan_parameters(**hook_kwargs)
-    pm.hook.hfls_adjust_plan(**hook_kwargs)
-    pm.hook.hfls_validate_plan(**hook_kwargs, model=model)
-    if plan.num_trainable == 0:
-        # Not logged as a warning: training raises this same message, and a refused CLI run prints one line.
-        plan.notes.append(_nothing_trains(plan) + " Fine for evaluation and prediction; training refuses it.")
-        logger.info(plan.notes[-1])
-    if plan.is_dynamic and not plan.active_names(0, pm):
-        first = min(d.active_from for d in plan if d.trainable)
-        raise PlanError(
-            f"Nothing would train at step 0: every trainable parameter waits for its schedule (the first starts at "
-            f"step {first}). Train something from the start, e.g. train_head: true or train_norm: true."
-        )
-    return plan
-
-
-def _nothing_trains(plan: StrategyPlan) -> str:
-    args = plan.strategy_args
-    return (
-        "Nothing would train: every parameter is frozen. Check trainable_layers="
-        f"{args.get('trainable_layers')!r}, trainable_modules={args.get('trainable_modules')!r}, "
-        f"train_head={args.get('train_head')!r} and frozen_params={args.get('frozen_params')!r}, and the "
-        "requires_grad of the model's parameters (frozen by hand or by PEFT)."
-    )
-
-
 def trains(decision: ParamDecision, param: torch.Tensor) -> bool:
     """Whether ``param`` (of ``decision``) belongs in the optimizer now.
 
@@ -513,28 +448,6 @@ def trains(decision: ParamDecision, param: torch.Tensor) -> bool:
     as in a plain ``Trainer``.
     """
     return bool(param.requires_grad) if decision.left_to_user else decision.trainable
-
-
-def check_something_trains(plan: StrategyPlan, model: Optional[nn.Module] = None) -> None:
-    """Refuse to train when no parameter would train (called when training starts).
-
-    Args:
-        plan: the plan applied to ``model``.
-        model: the model, for the live ``requires_grad`` of parameters no option decided;
-            without it the plan's ``trainable`` counts.
-
-    Raises:
-        PlanError: naming the options and ``requires_grad``.
-    """
-    if model is None:
-        if plan.num_trainable:
-            return
-    else:
-        for name, param in model.named_parameters():
-            decision = plan.decisions.get(name)
-            if param.requires_grad if decision is None else trains(decision, param):
-                return
-    raise PlanError(_nothing_trains(plan) + " Evaluation and prediction work; training needs a parameter to train.")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -570,129 +483,3 @@ def decision_nbytes(decision: ParamDecision) -> int:
         return 0
 
 
-def _human_bytes(count: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= size:
-            return f"{count / size:.2f}{unit}"
-    return f"{count}B"
-
-
-def _human(count: int) -> str:
-    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if count >= size:
-            return f"{count / size:.2f}{unit}"
-    return str(count)
-
-
-def _lr_text(decisions: list[ParamDecision]) -> str:
-    trained = [d for d in decisions if d.trainable]
-    if not trained:
-        return "-"
-    # "base": TrainingArguments.learning_rate; "x0.5": relative to it, in a plan built
-    # without TrainingArguments; a number: an absolute rate.
-    base = any(d.lr is None and d.lr_scale is None for d in trained)
-    scales = sorted({d.lr_scale for d in trained if d.lr is None and d.lr_scale is not None})
-    rates = sorted({d.lr for d in trained if d.lr is not None})
-    texts = ["base"] * base + [f"x{s:.3g}" for s in scales] + [f"{lr:.3g}" for lr in rates]
-    if len(texts) <= 2:
-        return ", ".join(texts)
-    return f"{texts[0]}..{texts[-1]}"
-
-
-def _starts_text(decisions: list[ParamDecision]) -> str:
-    """When the block's trainable parameters train: ``step 0``, ``step 20``, ``lisa``, ``step 0..40``."""
-    trained = [d for d in decisions if d.trainable]
-    if not trained:
-        return "-"
-    parts = []
-    for schedule in [None, *sorted({d.schedule for d in trained if d.schedule is not None})]:
-        steps = sorted({d.active_from for d in trained if d.schedule == schedule})
-        if not steps:
-            continue
-        text = f"step {steps[0]}" if len(steps) == 1 else f"step {steps[0]}..{steps[-1]}"
-        if schedule is not None:
-            text = schedule if steps == [0] else f"{schedule} from {text}"
-        parts.append(text)
-    return ", ".join(parts)
-
-
-def _row(label: str, decisions: list[ParamDecision], dynamic: bool = False) -> tuple[str, ...]:
-    total = sum(d.numel for d in decisions)
-    trainable = sum(d.numel for d in decisions if d.trainable)
-    if trainable == total:
-        trained = "all"
-    elif trainable == 0:
-        trained = "none"
-    else:
-        trained = f"{_human(trainable)} ({100 * trainable / total:.0f}%)"
-    dtypes = ",".join(sorted({d.dtype.replace("torch.", "") for d in decisions}))
-    memory = _human_bytes(sum(decision_nbytes(d) for d in decisions))
-    row = (label, _human(total), trained, _lr_text(decisions), dtypes, memory)
-    # The start column appears only for dynamic plans, so a static table stays as it was.
-    return row[:3] + (_starts_text(decisions),) + row[3:] if dynamic else row
-
-
-def _layer_signature(plan: StrategyPlan, decisions: list[ParamDecision]) -> tuple:
-    # Layers whose parameters are decided alike (by name inside the layer) share a row.
-    skip = len(plan.layers_path) + 1
-    return tuple(
-        (d.name[skip:].split(".", 1)[-1], d.trainable, d.lr, d.lr_scale, d.dtype, d.weight_decay, d.active_from,
-         d.schedule)
-        for d in decisions
-    )
-
-
-def format_plan_table(plan: StrategyPlan) -> str:
-    """Render ``plan`` as a fixed-width table (block, params, trainable, lr, dtype, memory).
-
-    ``memory`` is what the block's parameters hold: measured from the tensors once the
-    plan was applied, estimated from the planned dtypes before. A dynamic plan gets a
-    ``starts`` column (the step from which each block trains, or its schedule's name) and
-    one line per schedule under the table.
-    """
-    dynamic = plan.is_dynamic
-    by_block: dict[str, list[ParamDecision]] = {}
-    for decision in plan:
-        by_block.setdefault(decision.block, []).append(decision)
-    rows: list[tuple[str, ...]] = []
-    if EMBEDDINGS in by_block:
-        rows.append(_row(EMBEDDINGS, by_block[EMBEDDINGS], dynamic))
-    run: list[int] = []
-
-    def flush() -> None:
-        if run:
-            label = f"layers.{run[0]}" if len(run) == 1 else f"layers.{run[0]}-{run[-1]}"
-            rows.append(_row(label, [d for i in run for d in by_block[f"layers.{i}"]], dynamic))
-            run.clear()
-
-    for index in range(plan.num_layers):
-        block = by_block.get(f"layers.{index}")
-        if block is None:
-            continue
-        if run and _layer_signature(plan, by_block[f"layers.{run[-1]}"]) != _layer_signature(plan, block):
-            flush()
-        run.append(index)
-    flush()
-    for kind in (NORM, HEAD, OTHER):
-        if kind in by_block:
-            rows.append(_row(kind, by_block[kind], dynamic))
-    rows.append(_row("total", list(plan), dynamic))
-
-    header = ("block", "params", "trainable", "lr", "dtype", "memory")
-    if dynamic:
-        header = header[:3] + ("starts",) + header[3:]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    render = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    body = [render(header), line, *(render(r) for r in rows[:-1]), line, render(rows[-1])]
-    title = (
-        f"hf-llama-strategies plan for {plan.model_class}: {_human(plan.num_trainable)} of "
-        f"{_human(plan.num_parameters)} parameters {'may ' if dynamic else ''}train "
-        f"({100 * plan.num_trainable / max(plan.num_parameters, 1):.2f}%)"
-    )
-    out = [title, *body]
-    out.extend(f"{key}: {value['summary']}" for key, value in plan.settings.items() if value.get("summary"))
-    out.extend(f"schedule {name}: {spec['description']}" for name, spec in plan.schedules.items()
-               if spec.get("description"))
-    out.extend(f"note: {n}" for n in plan.notes)
-    return "\n".join(out)

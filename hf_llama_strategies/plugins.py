@@ -2,7 +2,15 @@
 
 As pytest does with its own plugins, the built-in strategies are modules listed by name
 and registered through the same function as entry-point plugins; the core never branches
-on a strategy's name.
+on a strategy's name. A run has one manager (:attr:`RunContext.plugin_manager`): the default
+one (built-in and installed plugins, built once and cached, :func:`default_plugin_manager`)
+or, when plugins are passed in code, one of its own (:func:`plugin_manager_for`).
+
+Call order: pluggy calls the implementations of a hook from the last registered to the
+first, ``tryfirst``/``trylast`` marks aside. Plugins passed in code are registered last, so
+with the same marks they run *first*, before the installed and the built-in ones (measured:
+``hfls_plan_parameters`` runs ``freezing`` (``tryfirst``), the code plugin, then
+``frozen_prefix_cache``, ..., ``layerwise_lr``).
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ from .hookspecs import ENTRY_POINT_GROUP, PROJECT_NAME
 
 logger = logging.get_logger(__name__)
 
-#: Built-in plugin modules, in registration order.
+#: Built-in plugin modules, in registration order: the core services' default answers
+#: (anatomy, hardware probe), then the strategies. The only place the core names a strategy.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_llama_strategies.anatomy",
+    "hf_llama_strategies.precision",
     # the strategies, one module each
     "hf_llama_strategies.strategies.freezing",
     "hf_llama_strategies.strategies.precision",
@@ -150,7 +160,8 @@ def get_plugin_manager(
 
     Args:
         plugins: plugin objects or modules passed in code; registered after the others,
-            so with the same ordering marks they run last.
+            so with the same ordering marks they run first (pluggy calls the last
+            registered implementation first). ``pm.hfls_code_plugins`` lists them.
         load_entry_points: also load the plugins that installed packages declare in the
             ``hf_llama_strategies`` entry-point group.
         strict: refuse to go on when an installed plugin cannot be loaded (``False``: record
@@ -174,9 +185,44 @@ def get_plugin_manager(
                 f"installed plugin {name!r} cannot be loaded ({why}). Fix or uninstall it; "
                 "`hf-llama-strategies plugins` lists what loads."
             )
+    code_plugins = []
     for plugin in plugins:
         _register(pm, plugin)
+        code_plugins.append(plugin)
+    pm.hfls_code_plugins = tuple(code_plugins)  # type: ignore[attr-defined]
     return pm
+
+
+_default: Optional[tuple[tuple[tuple[str, str], ...], pluggy.PluginManager]] = None
+
+
+def _installed_key() -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (ep.name, str(getattr(ep, "value", ""))) for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    )
+
+
+def default_plugin_manager() -> pluggy.PluginManager:
+    """The manager of the built-in and installed plugins, built once (again when the installed set changes).
+
+    ``StrategyArguments`` validates against it at construction, and a run without plugins
+    passed in code uses it. Do not register plugins into it: pass them to
+    :func:`get_plugin_manager` (or ``strategy_plugins=``), which builds a manager of their own.
+
+    Raises:
+        PluginError: an installed plugin cannot be loaded.
+    """
+    global _default
+    key = _installed_key()
+    if _default is None or _default[0] != key:
+        _default = (key, get_plugin_manager())
+    return _default[1]
+
+
+def plugin_manager_for(plugins: Iterable[object] = ()) -> pluggy.PluginManager:
+    """The manager of a run given ``plugins`` in code: the default one without any, else a new one."""
+    plugins = tuple(plugins)
+    return get_plugin_manager(plugins) if plugins else default_plugin_manager()
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, object]]:

@@ -17,11 +17,12 @@ from transformers.utils import CONFIG_NAME, logging
 from .arguments import StrategyArguments
 from .callback import StrategyCallback
 from .checkpoints import can_stage, save_checkpoint_staged
+from .context import RunContext
+from .distributed import DistributedFixes, DistributedSettings, check_distributed
 from .errors import InvalidArgumentError
 from .optim import create_optimizer_from_plan, settle_requires_grad
-from .plan import StrategyPlan, build_plan, check_something_trains, torch_dtype
-from .strategies.precision import copy_precision_decision, resolve_training_arguments
-from .runtime import check_ddp_arguments, check_deepspeed_arguments, check_fsdp_arguments
+from .plan import StrategyPlan, torch_dtype
+from .planner import build_plan, check_something_trains
 from .validation import check_trainer_arguments, resolve_resume_checkpoint
 
 logger = logging.get_logger(__name__)
@@ -38,10 +39,13 @@ class StrategyTrainerMixin:
     this is the Trainer it is mixed into, in every observable way: no plan is applied or
     saved, no callback is added, and every method is the Trainer's own.
 
-    Otherwise ``self.args`` is the object passed in (``trainer.args is args``): when a
-    precision option asks for other fp16/bf16 flags, :func:`resolve_training_arguments`
-    sets them on that very object (logged), so the arguments the user holds say how the
-    run trains.
+    Otherwise the run has one :class:`~hf_llama_strategies.context.RunContext`
+    (``trainer.strategy_callback.context``): one plugin manager, one precision decision, one
+    read of the distributed setup. ``self.args`` is the object passed in (``trainer.args is
+    args``): when a precision option asks for other fp16/bf16 flags, they are set on that very
+    object (logged), so the arguments the user holds say how the run trains. Nothing else of
+    the user's changes: what DDP or FSDP1 must do for the plan (``find_unused_parameters``,
+    ``use_orig_params``) is set on the Trainer's own accelerator.
 
     The plan is built for the model ``Trainer.__init__`` receives: a subclass that wraps or
     loads the model in its own ``__init__`` (TRL's ``SFTTrainer`` with ``peft_config`` or a
@@ -63,6 +67,7 @@ class StrategyTrainerMixin:
         self.strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
         self.strategy_callback = StrategyCallback(self.strategy_args, plugins=strategy_plugins)
         self._hfls_save_dtype: Optional[torch.dtype] = None
+        self._hfls_fixes = DistributedFixes()
         # Nothing asked for: the Trainer itself (no plan, no callback, no file).
         self._hfls_active = bool(self.strategy_args.options_set() or self.strategy_callback.plugins)
         if not self._hfls_active:
@@ -81,14 +86,13 @@ class StrategyTrainerMixin:
         check_trainer_arguments(training_args)
         # Before Trainer.__init__, which sets accelerate up from fp16/bf16: the resolved
         # flags are the ones used, and a bad strategy fails before output_dir is created.
-        resolve_training_arguments(
-            training_args,
-            self.strategy_args,
-            model=model if isinstance(model, nn.Module) else None,
+        context = RunContext.create(
+            self.strategy_args, training_args, model=model if isinstance(model, nn.Module) else None,
             plugins=self.strategy_callback.plugins,
-            in_place=True,
         )
-        self._hfls_resolved_args = training_args
+        context.resolve_training_arguments()
+        context.fixed = True  # from here on the flags are the run's: a rebuilt copy (TRL) must agree
+        self.strategy_callback.context = context
         # TRL's trainers wrap the model in PEFT inside their __init__ when given `peft_config`
         # (and load it when given a model id): the plan is then built for the model that
         # reaches Trainer.__init__ (see create_accelerator_and_postprocess), since rules such
@@ -96,11 +100,8 @@ class StrategyTrainerMixin:
         wrapped_later = kwargs.get("peft_config") is not None
         if isinstance(model, nn.Module) and not wrapped_later:
             # Before Trainer.__init__: a bad strategy fails before output_dir is created,
-            # and DDP settings are fixed before the Trainer builds its accelerator.
-            plan = self.strategy_callback.prepare(model, training_args)
-            check_ddp_arguments(plan, training_args, model, can_set=True)
-            check_fsdp_arguments(plan, training_args, can_set=True)
-            check_deepspeed_arguments(plan, training_args)
+            # and DDP settings are known before the Trainer builds its accelerator.
+            self._prepare_trainer_model_for(model, training_args, can_set=True)
         super().__init__(*args, **kwargs)
         # A subclass that replaced the model after Trainer.__init__: plan the model it trains.
         self._prepare_trainer_model(can_set=False)
@@ -113,28 +114,35 @@ class StrategyTrainerMixin:
         ``Trainer.__init__`` calls this with ``self.model`` set to the model it will train,
         before it builds the accelerator (DDP settings) and creates ``output_dir``: a model
         that a subclass wrapped or loaded in its own ``__init__`` (TRL's ``SFTTrainer`` with
-        ``peft_config``) is planned here, early enough for errors and DDP settings.
+        ``peft_config``) is planned here, early enough for errors and DDP settings. Once the
+        accelerator exists, it gets what the plan needs (``find_unused_parameters``, FSDP1's
+        ``use_orig_params``), and the settings it really has are checked again.
         """
         if not self._hfls_active:
             return super().create_accelerator_and_postprocess()  # type: ignore[misc]
         self._prepare_trainer_model(can_set=True)
         super().create_accelerator_and_postprocess()  # type: ignore[misc]
-        if self.strategy_callback.plan is not None:
+        plan = self.strategy_callback.plan
+        if plan is not None:
+            self._hfls_fixes.apply_to(self.accelerator)
             # What accelerate really set up (an FSDP plugin from `accelerate launch` settings too).
             fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-            check_fsdp_arguments(self.strategy_callback.plan, self.args, can_set=False, fsdp_plugin=fsdp_plugin)
+            settings = DistributedSettings.read(self.args, self.model, fsdp_plugin=fsdp_plugin)
+            check_distributed(plan, self._hfls_fixes.applied_to(settings), can_set=False)
 
     def _prepare_trainer_model(self, can_set: bool) -> None:
         model = getattr(self, "model", None)
-        if not isinstance(model, nn.Module) or self.strategy_callback.is_prepared(model):
-            return
-        # The Trainer's args may be a copy of ours (SFTTrainer rebuilds TrainingArguments
-        # as an SFTConfig): keep the precision decision made for them.
-        copy_precision_decision(self._hfls_resolved_args, self.args)
-        plan = self.strategy_callback.prepare(model, self.args)
-        check_ddp_arguments(plan, self.args, model, can_set=can_set)
-        check_fsdp_arguments(plan, self.args, can_set=can_set)
-        check_deepspeed_arguments(plan, self.args)
+        if isinstance(model, nn.Module) and not self.strategy_callback.is_prepared(model):
+            # The Trainer's args may be a copy of ours (SFTTrainer rebuilds TrainingArguments
+            # as an SFTConfig): the context keeps its precision decision when the flags agree.
+            self._prepare_trainer_model_for(model, self.args, can_set=can_set)
+
+    def _prepare_trainer_model_for(self, model: nn.Module, training_args: TrainingArguments, can_set: bool) -> None:
+        plan = self.strategy_callback.prepare(model, training_args)
+        assert self.strategy_callback.context is not None
+        fixes = check_distributed(plan, self.strategy_callback.context.distributed, can_set=can_set)
+        if can_set:
+            self._hfls_fixes = fixes
 
     @property
     def strategy_plan(self) -> StrategyPlan:

@@ -97,7 +97,7 @@ def run(scenario: str, out_dir: str) -> None:
             "final": {n: p.detach().clone() for n, p in model.named_parameters()},
             "input_sums": trainer.input_sums,
             "active_layers": trainer.active_layers,
-            "find_unused": trainer.args.ddp_find_unused_parameters,
+            "find_unused": trainer.accelerator.ddp_handler.find_unused_parameters,
             "world_size": trainer.args.world_size,
             "wrapped": type(trainer.model_wrapped).__name__,
         },

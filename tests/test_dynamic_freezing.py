@@ -472,8 +472,9 @@ def test_ddp_find_unused_parameters_is_set_or_a_forced_false_refused(tmp_path):
     args = make_training_args(tmp_path / "a")
     assert args.ddp_find_unused_parameters is None
     trainer = StrategyTrainer(model=model4(), args=args, strategy_args=StrategyArguments(**lisa))
-    # Set on the arguments passed in, which are the Trainer's.
-    assert trainer.args is args and args.ddp_find_unused_parameters is True
+    # Set on the Trainer's own accelerator (what DDP will be built with); the arguments passed in stay as given.
+    assert trainer.args is args and args.ddp_find_unused_parameters is None
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is True
 
     static = make_training_args(tmp_path / "b")
     trainer = StrategyTrainer(model=model4(), args=static, strategy_args=StrategyArguments(trainable_layers="-1:"))

@@ -33,7 +33,7 @@ from hf_llama_strategies import (  # noqa: E402
     StrategyTrainer,
     build_plan,
 )
-from hf_llama_strategies.strategies.precision import HardwareProbe, resolve_training_arguments  # noqa: E402
+from hf_llama_strategies.precision import HardwareProbe, resolve_training_arguments  # noqa: E402
 
 ZERO3 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}
 ZERO2 = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}

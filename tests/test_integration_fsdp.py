@@ -17,6 +17,7 @@ where it fails (or sets the value) before anything is written.
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
@@ -32,7 +33,12 @@ from hf_llama_strategies import (
     StrategyTrainer,
     build_plan,
 )
-from hf_llama_strategies.runtime import check_fsdp_arguments
+from hf_llama_strategies.distributed import DistributedSettings, check_distributed
+
+
+def check_fsdp_arguments(plan, args, can_set):
+    """The run's one distributed check, on the settings of ``args``; what the run must set."""
+    return check_distributed(plan, DistributedSettings.read(args), can_set=can_set)
 
 FSDP1_NO_ORIG = dict(fsdp=True, fsdp_config={"version": 1, "use_orig_params": False})
 
@@ -133,13 +139,16 @@ def test_fsdp1_from_accelerate_launch_environment(tmp_path, monkeypatch, value, 
         # Too late to set it (a callback inside a built Trainer): refused, naming the default.
         with pytest.raises(InvalidArgumentError, match=r"'unset \(false\)'"):
             check_fsdp_arguments(plan, make_training_args(tmp_path), can_set=False)
-    check_fsdp_arguments(plan, make_training_args(tmp_path), can_set=True)
-    assert os.environ["FSDP_USE_ORIG_PARAMS"] == "true"
-    # StrategyTrainer does it before its accelerator exists (which, on one CPU process,
-    # ignores FSDP).
-    monkeypatch.delenv("FSDP_USE_ORIG_PARAMS")
+    fixes = check_fsdp_arguments(plan, make_training_args(tmp_path), can_set=True)
+    # Unset: the run sets use_orig_params on its own accelerator's FSDP plugin, never in os.environ.
+    assert fixes.fsdp_use_orig_params is (value is None)
+    assert os.environ.get("FSDP_USE_ORIG_PARAMS") == value
+    plugin = types.SimpleNamespace(use_orig_params=False)
+    fixes.apply_to(types.SimpleNamespace(ddp_handler=None, state=types.SimpleNamespace(fsdp_plugin=plugin)))
+    assert plugin.use_orig_params is (value is None)
+    # StrategyTrainer builds its accelerator (which, on one CPU process, ignores FSDP) and leaves the environment.
     StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path), strategy_args=strategy(lisa_layers=1))
-    assert os.environ["FSDP_USE_ORIG_PARAMS"] == "true"
+    assert os.environ.get("FSDP_USE_ORIG_PARAMS") == value
 
 
 def test_gpu_check_script_skips_cleanly_without_cuda(capsys):

@@ -27,9 +27,15 @@ from hf_llama_strategies import (
     hookimpl,
     resolve_training_arguments,
 )
-from hf_llama_strategies.plan import _human_bytes as human_bytes
+from hf_llama_strategies.context import RunContext
 from hf_llama_strategies.plan import decision_nbytes
-from hf_llama_strategies.strategies.precision import decide_precision, precision_decision
+from hf_llama_strategies.plan_report import _human_bytes as human_bytes
+from hf_llama_strategies.precision import decide_precision
+
+
+def decision_of(training_args, strategy, model=None, probe=None, fixed=False):
+    """The precision decision a run with these arguments makes (its context's)."""
+    return RunContext.create(strategy, training_args, model=model, probe=probe, fixed=fixed).precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,6 +59,17 @@ def saved_llama(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny_llama")
     tiny_model("llama").save_pretrained(path)
     return str(path)
+
+
+class ProbeIs:
+    """A plugin that describes ``probe``'s hardware (the ``hfls_hardware_probe`` hook)."""
+
+    def __init__(self, probe):
+        self.probe = probe
+
+    @hookimpl
+    def hfls_hardware_probe(self, training_args):
+        return self.probe
 
 
 def load(path: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -114,7 +131,8 @@ def test_decision_table(tmp_path, hardware, precision, loaded):
     assert resolved.mixed_precision == ("no" if expected == "fp32" else expected)
     assert (args.fp16, args.bf16) == (False, False), "the input must not be modified"
 
-    plan = build_plan(model, strategy, resolved)
+    # The plan asks the hardware of the hfls_hardware_probe hook, as resolve_training_arguments did.
+    plan = build_plan(model, strategy, resolved, plugins=[ProbeIs(probe)])
     setting = plan.settings["precision"]
     assert setting["mode"] == expected and setting["device"] == probe.describe()
     assert setting["reason"].startswith("auto: " if precision == "auto" else f"precision={precision}")
@@ -140,7 +158,9 @@ def test_explicit_flags_win_under_auto(tmp_path):
     args = make_training_args(tmp_path, bf16=True)
     resolved = resolve_training_arguments(args, StrategyArguments(precision="auto"), probe=A100)
     assert resolved.bf16 and not resolved.fp16
-    assert precision_decision(resolved, StrategyArguments(precision="auto")).reason == "auto: TrainingArguments.bf16=true"
+    assert decision_of(resolved, StrategyArguments(precision="auto"), probe=A100).reason == (
+        "auto: TrainingArguments.bf16=true"
+    )
     fp16 = resolve_training_arguments(make_training_args(tmp_path, fp16=True), StrategyArguments(precision="auto"), probe=A100)
     assert fp16.fp16 and not fp16.bf16
 
@@ -150,9 +170,12 @@ def test_resolving_twice_gives_the_same_decision(tmp_path, saved_llama):
     strategy = StrategyArguments(trainable_layers="-1:", precision="auto")
     once = resolve_training_arguments(make_training_args(tmp_path), strategy, model=model, probe=CPU)
     twice = resolve_training_arguments(once, strategy, probe=CPU)
-    assert precision_decision(once, strategy) == precision_decision(twice, strategy) is not None
-    assert precision_decision(once, strategy).reason.startswith("auto: CPU, and the model was loaded in bfloat16")
-    assert twice.bf16 and twice.use_cpu
+    # No decision rides on the arguments: the second resolution reads the flags the first set.
+    assert decision_of(once, strategy, probe=CPU) == decision_of(twice, strategy, probe=CPU) is not None
+    assert decision_of(make_training_args(tmp_path), strategy, model=model, probe=CPU).reason.startswith(
+        "auto: CPU, and the model was loaded in bfloat16"
+    )
+    assert twice.bf16 and twice.use_cpu and (once.bf16, once.fp16, once.use_cpu) == (twice.bf16, twice.fp16, True)
 
 
 def test_use_cpu_is_set_for_bf16_on_a_cpu(tmp_path):
@@ -161,7 +184,7 @@ def test_use_cpu_is_set_for_bf16_on_a_cpu(tmp_path):
         pytest.skip("needs a machine without an accelerator")
     resolved = resolve_training_arguments(args, StrategyArguments(precision="bf16"), probe=CPU)
     assert resolved.use_cpu and resolved.bf16 and resolved.mixed_precision == "bf16"
-    assert "use_cpu set to true" in precision_decision(resolved, StrategyArguments(precision="bf16")).notes[0]
+    assert "use_cpu set to true" in decision_of(args, StrategyArguments(precision="bf16"), probe=CPU).notes[0]
 
 
 # -- refusals --------------------------------------------------------------------------------
@@ -450,7 +473,12 @@ def test_callback_equals_strategy_trainer_with_resolved_arguments(tmp_path, save
     plain = Trainer(model=b, args=args, train_dataset=data, callbacks=[callback])
     plain.train()
     assert losses(plain) == losses(trainer)
-    assert callback.plan.settings["precision"] == trainer.strategy_plan.settings["precision"]
+    # The callback decides from the flags the resolution set (no decision rides on the arguments):
+    # the same run, worded from the flags.
+    decides = ("mode", "fp16", "bf16", "pure_bf16", "frozen_dtype", "device", "model_dtype", "zero3", "tf32")
+    ours, theirs = callback.plan.settings["precision"], trainer.strategy_plan.settings["precision"]
+    assert {k: ours[k] for k in decides} == {k: theirs[k] for k in decides}
+    assert ours["reason"] == "auto: TrainingArguments.bf16=true"
     assert {n: p.dtype for n, p in a.named_parameters()} == {n: p.dtype for n, p in b.named_parameters()}
 
 

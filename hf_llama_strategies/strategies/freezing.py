@@ -16,16 +16,22 @@ each step overriding the previous one:
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Any, Optional
 
-from ..anatomy import EMBEDDINGS, HEAD, LAYER, NORM, ModelAnatomy, parse_layer_selection
+from ..anatomy import EMBEDDINGS, HEAD, LAYER, NORM, ModelAnatomy
 from ..arguments import StrategyArguments
 from ..errors import InvalidArgumentError, PlanError, format_choices
 from ..hookspecs import hookimpl
+from ..layer_selection import parse_layer_selection, restricts_layers, selects_all, selects_none
 from ..plan import DEFAULT_REASON, FROZEN_BEFORE_REASON, ParamDecision, StrategyPlan
 
 # Explicit option first; ``None`` means "use the default for this plan".
 _BLOCK_OPTIONS = {EMBEDDINGS: "train_embeddings", NORM: "train_norm", HEAD: "train_head"}
+_MODULES_EXPECTED = "a comma list of module names inside a decoder layer, e.g. 'mlp,self_attn', or 'all'"
+
+
+def _restricts(args: StrategyArguments) -> bool:
+    return restricts_layers(args.trainable_layers, args.trainable_modules)
 
 
 def _module_components(anatomy: ModelAnatomy, name: str) -> list[str]:
@@ -43,7 +49,7 @@ def _block_setting(kind: str, args: StrategyArguments) -> tuple[bool, str, bool]
     value = getattr(args, option) if option else None
     if value is not None:
         return value, f"{option}={str(value).lower()}", True
-    if not args.restricts_layers:
+    if not _restricts(args):
         return True, DEFAULT_REASON, False
     if kind in (NORM, HEAD):
         return True, f"default: {option} (true)", False
@@ -68,7 +74,7 @@ def _layer_decision(
     decision: ParamDecision, anatomy: ModelAnatomy, args: StrategyArguments, layers: set[int],
     modules: Optional[list[str]],
 ) -> tuple[bool, str]:
-    if not args.restricts_layers:
+    if not _restricts(args):
         return True, DEFAULT_REASON
     if decision.layer not in layers:
         return False, f"trainable_layers={args.trainable_layers!r}"
@@ -133,12 +139,46 @@ def _regex_matches(plan: StrategyPlan, option: str, patterns: list[str]) -> list
 
 def _require_blocks(anatomy: ModelAnatomy, args: StrategyArguments) -> None:
     """Options naming layers or blocks need the model's anatomy; the regex options do not."""
-    if args.restricts_layers:
-        option = "trainable_modules" if args.trainable_layers.strip().lower() == "all" else "trainable_layers"
+    if _restricts(args):
+        option = "trainable_modules" if selects_all(args.trainable_layers) else "trainable_layers"
         anatomy.require(option, getattr(args, option))
     for option in _BLOCK_OPTIONS.values():
         if getattr(args, option) is not None:
             anatomy.require(option, getattr(args, option))
+
+
+def _check_module_names(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or any(not n or not re.fullmatch(r"[\w.]+", n) for n in value.split(",")):
+        raise InvalidArgumentError("trainable_modules", value, _MODULES_EXPECTED)
+
+
+def _check_regexes(option: str, patterns: list[str]) -> None:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise InvalidArgumentError(option, pattern, "a valid Python regular expression", f"({exc}).") from None
+    if len(set(patterns)) != len(patterns):
+        raise InvalidArgumentError(option, patterns, "a list without repeated regexes")
+
+
+@hookimpl
+def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
+    """The freezing options, before any model is seen: syntax, then how they combine."""
+    args = strategy_args
+    parse_layer_selection(args.trainable_layers, None)  # the syntax; the range needs the model
+    _check_module_names(args.trainable_modules)
+    for option in ("trainable_params", "frozen_params"):
+        _check_regexes(option, getattr(args, option) or [])
+    if args.trainable_modules is not None and selects_none(args.trainable_layers):
+        raise InvalidArgumentError(
+            "trainable_modules",
+            args.trainable_modules,
+            "unset when trainable_layers='none'",
+            "trainable_modules picks modules inside the selected layers, and no layer is selected.",
+        )
 
 
 @hookimpl(tryfirst=True)
@@ -172,23 +212,6 @@ def hfls_plan_parameters(
     for option, value in (("trainable_params", True), ("frozen_params", False)):
         for pattern, names in _regex_matches(plan, option, getattr(args, option) or []):
             plan.set(names, f"{option}: {pattern!r}", trainable=value)
-
-
-@hookimpl
-def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
-    """Cross-field checks of the freezing options."""
-    args = strategy_args
-    for option in ("trainable_params", "frozen_params"):
-        patterns = getattr(args, option) or []
-        if len(set(patterns)) != len(patterns):
-            raise InvalidArgumentError(option, patterns, "a list without repeated regexes")
-    if args.trainable_modules is not None and args.selects_no_layer:
-        raise InvalidArgumentError(
-            "trainable_modules",
-            args.trainable_modules,
-            "unset when trainable_layers='none'",
-            "trainable_modules picks modules inside the selected layers, and no layer is selected.",
-        )
 
 
 __all__ = ["hfls_plan_parameters", "hfls_validate_arguments"]

@@ -61,6 +61,7 @@ from ..anatomy import EMBEDDINGS, HEAD, LAYER, NORM, OTHER, ModelAnatomy
 from ..arguments import StrategyArguments
 from ..errors import InvalidArgumentError, PlanError
 from ..hookspecs import hookimpl
+from ..layer_selection import restricts_layers
 from ..plan import StrategyPlan
 
 if TYPE_CHECKING:
@@ -127,9 +128,7 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
     value = args.frozen_prefix_cache
     if value is not None and (not isinstance(value, str) or value.strip().lower() not in MODES):
         raise InvalidArgumentError("frozen_prefix_cache", value, "'off', 'memory' or 'disk'")
-    mode = cache_mode(args)
-    if value is None:
-        args.frozen_prefix_cache = OFF  # null in a YAML file spells the default
+    mode = cache_mode(args)  # null in a YAML file spells the default, off
     directory = args.frozen_prefix_cache_dir
     if directory is not None and (not isinstance(directory, str) or not directory.strip()):
         raise InvalidArgumentError("frozen_prefix_cache_dir", directory, "a directory path")
@@ -283,7 +282,7 @@ def hfls_adjust_plan(
     mode = cache_mode(strategy_args)
     epochs = _epochs(training_args)
     if mode == OFF:
-        if epochs is None or epochs <= 1 or not strategy_args.restricts_layers:
+        if epochs is None or epochs <= 1 or not restricts_layers(strategy_args.trainable_layers, strategy_args.trainable_modules):
             return
         try:
             boundary = find_boundary(plan, anatomy)

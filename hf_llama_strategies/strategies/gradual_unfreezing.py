@@ -8,8 +8,7 @@ around the layers (head, norm, embeddings) keep their static decision and train 
 step 0.
 
 The schedule is written into the plan as each parameter's ``active_from`` step, so the plan
-table shows when every layer starts and no hook is needed at run time. This module also
-validates ``allow_plan_change_on_resume``, the resume option of the dynamic freezing section.
+table shows when every layer starts and no hook is needed at run time.
 """
 
 from __future__ import annotations
@@ -20,7 +19,9 @@ from ..anatomy import LAYER, ModelAnatomy
 from ..arguments import StrategyArguments
 from ..errors import InvalidArgumentError, PlanError
 from ..hookspecs import hookimpl
+from ..layer_selection import format_layers, selects_none
 from ..plan import StrategyPlan
+from ..schedules import check_positive_int, scheduled_layers
 
 GRADUAL = "gradual"
 _SCHEDULES = (GRADUAL, "none")
@@ -32,36 +33,10 @@ def is_gradual(strategy_args: StrategyArguments) -> bool:
     return isinstance(value, str) and value.strip().lower() == GRADUAL
 
 
-def check_positive_int(option: str, value: Any, what: str) -> None:
-    """Raise :class:`InvalidArgumentError` unless ``value`` is ``None`` or an int >= 1."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(option, value, f"a positive integer ({what})")
-
-
-def format_layers(layers: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``'0-2,5'``."""
-    runs: list[list[int]] = []
-    for layer in sorted(layers):
-        if runs and layer == runs[-1][-1] + 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
-    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
-
-
-def scheduled_layers(plan: StrategyPlan) -> list[int]:
-    """Decoder layers with at least one parameter the plan trains, bottom to top."""
-    return sorted({d.layer for d in plan if d.kind == LAYER and d.trainable and d.layer is not None})
-
-
 @hookimpl
 def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
-    """Check the gradual unfreezing options and ``allow_plan_change_on_resume``."""
+    """Check the gradual unfreezing options."""
     args = strategy_args
-    if not isinstance(args.allow_plan_change_on_resume, bool):
-        raise InvalidArgumentError("allow_plan_change_on_resume", args.allow_plan_change_on_resume, "true or false")
     value = args.unfreeze_schedule
     if value is not None and (not isinstance(value, str) or value.strip().lower() not in _SCHEDULES):
         raise InvalidArgumentError("unfreeze_schedule", value, "'gradual', 'none', or unset (null)")
@@ -75,12 +50,17 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
                     f"It has no effect with unfreeze_schedule={value!r}.",
                 )
         return
+    if args.lisa_layers is not None:
+        raise InvalidArgumentError(
+            "lisa_layers", args.lisa_layers, "unset when unfreeze_schedule='gradual'",
+            "LISA and gradual unfreezing both decide when decoder layers train; use one of them.",
+        )
     if args.unfreeze_interval_steps is None:
         raise InvalidArgumentError(
             "unfreeze_interval_steps", None, "a positive integer with unfreeze_schedule: gradual",
             "It is the number of optimizer steps after which one more layer starts training.",
         )
-    if args.selects_no_layer:
+    if selects_none(args.trainable_layers):
         raise InvalidArgumentError(
             "unfreeze_schedule", value, "unset when trainable_layers='none'",
             "Gradual unfreezing unfreezes the layers trainable_layers selects, and it selects none.",

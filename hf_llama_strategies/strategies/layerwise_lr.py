@@ -27,14 +27,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..anatomy import EMBEDDINGS, HEAD, LAYER, NORM, ModelAnatomy
 from ..arguments import StrategyArguments
+from ..distributed import check_deepspeed_keeps_groups
 from ..errors import InvalidArgumentError, PlanError, format_choices
 from ..hookspecs import hookimpl
-from ..optim import check_deepspeed_keeps_groups
 from ..plan import StrategyPlan
+
+if TYPE_CHECKING:
+    from ..context import RunContext
 
 RULE_SYNTAX = (
     "a list of 'PATTERN=LR' (absolute, e.g. 'self_attn=2e-5') or 'PATTERN=xSCALE' (times learning_rate, "
@@ -267,7 +270,7 @@ def hfls_plan_parameters(
 
 @hookimpl
 def hfls_validate_plan(
-    plan: StrategyPlan, anatomy: ModelAnatomy, strategy_args: StrategyArguments, training_args: Any
+    plan: StrategyPlan, anatomy: ModelAnatomy, strategy_args: StrategyArguments, context: "RunContext"
 ) -> None:
     """No rate for parameters that do not train; one rate per group; no DeepSpeed optimizer block."""
     for label, what, names in _targets(plan, anatomy, strategy_args):
@@ -290,7 +293,7 @@ def hfls_validate_plan(
             f"Optimizer group(s) {mixed} hold parameters with different learning rates; give each rate its own "
             "`group` in the plan."
         )
-    check_deepspeed_keeps_groups(plan, training_args, _OPTIONS)
+    check_deepspeed_keeps_groups(plan, context.distributed, _OPTIONS)
 
 
 __all__ = [

@@ -26,8 +26,9 @@ from ..anatomy import LAYER, ModelAnatomy
 from ..arguments import StrategyArguments
 from ..errors import InvalidArgumentError, PlanError
 from ..hookspecs import hookimpl
+from ..layer_selection import format_layers, selects_none
 from ..plan import StrategyPlan
-from .gradual_unfreezing import check_positive_int, format_layers, is_gradual, scheduled_layers
+from ..schedules import check_positive_int, scheduled_layers
 
 SCHEDULE = "lisa"
 DEFAULT_INTERVAL_STEPS = 20
@@ -59,12 +60,7 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
                 "It has no effect without LISA.",
             )
         return
-    if is_gradual(args):
-        raise InvalidArgumentError(
-            "lisa_layers", args.lisa_layers, "unset when unfreeze_schedule='gradual'",
-            "LISA and gradual unfreezing both decide when decoder layers train; use one of them.",
-        )
-    if args.selects_no_layer:
+    if selects_none(args.trainable_layers):
         raise InvalidArgumentError(
             "lisa_layers", args.lisa_layers, "unset when trainable_layers='none'",
             "LISA draws among the layers trainable_layers selects, and it selects none.",

@@ -1,685 +1,58 @@
-"""Mixed precision: the right fp16/bf16 for the hardware, fp32 master weights, half-precision frozen weights.
+"""Mixed precision, the strategy: fp32 master weights, half-precision frozen weights.
 
 Options: ``precision`` (``auto|bf16|fp16|fp32``), ``pure_bf16``, ``frozen_dtype``; TF32 is
-``TrainingArguments.tf32`` (the same flat key, see below). With none of them set nothing here
-acts: ``TrainingArguments`` and the model's dtypes are used as the user gave them. Two halves:
+``TrainingArguments.tf32``. With none of them set nothing here acts: ``TrainingArguments`` and
+the model's dtypes are used as the user gave them.
 
-1. :func:`resolve_training_arguments` maps ``precision`` onto ``TrainingArguments.fp16`` /
-   ``bf16`` for the hardware at hand (described by a :class:`HardwareProbe`, which the
-   ``hfls_hardware_probe`` hook can replace), refusing what would silently train in
-   another precision than asked. ``TrainingArguments.__post_init__`` is re-run on the
-   result, so accelerate and the DeepSpeed ``"auto"`` fields see the resolved flags.
-2. The ``hfls_adjust_plan`` hook writes every parameter's ``dtype`` into the plan:
+The run's precision decision (which autocast, which ``TrainingArguments`` flags, for which
+hardware) is made once by the core service :mod:`hf_llama_strategies.precision` and handed
+here in the run context. This module checks the options' combinations and writes every
+parameter's ``dtype`` into the plan:
 
-   =============  ===============================  =====================================
-   mode           trainable parameters             frozen parameters
-   =============  ===============================  =====================================
-   bf16 / fp16    float32 (fp32 master weights)    as loaded, or ``frozen_dtype``
-   fp32           float32                          float32
-   ``pure_bf16``  bfloat16 (no fp32 copy)          bfloat16
-   ZeRO-3         as loaded (DeepSpeed casts, fp32  as loaded (DeepSpeed casts)
-                  master weights in its optimizer)
-   =============  ===============================  =====================================
+=============  ===============================  =====================================
+mode           trainable parameters             frozen parameters
+=============  ===============================  =====================================
+bf16 / fp16    float32 (fp32 master weights)    as loaded, or ``frozen_dtype``
+fp32           float32                          float32
+``pure_bf16``  bfloat16 (no fp32 copy)          bfloat16
+ZeRO-3         as loaded (DeepSpeed casts, fp32  as loaded (DeepSpeed casts)
+               master weights in its optimizer)
+=============  ===============================  =====================================
 
-   :meth:`StrategyPlan.apply` casts the parameters before the optimizer exists.
-
-Why ``tf32`` is not a field here: ``TrainingArguments`` already has ``tf32``, and
-``HfArgumentParser`` refuses two dataclasses with one key. The user writes ``tf32: true``
-as the design says; it lands in ``TrainingArguments`` (which turns TF32 on), and
-:func:`resolve_training_arguments` checks it against the hardware and reports it in the plan.
+:meth:`StrategyPlan.apply` casts the parameters before the optimizer exists.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import copy
-import dataclasses
-import json
-import os
-import platform
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-from torch import nn
-from transformers.utils import logging
-
-from ..anatomy import ModelAnatomy, parameter_numel
+from ..anatomy import ModelAnatomy
 from ..arguments import StrategyArguments
 from ..errors import InvalidArgumentError
 from ..hookspecs import hookimpl
 from ..plan import StrategyPlan
-from ..plugins import get_plugin_manager
+from ..precision import SHORT_NAME, TORCH_DTYPE, PrecisionDecision, check_frozen_dtype
 
 if TYPE_CHECKING:
-    import pluggy
     from transformers import TrainingArguments
 
-logger = logging.get_logger(__name__)
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-_ALIASES = {
-    "bf16": "bf16", "bfloat16": "bf16",
-    "fp16": "fp16", "float16": "fp16", "half": "fp16",
-    "fp32": "fp32", "float32": "fp32", "float": "fp32",
-}
-TORCH_DTYPE = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
-_SHORT = {v: k for k, v in TORCH_DTYPE.items()}
-# Attribute under which a resolved TrainingArguments carries its decision (never a field:
-# TrainingArguments.to_dict and HfArgumentParser only see dataclass fields).
-_DECISION_ATTR = "_hfls_precision"
-
-
-# -- hardware --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HardwareProbe:
-    """What the training device can do, as far as precision is concerned.
-
-    Tests (and ``plan`` runs for another machine) build one by hand, e.g.
-    ``HardwareProbe("cuda", "Tesla T4", bf16_supported=False, compute_capability=(7, 5))``,
-    and pass it as ``probe=`` or return it from an ``hfls_hardware_probe`` hook.
-
-    Attributes:
-        device_type: ``"cuda"``, ``"cpu"``, ``"mps"``, ``"xpu"``... (``torch.device.type``).
-        device_name: human-readable name, for messages.
-        bf16_supported: native bf16 compute (a CUDA GPU of compute capability 8.0 or newer;
-            every CPU runs bf16 autocast, fast with AMX/AVX512-BF16).
-        tf32_supported: TF32 matmuls (CUDA, Ampere or newer).
-        compute_capability: CUDA compute capability, for messages.
-    """
-
-    device_type: str
-    device_name: str = ""
-    bf16_supported: bool = False
-    tf32_supported: bool = False
-    compute_capability: Optional[tuple[int, int]] = None
-
-    @property
-    def cuda_available(self) -> bool:
-        """True when training runs on a CUDA (or ROCm) GPU."""
-        return self.device_type == "cuda"
-
-    def describe(self) -> str:
-        """``"Tesla T4 (cuda, compute capability 7.5)"``."""
-        details = [self.device_type]
-        if self.compute_capability is not None:
-            details.append("compute capability {}.{}".format(*self.compute_capability))
-        name = self.device_name or self.device_type
-        return f"{name} ({', '.join(details)})" if name != self.device_type else name
-
-    @classmethod
-    def detect(cls, training_args: Optional["TrainingArguments"] = None) -> "HardwareProbe":
-        """Ask torch about the device ``training_args`` trains on (default: the first GPU, else CPU)."""
-        if training_args is not None:
-            device = training_args.device
-        else:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            with torch.cuda.device(index):
-                # Without emulation: on a T4 or V100 bf16 "works" through slow emulation.
-                bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-            capability = tuple(torch.cuda.get_device_capability(index))
-            tf32 = torch.version.hip is None and capability >= (8, 0)
-            return cls("cuda", torch.cuda.get_device_name(index), bf16, tf32, capability)  # type: ignore[arg-type]
-        if device.type == "cpu":
-            return cls("cpu", platform.processor() or platform.machine() or "cpu", bf16_supported=True)
-        from transformers.utils import is_torch_bf16_gpu_available
-
-        return cls(device.type, device.type, bf16_supported=is_torch_bf16_gpu_available())
-
-
-@hookimpl(trylast=True)
-def hfls_hardware_probe(training_args: Optional["TrainingArguments"]) -> HardwareProbe:
-    """The built-in probe: asks torch (last in line, so any plugin can answer first)."""
-    return HardwareProbe.detect(training_args)
-
-
-# -- the decision ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PrecisionDecision:
-    """How a run trains: autocast mode, flags for ``TrainingArguments``, and why.
-
-    Attributes:
-        precision, pure_bf16, frozen_dtype: the strategy options it was decided from
-            (``precision`` ``None``: unset, the flags as the user gave them).
-        mode: ``"bf16"`` or ``"fp16"`` (autocast) or ``"fp32"`` (none).
-        fp16, bf16, use_cpu: the ``TrainingArguments`` values it implies.
-        tf32: ``TrainingArguments.tf32`` as given (``None``: PyTorch's default).
-        reason: why this mode.
-        device: the probed device, described.
-        model_dtype: the dtype holding most of the model's parameters, if known.
-        user_fp16, user_bf16: the flags the user set in ``TrainingArguments``.
-        notes: remarks for the plan.
-        zero3: DeepSpeed ZeRO-3 is configured: DeepSpeed casts the (partitioned) parameters
-            itself and keeps fp32 master weights of the trainable ones, so the plan casts nothing.
-    """
-
-    precision: Optional[str]
-    pure_bf16: bool
-    frozen_dtype: Optional[str]
-    mode: str
-    fp16: bool
-    bf16: bool
-    use_cpu: bool
-    tf32: Optional[bool]
-    reason: str
-    device: str
-    model_dtype: Optional[str] = None
-    user_fp16: bool = False
-    user_bf16: bool = False
-    notes: tuple[str, ...] = ()
-    zero3: bool = False
-
-    def matches(self, strategy_args: StrategyArguments) -> bool:
-        """Whether this was decided from the same precision options."""
-        return (self.precision, self.pure_bf16, self.frozen_dtype) == (
-            strategy_args.precision, strategy_args.pure_bf16, strategy_args.frozen_dtype,
-        )
-
-    def summary(self) -> str:
-        """One line for the plan table."""
-        if self.zero3:
-            weights = "parameters as loaded (DeepSpeed ZeRO-3 casts them and keeps fp32 master weights)"
-        elif self.pure_bf16:
-            weights = "every parameter bfloat16 (pure_bf16: no fp32 copy)"
-        elif self.precision is None and self.frozen_dtype is None:
-            weights = "parameters as loaded"
-        elif self.mode == "fp32":
-            weights = "every parameter float32"
-        else:
-            frozen = TORCH_DTYPE[self.frozen_dtype][6:] if self.frozen_dtype else "as loaded"
-            weights = f"trainable float32, frozen {frozen}"
-        mode = "fp32 (no autocast)" if self.mode == "fp32" else f"{self.mode} autocast"
-        tf32 = {None: "default", True: "on", False: "off"}[self.tf32]
-        return f"{mode}, {weights}; tf32 {tf32}; on {self.device}. Why: {self.reason}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (``strategy_plan.json``'s ``settings.precision``)."""
-        # "decides": what a resumed run must share (StrategyPlan.differences); not the device.
-        return {
-            **dataclasses.asdict(self), "notes": list(self.notes), "summary": self.summary(),
-            "decides": ["mode", "pure_bf16", "frozen_dtype"],
-        }
-
-
-def _refuse(option: str, value: Any, expected: str, hint: Optional[str] = None) -> InvalidArgumentError:
-    return InvalidArgumentError(option, value, expected, hint)
-
-
-def _normalise_dtype(option: str, value: Any, allow_auto: bool) -> Optional[str]:
-    valid = "'auto', 'bf16', 'fp16' or 'fp32' (or unset)" if allow_auto else "'bf16', 'fp16', 'fp32' or unset"
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _refuse(option, value, valid)
-    key = value.strip().lower()
-    if allow_auto and key == "auto":
-        return "auto"
-    if key not in _ALIASES:
-        raise _refuse(option, value, valid)
-    return _ALIASES[key]
-
-
-def _check_frozen_dtype(mode: str, pure_bf16: bool, frozen_dtype: Optional[str], why: str) -> None:
-    if frozen_dtype is None:
-        return
-    if pure_bf16:
-        if frozen_dtype != "bf16":
-            raise _refuse(
-                "frozen_dtype", frozen_dtype, "'bf16' or unset with pure_bf16",
-                "pure_bf16 keeps every parameter in bf16.",
-            )
-    elif mode == "fp32":
-        if frozen_dtype != "fp32":
-            raise _refuse(
-                "frozen_dtype", frozen_dtype, f"'fp32' or unset when training in fp32 ({why})",
-                "Without autocast, half-precision frozen weights meet fp32 activations and the forward pass "
-                "fails on mixed dtypes. Use precision: bf16 (or fp16 on a GPU without bf16) to keep frozen "
-                "weights in half precision.",
-            )
-    elif frozen_dtype not in (mode, "fp32"):
-        raise _refuse(
-            "frozen_dtype", frozen_dtype, f"'{mode}', 'fp32' or unset under {mode} autocast ({why})",
-            f"Frozen weights in {frozen_dtype} would be converted to {mode} by autocast at every step.",
-        )
-
-
-def _deepspeed_config(training_args: Optional["TrainingArguments"]) -> Optional[dict]:
-    """The user's DeepSpeed config (dict, JSON file, JSON or base64 string), read without deepspeed."""
-    value = getattr(training_args, "deepspeed", None) if training_args is not None else None
-    if not value:
-        # Launched with `accelerate launch --use_deepspeed`: TrainingArguments hold accelerate's plugin.
-        plugin = getattr(training_args, "deepspeed_plugin", None)
-        config = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
-        return config if isinstance(config, dict) else None
-    if isinstance(value, dict):
-        return value
-    text = os.fspath(value)
-    if os.path.isfile(text):
-        with open(text, encoding="utf-8") as fh:
-            return json.load(fh)
-    for decode in (lambda t: t, lambda t: base64.urlsafe_b64decode(t).decode("utf-8")):
-        try:
-            loaded = json.loads(decode(text))
-        except (ValueError, binascii.Error, UnicodeDecodeError):
-            continue
-        if isinstance(loaded, dict):
-            return loaded
-    return None  # transformers reports an unreadable config itself
-
-
-def _deepspeed_enabled(config: dict, key: str) -> bool:
-    """True only for an explicit ``"enabled": true`` (``"auto"`` is filled from TrainingArguments)."""
-    sections = [config.get(key)] + ([config.get("bfloat16")] if key == "bf16" else [])
-    return any(isinstance(s, dict) and s.get("enabled") is True for s in sections)
-
-
-def _zero_stage(config: dict) -> Optional[int]:
-    stage = (config.get("zero_optimization") or {}).get("stage")
-    try:
-        return int(stage)
-    except (TypeError, ValueError):
-        return None
-
-
-def asks_precision(strategy_args: StrategyArguments) -> bool:
-    """Whether a precision option is set; without one, precision is the user's ``TrainingArguments``' affair."""
-    args = strategy_args
-    return args.precision is not None or bool(args.pure_bf16) or args.frozen_dtype is not None
-
-
-def dominant_dtype(dtypes_and_sizes: Iterable[tuple[str, int]]) -> Optional[str]:
-    """The floating dtype (``"torch.bfloat16"`` ...) holding most elements, or ``None``."""
-    totals: dict[str, int] = {}
-    for dtype, numel in dtypes_and_sizes:
-        if dtype in _SHORT:
-            totals[dtype] = totals.get(dtype, 0) + numel
-    return max(totals, key=lambda d: totals[d]) if totals else None
-
-
-def model_dtype(model: nn.Module) -> Optional[str]:
-    """The floating dtype that holds most of ``model``'s parameters."""
-    return dominant_dtype((str(p.dtype), parameter_numel(p)) for p in model.parameters())
-
-
-def _user_flags(training_args: Optional["TrainingArguments"]) -> tuple[bool, bool]:
-    """fp16/bf16 as the user set them (not as an earlier resolution set them)."""
-    if training_args is None:
-        return False, False
-    previous = getattr(training_args, _DECISION_ATTR, None)
-    if previous is not None and (training_args.fp16, training_args.bf16) == (previous.fp16, previous.bf16):
-        return previous.user_fp16, previous.user_bf16
-    return bool(training_args.fp16), bool(training_args.bf16)
-
-
-def _auto_mode(probe: HardwareProbe, model_dtype_: Optional[str]) -> tuple[str, str]:
-    device = probe.describe()
-    if probe.cuda_available:
-        if probe.bf16_supported:
-            return "bf16", f"auto: {device} supports bf16"
-        return "fp16", f"auto: {device} has no native bf16, so fp16 autocast with loss scaling"
-    if probe.device_type == "cpu":
-        if model_dtype_ == "torch.bfloat16":
-            return "bf16", (
-                "auto: CPU, and the model was loaded in bfloat16: bf16 autocast keeps the frozen weights in "
-                "bfloat16 (fp32 would double them)"
-            )
-        return "fp32", (
-            "auto: CPU, where autocast pays only with AMX/AVX512-BF16 and fp16 autocast does not exist; write "
-            "precision: bf16 for bf16 autocast"
-        )
-    if probe.bf16_supported:
-        return "bf16", f"auto: {device} supports bf16"
-    return "fp32", f"auto: {device} has no bf16 (fp16 autocast is chosen automatically on CUDA GPUs only)"
-
-
-def decide_precision(
-    strategy_args: StrategyArguments,
-    training_args: Optional["TrainingArguments"] = None,
-    *,
-    probe: HardwareProbe,
-    model_dtype: Optional[str] = None,
-    fixed: bool = False,
-) -> PrecisionDecision:
-    """Decide the training precision, or refuse with an :class:`InvalidArgumentError`.
-
-    Args:
-        strategy_args: ``precision``, ``pure_bf16``, ``frozen_dtype``.
-        training_args: the user's ``fp16`` / ``bf16`` / ``tf32`` / ``deepspeed`` / ``use_cpu``.
-        probe: the training device.
-        model_dtype: the dtype holding most of the model (``"torch.bfloat16"``), if known;
-            ``auto`` on a CPU picks bf16 autocast for a model loaded in bf16.
-        fixed: the ``TrainingArguments`` cannot change any more (``StrategyCallback`` on a
-            built Trainer): ``auto`` follows them, and an explicit ``precision`` must agree.
-    """
-    args = strategy_args
-    user_fp16, user_bf16 = _user_flags(training_args)
-    if not asks_precision(args):
-        # No option asked: describe the flags as given, refuse nothing (the Trainer decides).
-        flag = "fp16" if user_fp16 else "bf16" if user_bf16 else None
-        return PrecisionDecision(
-            precision=None, pure_bf16=False, frozen_dtype=None, mode=flag or "fp32", fp16=user_fp16, bf16=user_bf16,
-            use_cpu=bool(getattr(training_args, "use_cpu", False)),
-            tf32=getattr(training_args, "tf32", None) if training_args is not None else None,
-            reason="precision unset: TrainingArguments as given", device=probe.describe(), model_dtype=model_dtype,
-            user_fp16=user_fp16, user_bf16=user_bf16,
-        )
-    # pure_bf16 or frozen_dtype without precision: as `auto`.
-    requested = args.precision if args.precision is not None else "auto"
-    ds = _deepspeed_config(training_args)
-    zero3 = ds is not None and _zero_stage(ds) == 3
-    ds_flag = None
-    if ds is not None:
-        ds_flag = "fp16" if _deepspeed_enabled(ds, "fp16") else "bf16" if _deepspeed_enabled(ds, "bf16") else None
-
-    flag, source = None, ""
-    if user_fp16 or user_bf16:
-        flag = "fp16" if user_fp16 else "bf16"
-        source = f"TrainingArguments.{flag}=true"
-        if ds_flag is not None and ds_flag != flag:
-            raise _refuse(
-                "deepspeed", f"{{'{ds_flag}': {{'enabled': true}}}}", f"'{flag}' enabled, or 'auto', when {source}",
-                "Write \"enabled\": \"auto\" in the DeepSpeed config so that it follows TrainingArguments.",
-            )
-    elif ds_flag is not None:
-        flag, source = ds_flag, f"the DeepSpeed config sets {ds_flag}.enabled=true"
-
-    if args.pure_bf16:
-        if flag == "fp16":
-            raise _refuse(
-                "pure_bf16", True, f"false when {source}",
-                "pure_bf16 trains bf16 weights; fp16 autocast would need fp32 master weights.",
-            )
-        if zero3:
-            raise _refuse(
-                "pure_bf16", True, "false with DeepSpeed ZeRO-3",
-                "ZeRO-3 partitions its own fp32 master weights, so pure bf16 training cannot happen there; "
-                "drop pure_bf16 (bf16 autocast with ZeRO-3 already shards the fp32 copy).",
-            )
-
-    if requested != "auto":
-        if flag is not None and flag != requested:
-            raise _refuse(
-                "precision", requested, f"'{flag}' or 'auto' when {source}",
-                f"Set one of them: precision: {requested} with {flag} off, or precision: auto.",
-            )
-        mode, reason = requested, f"precision={requested}"
-    elif flag is not None:
-        mode, reason = flag, f"auto: {source}"
-    elif args.pure_bf16:
-        mode, reason = "bf16", "pure_bf16 trains bf16 weights (bf16 autocast on top)"
-    elif fixed:
-        mode, reason = "fp32", (
-            "auto with StrategyCallback: the Trainer's TrainingArguments have fp16 and bf16 off (set bf16: true, "
-            "or pass them through resolve_training_arguments, to use autocast)"
-        )
-    else:
-        mode, reason = _auto_mode(probe, model_dtype)
-
-    if fixed and mode != (flag or "fp32"):
-        option, value = ("pure_bf16", True) if args.pure_bf16 and requested == "auto" else ("precision", requested)
-        raise _refuse(
-            option, value, f"consistent with the Trainer's TrainingArguments (fp16={user_fp16}, bf16={user_bf16})",
-            f"StrategyCallback runs inside a Trainer whose accelerator is already set up from TrainingArguments, "
-            f"so it cannot switch to {mode}. Set {mode}: true in TrainingArguments, build them with "
-            "resolve_training_arguments(training_args, strategy_args), or use StrategyTrainer.",
-        )
-
-    # Name, in a refusal, the option that asked for this mode.
-    if requested != "auto":
-        option, value = "precision", requested
-    elif user_fp16 or user_bf16:
-        option, value = flag, True
-    elif flag is not None:
-        option, value = "deepspeed", f"{{'{flag}': {{'enabled': true}}}}"
-    elif args.pure_bf16:
-        option, value = "pure_bf16", True
-    else:
-        option, value = "precision", requested
-    if mode == "fp16" and probe.device_type == "cpu":
-        raise _refuse(
-            option, value, "bf16 or fp32 on a CPU",
-            "accelerate has no fp16 autocast on CPU and would train in fp32 without a word. Use precision: bf16 "
-            "for bf16 autocast, or fp32.",
-        )
-    if mode == "bf16" and not probe.bf16_supported:
-        raise _refuse(
-            option, value, f"fp16 or fp32 on {probe.describe()}, which has no native bf16",
-            "bf16 there is emulated (slow) or unavailable. Use precision: fp16 (autocast with loss scaling), "
-            "fp32, or auto.",
-        )
-
-    tf32 = getattr(training_args, "tf32", None) if training_args is not None else None
-    if tf32 and not probe.tf32_supported:
-        raise _refuse(
-            "tf32", True, f"false or unset on {probe.describe()}",
-            "TF32 needs an NVIDIA GPU of the Ampere generation or newer (compute capability 8.0).",
-        )
-    _check_frozen_dtype(mode, args.pure_bf16, args.frozen_dtype, reason)
-    if zero3 and args.frozen_dtype is not None:
-        raise _refuse(
-            "frozen_dtype", args.frozen_dtype, "unset with DeepSpeed ZeRO-3",
-            "ZeRO-3 partitions every parameter and casts it to the dtype of its own fp16/bf16 setting (fp32 "
-            "without), frozen ones included, so a frozen_dtype could not hold.",
-        )
-
-    notes: list[str] = []
-    use_cpu = bool(getattr(training_args, "use_cpu", False))
-    if mode == "bf16" and probe.device_type == "cpu" and training_args is not None and not use_cpu and not fixed:
-        # TrainingArguments refuses bf16 without a bf16 GPU unless use_cpu is set; the device is the CPU anyway.
-        use_cpu = True
-        notes.append("use_cpu set to true: bf16 autocast on the CPU (no GPU was found).")
-    if zero3:
-        notes.append(
-            "DeepSpeed ZeRO-3: no parameter is cast here (no fp32 upcast of the trainable ones). ZeRO-3 "
-            "partitions the parameters, casts them to its fp16/bf16 setting and keeps fp32 master weights of "
-            "the trainable ones in its optimizer; the dtypes in this plan are the ones the model was loaded in."
-        )
-    elif ds is not None:
-        notes.append(
-            "DeepSpeed manages parameter dtypes itself once it takes over the model (with fp16/bf16 enabled it "
-            "casts the module and keeps its own fp32 master weights); the dtypes in this plan are the ones the "
-            "model holds before that."
-        )
-    return PrecisionDecision(
-        precision=args.precision,
-        pure_bf16=args.pure_bf16,
-        frozen_dtype=args.frozen_dtype,
-        mode=mode,
-        fp16=mode == "fp16",
-        bf16=mode == "bf16",
-        use_cpu=use_cpu,
-        tf32=tf32,
-        reason=reason,
-        device=probe.describe(),
-        model_dtype=model_dtype,
-        user_fp16=user_fp16,
-        user_bf16=user_bf16,
-        notes=tuple(notes),
-        zero3=zero3,
-    )
-
-
-def precision_decision(
-    training_args: Optional["TrainingArguments"], strategy_args: StrategyArguments
-) -> Optional[PrecisionDecision]:
-    """The decision that ``resolve_training_arguments`` attached to ``training_args``, if still valid."""
-    decision = getattr(training_args, _DECISION_ATTR, None) if training_args is not None else None
-    if decision is None or not decision.matches(strategy_args):
-        return None
-    if (training_args.fp16, training_args.bf16) != (decision.fp16, decision.bf16):
-        return None  # changed by hand since
-    return decision
-
-
-def _probe(
-    training_args: Optional["TrainingArguments"],
-    plugins: Iterable[object],
-    plugin_manager: Optional["pluggy.PluginManager"],
-) -> HardwareProbe:
-    pm = plugin_manager if plugin_manager is not None else get_plugin_manager(plugins)
-    return pm.hook.hfls_hardware_probe(training_args=training_args)
-
-
-def _decide_for(
-    training_args: "TrainingArguments",
-    strategy_args: StrategyArguments,
-    model: Optional[nn.Module],
-    probe: Optional[HardwareProbe],
-    plugins: Iterable[object],
-    plugin_manager: Optional["pluggy.PluginManager"],
-    fixed: bool,
-) -> PrecisionDecision:
-    if probe is None:
-        probe = _probe(training_args, plugins, plugin_manager)
-    dtype = model_dtype(model) if model is not None else None
-    previous = getattr(training_args, _DECISION_ATTR, None)
-    if dtype is None and previous is not None:
-        dtype = previous.model_dtype
-    return decide_precision(strategy_args, training_args, probe=probe, model_dtype=dtype, fixed=fixed)
-
-
-def resolve_training_arguments(
-    training_args: "TrainingArguments",
-    strategy_args: Optional[StrategyArguments] = None,
-    *,
-    model: Optional[nn.Module] = None,
-    probe: Optional[HardwareProbe] = None,
-    plugins: Iterable[object] = (),
-    plugin_manager: Optional["pluggy.PluginManager"] = None,
-    in_place: bool = False,
-) -> "TrainingArguments":
-    """Map ``precision`` onto ``fp16`` / ``bf16`` (and check ``tf32``) for the hardware at hand.
-
-    Returns a new ``TrainingArguments`` (the input is not modified): when a flag changes it
-    is built with ``dataclasses.replace``, so ``__post_init__`` runs again and accelerate's
-    ``mixed_precision`` and a DeepSpeed config's ``"auto"`` fp16/bf16 fields follow it.
-    With ``in_place=True`` that result is written into ``training_args`` itself, which is
-    returned: what ``StrategyTrainer`` does, so that the object the user holds says how the
-    run trains. Call it yourself before building a plain ``Trainer`` (with
-    :class:`StrategyCallback`) or when writing a training script. With no precision option
-    set (``precision``, ``pure_bf16``, ``frozen_dtype``) nothing is decided or changed.
-
-    Args:
-        training_args: the user's arguments; an explicit ``fp16``/``bf16`` is honoured by
-            ``precision: auto`` and must agree with any other ``precision``.
-        strategy_args: ``precision``, ``pure_bf16``, ``frozen_dtype`` (default: none set, nothing to do).
-        model: the model to train, if loaded: on a CPU, ``auto`` picks bf16 autocast for a
-            model loaded in bfloat16 (fp32 otherwise).
-        probe: the hardware; default: the ``hfls_hardware_probe`` hook (torch's answer).
-        plugins, plugin_manager: where the hook is looked up.
-        in_place: update ``training_args`` instead of returning a new object.
-
-    Raises:
-        InvalidArgumentError: fp16 on a CPU, bf16 where the GPU has none, ``precision``
-            against an explicit ``fp16``/``bf16`` flag or DeepSpeed setting, ``pure_bf16``
-            with fp16 or ZeRO-3, ``tf32`` without TF32 hardware, a ``frozen_dtype`` that
-            cannot work in the chosen mode.
-    """
-    strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
-    if not asks_precision(strategy_args):
-        return training_args if in_place else copy.copy(training_args)
-    decision = _decide_for(training_args, strategy_args, model, probe, plugins, plugin_manager, fixed=False)
-    changes: dict[str, Any] = {}
-    if bool(training_args.fp16) != decision.fp16:
-        changes["fp16"] = decision.fp16
-    if bool(training_args.bf16) != decision.bf16:
-        changes["bf16"] = decision.bf16
-    if decision.use_cpu and not training_args.use_cpu:
-        changes["use_cpu"] = True
-    resolved = dataclasses.replace(training_args, **changes) if changes else copy.copy(training_args)
-    setattr(resolved, _DECISION_ATTR, decision)
-    logger.info(f"hf-llama-strategies precision: {decision.summary()}")
-    if not in_place:
-        return resolved
-    if changes:
-        logger.warning(
-            "hf-llama-strategies precision: TrainingArguments changed in place ("
-            + ", ".join(f"{key}={value}" for key, value in changes.items())
-            + f"), as the precision options ask: {decision.reason}."
-        )
-    # Everything __post_init__ derived from the new flags (accelerate's mixed_precision, a
-    # DeepSpeed config's "auto" fields) comes along.
-    vars(training_args).update(vars(resolved))
-    return training_args
-
-
-def copy_precision_decision(source: "TrainingArguments", target: "TrainingArguments") -> None:
-    """Give ``target`` the decision :func:`resolve_training_arguments` attached to ``source``.
-
-    For a Trainer that rebuilt the resolved arguments (TRL's ``SFTTrainer`` turns
-    ``TrainingArguments`` into an ``SFTConfig`` through ``to_dict``, which drops it). Nothing
-    happens when ``target`` has a decision already or its fp16/bf16 flags differ.
-    """
-    decision = getattr(source, _DECISION_ATTR, None)
-    if decision is None or target is source or getattr(target, _DECISION_ATTR, None) is not None:
-        return
-    if (bool(target.fp16), bool(target.bf16)) == (decision.fp16, decision.bf16):
-        setattr(target, _DECISION_ATTR, decision)
-
-
-def check_training_arguments(
-    training_args: "TrainingArguments",
-    strategy_args: StrategyArguments,
-    *,
-    model: Optional[nn.Module] = None,
-    probe: Optional[HardwareProbe] = None,
-    plugins: Iterable[object] = (),
-    plugin_manager: Optional["pluggy.PluginManager"] = None,
-) -> "TrainingArguments":
-    """Check arguments that can no longer change (a built ``Trainer``'s) against the options.
-
-    Used by :class:`StrategyCallback`: ``auto`` follows the flags as they are, every
-    other refusal of :func:`resolve_training_arguments` applies, and an explicit
-    ``precision`` that the flags do not already say is refused. Returns a shallow copy
-    carrying the decision (for :func:`build_plan`), or ``training_args`` itself when it was
-    resolved already.
-    """
-    if not asks_precision(strategy_args) or precision_decision(training_args, strategy_args) is not None:
-        return training_args
-    decision = _decide_for(training_args, strategy_args, model, probe, plugins, plugin_manager, fixed=True)
-    checked = copy.copy(training_args)
-    setattr(checked, _DECISION_ATTR, decision)
-    return checked
-
-
-# -- plugin hooks ----------------------------------------------------------------------------
+    from ..context import RunContext
 
 
 @hookimpl
 def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
-    """Normalise ``precision`` / ``frozen_dtype`` and refuse combinations that can never work."""
+    """Refuse precision options that can never work together (the names are normalised by ``StrategyArguments``)."""
     args = strategy_args
-    args.precision = _normalise_dtype("precision", args.precision, allow_auto=True)
-    args.frozen_dtype = _normalise_dtype("frozen_dtype", args.frozen_dtype, allow_auto=False)
     if not isinstance(args.pure_bf16, bool):
-        raise _refuse("pure_bf16", args.pure_bf16, "true or false")
+        raise InvalidArgumentError("pure_bf16", args.pure_bf16, "true or false")
     if args.pure_bf16 and args.precision in ("fp16", "fp32"):
-        raise _refuse(
+        raise InvalidArgumentError(
             "pure_bf16", True, f"false with precision={args.precision}",
             "pure_bf16 trains bf16 weights; use precision: bf16 or auto with it.",
         )
     if args.precision not in (None, "auto") or args.pure_bf16:
         mode = "bf16" if args.pure_bf16 else args.precision
-        _check_frozen_dtype(mode, args.pure_bf16, args.frozen_dtype, f"precision={args.precision}")
-
-
-def _plan_decision(
-    plan: StrategyPlan, strategy_args: StrategyArguments, training_args: Optional["TrainingArguments"]
-) -> PrecisionDecision:
-    decision = precision_decision(training_args, strategy_args)
-    if decision is not None:
-        return decision
-    # Not resolved: describe what resolve_training_arguments would do here.
-    probe = HardwareProbe.detect(training_args)
-    dtype = dominant_dtype((d.dtype, d.numel) for d in plan)
-    return decide_precision(strategy_args, training_args, probe=probe, model_dtype=dtype)
+        check_frozen_dtype(mode, args.pure_bf16, args.frozen_dtype, f"precision={args.precision}")
 
 
 @hookimpl(trylast=True)
@@ -688,30 +61,26 @@ def hfls_adjust_plan(
     anatomy: ModelAnatomy,
     strategy_args: StrategyArguments,
     training_args: Optional["TrainingArguments"],
+    context: "RunContext",
 ) -> None:
     """Decide every floating-point parameter's dtype, after every strategy decided ``trainable``.
 
     With no precision option set, every dtype stays as loaded and no decision is recorded.
     """
-    if asks_precision(strategy_args):
-        _plan_dtypes(plan, strategy_args, training_args)
-    fsdp = getattr(training_args, "fsdp", None) if training_args is not None else None
-    fsdp_config = getattr(training_args, "fsdp_config", None) or {}
-    if fsdp and int(fsdp_config.get("version", 2)) == 1 and len({d.dtype for d in plan}) > 1:
+    if context.precision is not None:
+        _plan_dtypes(plan, context.precision)
+    if context.distributed.fsdp_version == 1 and len({d.dtype for d in plan}) > 1:
         plan.note(
             "FSDP1 flattens the parameters of each wrapped module into one tensor of one dtype, and this plan "
             "mixes dtypes; use FSDP2 (fsdp_config version 2, the default) or frozen_dtype: fp32."
         )
 
 
-def _plan_dtypes(
-    plan: StrategyPlan, strategy_args: StrategyArguments, training_args: Optional["TrainingArguments"]
-) -> None:
-    decision = _plan_decision(plan, strategy_args, training_args)
+def _plan_dtypes(plan: StrategyPlan, decision: PrecisionDecision) -> None:
     upcast: set[str] = set()
     frozen_fp16_under_bf16 = False
     for d in plan:
-        if d.dtype not in _SHORT or decision.zero3:
+        if d.dtype not in SHORT_NAME or decision.zero3:
             # Integer / quantized / float64 storage is not ours to change; under ZeRO-3
             # DeepSpeed casts (and may already have partitioned) every parameter itself.
             continue
@@ -745,17 +114,4 @@ def _plan_dtypes(
         )
 
 
-__all__ = [
-    "HardwareProbe",
-    "asks_precision",
-    "PrecisionDecision",
-    "check_training_arguments",
-    "copy_precision_decision",
-    "decide_precision",
-    "hfls_adjust_plan",
-    "hfls_hardware_probe",
-    "hfls_validate_arguments",
-    "model_dtype",
-    "precision_decision",
-    "resolve_training_arguments",
-]
+__all__ = ["hfls_adjust_plan", "hfls_validate_arguments"]

@@ -1,0 +1,180 @@
+"""The shape of the code: what imports what, one plugin manager and one run context per run, call order."""
+
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+
+import pytest
+from conftest import TokenDataset, make_training_args
+from tiny_models import tiny_model
+
+from hf_llama_strategies import (
+    HardwareProbe,
+    RunContext,
+    StrategyArguments,
+    StrategyTrainer,
+    build_plan,
+    cli,
+    hookimpl,
+    plugins,
+)
+
+PACKAGE = pathlib.Path(plugins.__file__).parent
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+    """Absolute names of the package modules ``path`` imports (top level and inside functions)."""
+    package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {n for n in names if n.startswith("hf_llama_strategies")}
+
+
+def core_modules() -> list[pathlib.Path]:
+    return [p for p in PACKAGE.rglob("*.py") if "strategies" not in p.relative_to(PACKAGE).parts[:-1]]
+
+
+def test_nothing_outside_strategies_imports_a_strategy():
+    offenders = {
+        str(path.relative_to(PACKAGE)): sorted(n for n in imported_modules(path) if ".strategies." in f"{n}.")
+        for path in core_modules()
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+    # The built-in plugin list names them, as strings: the one place the core knows a strategy.
+    assert all(name.startswith("hf_llama_strategies.") for name in plugins.BUILTIN_PLUGINS)
+
+
+def test_the_plan_data_model_imports_only_anatomy_and_errors_at_import_time():
+    tree = ast.parse((PACKAGE / "plan.py").read_text(encoding="utf-8"))
+    top_level = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.level}
+    assert top_level == {"anatomy", "errors"}
+
+
+class CountingPlugin:
+    """Records the context and the plugin manager every hook of a run receives."""
+
+    def __init__(self):
+        self.contexts: list[RunContext] = []
+
+    @hookimpl
+    def hfls_plan_parameters(self, plan, context):
+        self.contexts.append(context)
+
+    @hookimpl
+    def hfls_validate_plan(self, plan, context):
+        self.contexts.append(context)
+
+    @hookimpl
+    def hfls_on_train_begin(self, model, context):
+        self.contexts.append(context)
+
+
+def test_one_plugin_manager_and_one_context_per_strategy_trainer_run(tmp_path, monkeypatch):
+    # Built before the run: the arguments validate against the (cached) default manager.
+    strategy = StrategyArguments(trainable_layers="-1:", head_lr=1e-3, print_plan=False)
+    built = []
+    real = plugins.get_plugin_manager
+    monkeypatch.setattr(plugins, "get_plugin_manager", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    recorder = CountingPlugin()
+    trainer = StrategyTrainer(
+        model=tiny_model("llama"), args=make_training_args(tmp_path, max_steps=2), train_dataset=TokenDataset(n=8),
+        strategy_args=strategy, strategy_plugins=[recorder],
+    )
+    trainer.train()
+    assert len(built) == 1, "a run with a plugin in code builds exactly one manager of its own"
+    context = trainer.strategy_callback.context
+    assert len(recorder.contexts) == 3 and all(c is context for c in recorder.contexts)
+    assert context.plugin_manager is built[0] and trainer.strategy_callback.plugin_manager is built[0]
+
+
+def test_one_plugin_manager_per_cli_train(tmp_path, monkeypatch):
+    built = []
+    real = plugins.get_plugin_manager
+    monkeypatch.setattr(plugins, "get_plugin_manager", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    monkeypatch.setattr(plugins, "_default", None)  # a fresh process: nothing cached yet
+    out = tmp_path / "run"
+    overrides = ["--output_dir", str(out), "--max_steps", "1", "--trainable_layers=-1:", "--save_strategy", "no",
+                 "--eval_strategy", "no", "--max_train_samples", "8", "--report_to", "none", "--disable_tqdm", "true"]
+    assert cli.main(["train", *overrides]) == 0
+    assert (out / "strategy_plan.json").is_file()
+    assert len(built) == 1, "parse_config, the plan and the trainer share the default manager"
+
+
+class ProbeIs:
+    def __init__(self, probe):
+        self.probe = probe
+
+    @hookimpl
+    def hfls_hardware_probe(self, training_args):
+        return self.probe
+
+
+def test_build_plan_asks_the_hardware_of_a_probe_plugin(tmp_path):
+    a100 = HardwareProbe("cuda", "NVIDIA A100", bf16_supported=True, tf32_supported=True, compute_capability=(8, 0))
+    plan = build_plan(tiny_model("llama"), StrategyArguments(precision="auto"), plugins=[ProbeIs(a100)])
+    assert plan.settings["precision"]["device"] == a100.describe()
+    assert plan.settings["precision"]["mode"] == "bf16"
+
+
+class Order:
+    """A plugin passed in code that notes what the built-in strategies had decided when it ran."""
+
+    seen: dict[str, object] = {}
+
+    @hookimpl
+    def hfls_plan_parameters(self, plan):
+        # freezing is tryfirst: done; layerwise_lr (registered earlier, same marks): not yet.
+        Order.seen["frozen"] = plan["model.layers.0.mlp.up_proj.weight"].trainable
+        Order.seen["head_lr"] = plan["lm_head.weight"].lr
+
+
+def test_plugins_passed_in_code_run_before_the_built_in_ones_of_the_same_marks():
+    plan = build_plan(tiny_model("llama"), StrategyArguments(trainable_layers="-1:", head_lr=1e-3), plugins=[Order()])
+    assert Order.seen == {"frozen": False, "head_lr": None}
+    assert plan["lm_head.weight"].lr == 1e-3
+    assert "run first" in plugins.get_plugin_manager.__doc__
+
+
+def test_a_run_changes_nothing_of_the_users_but_what_a_precision_option_asks(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --use_fsdp --fsdp_version 1
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    monkeypatch.delenv("FSDP_USE_ORIG_PARAMS", raising=False)
+    environ = dict(os.environ)
+    args = make_training_args(tmp_path, max_steps=2)
+    before = args.to_dict()
+    strategy = StrategyArguments(lisa_layers=1, lisa_interval_steps=1, print_plan=False)
+    trainer = StrategyTrainer(model=tiny_model("llama"), args=args, train_dataset=TokenDataset(n=8),
+                              strategy_args=strategy)
+    trainer.train()
+    assert args.to_dict() == before and dict(os.environ) == environ
+    assert not [name for name in vars(args) if name.startswith("_hfls")]
+    # What the plan needs is the run's own: its accelerator's DDP settings.
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is True
+
+
+def test_strategy_arguments_are_validated_by_installed_plugins_once_and_by_code_plugins_at_the_run():
+    calls = []
+
+    class Refuser:
+        @hookimpl
+        def hfls_validate_arguments(self, strategy_args):
+            calls.append(strategy_args)
+            if (strategy_args.strategy_options or {}).get("refuse"):
+                from hf_llama_strategies import InvalidArgumentError
+
+                raise InvalidArgumentError("strategy_options", strategy_args.strategy_options, "no 'refuse' key")
+
+    strategy = StrategyArguments(strategy_options={"refuse": True})  # the default manager knows no Refuser
+    with pytest.raises(Exception, match="no 'refuse' key"):
+        build_plan(tiny_model("llama"), strategy, plugins=[Refuser()])
+    build_plan(tiny_model("llama"), StrategyArguments(head_lr=1e-3), plugins=[Refuser()])
+    assert len(calls) == 2
