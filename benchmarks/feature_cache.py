@@ -49,6 +49,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -71,6 +72,7 @@ import transformers  # noqa: E402
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback, TrainerCallback  # noqa: E402
 
+from _common import RandomTokens, load_average, write_report  # noqa: E402
 from hf_llama_strategies import StrategyArguments, StrategyTrainer  # noqa: E402
 from hf_llama_strategies.strategies.frozen_prefix_cache import get_frozen_prefix_cache  # noqa: E402
 
@@ -194,7 +196,7 @@ class RunResult:
 
 def run_variant(variant: Variant, shape: Any, samples: int, round_index: int, cache_dir: str) -> RunResult:
     model = build_model(variant.task, shape).train()
-    tokens = speed.RandomTokens(samples, shape.seq, shape.vocab)
+    tokens = RandomTokens(samples, shape.seq, shape.vocab)
     data = Labelled(tokens) if variant.task == "seq_cls" else tokens
     options = HEAD_ONLY if variant.task == "seq_cls" else LAST_TWO
     extra: dict[str, Any] = {}
@@ -391,7 +393,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     meta: dict[str, Any] = {"machine": speed.machine_info(), "shape": asdict(shape), "rounds": opts.rounds,
-                            "samples": opts.samples, "epochs": EPOCHS, "load_average_before": speed.load_average()}
+                            "samples": opts.samples, "epochs": EPOCHS, "load_average_before": load_average()}
     order_rng = random.Random(opts.seed)
     results: list[RunResult] = []
     started = time.perf_counter()
@@ -420,18 +422,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     print(f"round {round_index + 1}/{opts.rounds}  {result.variant:16s} {result.wall_s:7.2f} s",
                           flush=True)
             shutil.rmtree(cache_dir, ignore_errors=True)
-    meta["load_average_after"] = speed.load_average()
+    meta["load_average_after"] = load_average()
     meta["wall_s"] = time.perf_counter() - started
     summary = summarise(results, shape)
     report = {"meta": meta, **summary, "runs": [asdict(r) for r in results]}
     print()
     print(markdown(summary, meta))
-    if opts.out:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-        with open(opts.out, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
-        print(f"\nwrote {opts.out}")
+    write_report(report, opts.out, announce=True)
     return report
 
 

@@ -46,23 +46,13 @@ from typing import Any, Callable, Optional
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from hf_llama_strategies import InvalidArgumentError, StrategyArguments, StrategyTrainer
-from hf_llama_strategies.optim import unwrapped_name
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also when loaded by path
+
+from _common import RandomTokens  # noqa: E402
+from hf_llama_strategies import InvalidArgumentError, StrategyArguments, StrategyTrainer  # noqa: E402
+from hf_llama_strategies.optim import unwrapped_name  # noqa: E402
 
 WRAP = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq_len: int, vocab: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(3, vocab, (n, seq_len), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 def build_model(opts: argparse.Namespace) -> LlamaForCausalLM:

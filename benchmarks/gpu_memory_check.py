@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import memory_estimate as bench  # noqa: E402
+from _common import write_report  # noqa: E402
 
 # Big enough that activations and weights dwarf the allocator's 512-byte rounding and 2 MiB blocks.
 GPU_SHAPE = bench.Shape(layers=8, hidden=1024, intermediate=2816, heads=16, kv_heads=8, vocab=32000)
@@ -97,11 +97,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
               f"{row['reserved_over_estimate']:.4f}  outside PyTorch {cuda['outside_pytorch'] / 2**20:.0f} MiB",
               flush=True)
     report = {"skipped": False, "device": torch.cuda.get_device_name(), "shape": vars(GPU_SHAPE), "grid": rows}
-    if opts.out:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-        with open(opts.out, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
+    write_report(report, opts.out)
     return report
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -37,22 +38,12 @@ from typing import Optional
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from hf_llama_strategies import StrategyArguments, StrategyTrainer
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also when loaded by path
+
+from _common import RandomTokens  # noqa: E402
+from hf_llama_strategies import StrategyArguments, StrategyTrainer  # noqa: E402
 
 UNSCALE_ERROR = "Attempting to unscale FP16 gradients"
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq_len: int, vocab: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(3, vocab, (n, seq_len), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 class StepTimer(TrainerCallback):

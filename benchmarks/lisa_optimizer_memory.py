@@ -13,24 +13,18 @@ per parameter from the full fine-tuning run's optimizer.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
-from hf_llama_strategies import StrategyArguments, StrategyTrainer
-from hf_llama_strategies.optim import optimizer_state_bytes
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also when loaded by path
 
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq_len: int, vocab: int) -> None:
-        self.ids = torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+from _common import RandomTokens  # noqa: E402
+from hf_llama_strategies import StrategyArguments, StrategyTrainer  # noqa: E402
+from hf_llama_strategies.optim import optimizer_state_bytes  # noqa: E402
 
 
 class StateBytes(TrainerCallback):
@@ -62,7 +56,7 @@ def run(cli: argparse.Namespace, strategy: StrategyArguments) -> tuple[StateByte
             optim="adamw_torch",
         )
         trainer = StrategyTrainer(
-            model=model, args=args, train_dataset=Tokens(cli.steps * 4, 32, cli.vocab), strategy_args=strategy,
+            model=model, args=args, train_dataset=RandomTokens(cli.steps * 4, 32, cli.vocab), strategy_args=strategy,
             callbacks=[recorder],
         )
         trainer.train()

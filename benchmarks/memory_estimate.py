@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import gc
 import json
@@ -49,11 +48,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
+from _common import RandomTokens, load_average, reset_peak_rss, rss_kib, write_report  # noqa: E402
 from hf_llama_strategies import StrategyArguments, StrategyTrainer, estimate_training_memory  # noqa: E402
 from hf_llama_strategies.memory import (  # noqa: E402
     BUFFERS, GRADIENTS, INPUTS, OPTIMIZER_STATE, WEIGHTS, LiveTensorCounter,
@@ -121,18 +122,6 @@ TENSOR_SHAPE = Shape()
 SMOKE_SHAPE = Shape(layers=3, hidden=64, intermediate=128, vocab=256)
 # About 300 MB of fp32 weights: RSS growth over a step is far above the allocator's noise.
 RSS_SHAPE = Shape(layers=8, hidden=512, intermediate=1408, heads=8, kv_heads=4, vocab=32000)
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq: int, vocab: int) -> None:
-        self.ids = torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 def measure_step_for(case: Case, shape: "Shape") -> int:
@@ -272,38 +261,12 @@ def estimate_case(case: Case, shape: Shape, use_cpu: bool = True) -> Any:
 # -- RSS -------------------------------------------------------------------------------------------------
 
 
-def pin_malloc() -> None:
-    """Freed blocks go back to the system (glibc would otherwise serve later runs from its heap)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak_rss() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-def rss_kib(name: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 RSS_CHILD = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import memory_estimate as bench
-bench.pin_malloc()
+from _common import pin_malloc
+pin_malloc()
 case = bench.Case(**json.loads(sys.argv[2]))
 print("RESULT " + json.dumps(bench.measure_real_step(case, bench.RSS_SHAPE, rss=True)))
 """
@@ -413,7 +376,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     started = time.perf_counter()
     report: dict[str, Any] = {
         "shape": asdict(shape), "rss_shape": asdict(RSS_SHAPE) if opts.rss else None,
-        "load_average_before": list(os.getloadavg()),
+        "load_average_before": load_average(),
         "rss_seq": opts.rss_seq,
         "grid": run_grid(cases, shape, opts.rss, opts.rss_seq),
     }
@@ -423,7 +386,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "plan": {k: v for k, v in time_plan(*shape_args).items() if k != "output"},
             "fit_80GiB": {k: v for k, v in time_plan(*shape_args, "--fit", "80GiB").items() if k != "output"},
         }
-    report["load_average_after"] = list(os.getloadavg())
+    report["load_average_after"] = load_average()
     report["wall_s"] = time.perf_counter() - started
     print()
     print(markdown(report["grid"], opts.rss))
@@ -431,11 +394,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         for name, r in report["llama70b"].items():
             print(f"70B {name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
     print(f"load average (1/5/15 min) before {report['load_average_before']}, after {report['load_average_after']}")
-    if opts.out:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-        with open(opts.out, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
+    write_report(report, opts.out)
     return report
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import ctypes
 import gc
 import json
 import os
@@ -55,7 +54,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
@@ -64,15 +63,18 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
+from _common import RandomTokens, load_average, pin_malloc, reset_peak_rss, rss_kib, write_report  # noqa: E402
 from hf_llama_strategies import StrategyArguments, StrategyTrainer  # noqa: E402
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "speed_memory.json")
+DEFAULT_OUT = os.path.join(HERE, "results", "speed_memory.json")
 
 # The floors quoted in issue 8 (measured configurations' FLOP floors, for comparison).
 ISSUE_FLOORS = {"lf": 0.53, "lf_ckpt": 0.46, "l2nh": 0.58, "l2nh_ckpt": 0.50}
@@ -109,19 +111,6 @@ class ModelShape:
 
 
 SMOKE_SHAPE = ModelShape(layers=3, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128, batch=2, seq=16)
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq: int, vocab: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(3, vocab, (n, seq), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 # -- FLOP floors ------------------------------------------------------------------------------
@@ -234,46 +223,6 @@ def freeze_by_hand(model: torch.nn.Module, freezing: str, layers: int) -> None:
 
 
 # -- measuring --------------------------------------------------------------------------------
-
-
-def _rss_kib(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _pin_malloc() -> Optional[Any]:
-    """Fix glibc's mmap threshold so that freed tensors go back to the system.
-
-    By default glibc raises the threshold as large blocks are freed, after which one run's
-    freed tensors serve the next run from the heap and its peak resident set shows nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = None
-
-
-def _reset_peak_rss() -> bool:
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class WorkCounter(TorchDispatchMode):
@@ -461,10 +410,10 @@ def run_variant(
             trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[probe])
         trainer.remove_callback(PrinterCallback)
         gc.collect()
-        has_peak = _reset_peak_rss()
-        rss_before = _rss_kib("VmRSS")
+        has_peak = reset_peak_rss()
+        rss_before = rss_kib("VmRSS")
         trainer.train()
-        peak = _rss_kib("VmHWM") if has_peak else None
+        peak = rss_kib("VmHWM") if has_peak else None
     times = [b[0] - a[0] for a, b in zip(probe.step_ends, probe.step_ends[1:])][warmup:]
     cpu_times = [b[1] - a[1] for a, b in zip(probe.step_ends, probe.step_ends[1:])][warmup:]
     activations = None
@@ -525,12 +474,6 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-
-
-def load_average() -> Optional[list[float]]:
-    with contextlib.suppress(OSError, AttributeError):
-        return list(os.getloadavg())
-    return None
 
 
 def summarise(results: list[RunResult], shape: ModelShape) -> dict[str, Any]:
@@ -684,8 +627,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"unknown variants {unknown}; valid: {', '.join(BY_NAME)}")
     torch.set_num_threads(opts.threads)
-    global _LIBC
-    _LIBC = _pin_malloc()
+    pin_malloc()
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -718,12 +660,7 @@ def _report(results: list[RunResult], shape: ModelShape, meta: dict[str, Any], o
     report = {"meta": meta, **summary, "runs": [asdict(r) for r in results]}
     print()
     print(markdown(summary, meta))
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
-        print(f"\nwrote {out}")
+    write_report(report, out, announce=True)
     return report
 
 

@@ -23,6 +23,7 @@ from .data import CAUSAL_LM, SEQ_CLS, SFT, TASKS, DataArguments
 from .errors import InvalidArgumentError, StrategyError
 from .llamafactory import is_llamafactory_config, translate_llamafactory
 from .sft import SFTArguments
+from .validation import check_positive_int
 
 logger = logging.get_logger(__name__)
 
@@ -722,16 +723,6 @@ class PlanOptions:
     fit_optimizers: tuple[str, ...] = ()
 
 
-def _positive(option: str, value: Any) -> int:
-    try:
-        number = int(str(value))
-    except ValueError:
-        number = 0
-    if isinstance(value, bool) or str(number) != str(value).strip() or number < 1:
-        raise InvalidArgumentError(option, value, "a positive integer")
-    return number
-
-
 def run_plan(
     config: dict[str, Any], overrides: Sequence[str] = (), plot: Optional[str] = None,
     options: Optional[PlanOptions] = None,
@@ -845,7 +836,7 @@ def _split_plan_options(overrides: list[str]) -> tuple[PlanOptions, list[str]]:
         elif key == "fit":
             options.fit = parse_size(value, "--fit")
         elif key == "world_size":
-            options.world_size = _positive("--world_size", value)
+            options.world_size = check_positive_int("--world_size", value, from_text=True)
         else:
             options.fit_optimizers = tuple(v.strip() for v in value.split(",") if v.strip())
     if options.fit_optimizers and options.fit is None:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from .chat_templates import MULTIMODAL_TEMPLATE, TEMPLATES
 from .errors import InvalidArgumentError, StrategyError
 from .sft import UNREAD_BY_DEFAULT, normalise_format
+from .validation import check_positive_int
 
 # Keys that only LLaMA-Factory configs hold: one of the first makes a config one, or `dataset`
 # with one of the others (a native config with a stray `dataset` key is an unknown key, not LF).
@@ -165,15 +166,16 @@ def _resolve(path: str, base_dir: str) -> str:
     return os.path.abspath(next((c for c in candidates if os.path.exists(c)), path))
 
 
-def _whole(config: dict[str, Any], key: str, default: Any, minimum: Optional[int] = None,
+def _whole(config: dict[str, Any], key: str, default: Any, positive: bool = False,
            option: Optional[str] = None) -> Any:
-    """``config[key]`` (or ``default``; None stays None), checked to be a whole number (at least ``minimum``)."""
+    """``config[key]`` (or ``default``; None stays None), checked to be a whole number (``positive``: at least 1)."""
     value = config.get(key, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        least = f" of at least {minimum}" if minimum is not None else ""
-        raise InvalidArgumentError(option or key, value, f"a whole number{least}")
+    if positive:
+        return check_positive_int(option or key, value, expected="a whole number of at least 1")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(option or key, value, "a whole number")
     return value
 
 
@@ -239,7 +241,7 @@ def _dataset_specs(names: list[str], dataset_dir: str, max_samples: Optional[int
         files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith((".json", ".jsonl"))]
                  if os.path.isdir(path) else [path])
         limit = max_samples
-        if _whole(attr, "num_samples", None, minimum=1, option=f"dataset {name!r} num_samples") is not None:
+        if _whole(attr, "num_samples", None, positive=True, option=f"dataset {name!r} num_samples") is not None:
             limit = attr["num_samples"] if limit is None else min(limit, attr["num_samples"])
             notes.append(f"dataset {name}: num_samples {attr['num_samples']} keeps the first records "
                          "(LLaMA-Factory draws them at random)")
@@ -381,7 +383,7 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
 
     # Data.
     dataset_dir = _resolve(str(config.get("dataset_dir", "data")), base_dir)
-    max_samples = _whole(config, "max_samples", None, minimum=1)
+    max_samples = _whole(config, "max_samples", None, positive=True)
     names = _names(config.get("dataset"))
     if not names:
         raise InvalidArgumentError("dataset", config.get("dataset"), "one or more dataset names of dataset_info.json")
@@ -390,7 +392,7 @@ def translate_llamafactory(config: dict[str, Any], base_dir: str = ".", echo: bo
         out["sft_eval_datasets"] = _dataset_specs(_names(config["eval_dataset"]), dataset_dir, max_samples, notes)
     if config.get("val_size"):
         out["validation_split"] = config["val_size"]
-    out["max_seq_length"] = _whole(config, "cutoff_len", 2048, minimum=1)
+    out["max_seq_length"] = _whole(config, "cutoff_len", 2048, positive=True)
     positions = getattr(model_config, "n_positions", None)  # learned absolute positions (GPT-2 style)
     if positions and out["max_seq_length"] > positions:
         notes.append(f"cutoff_len {out['max_seq_length']}: cut to the model's {positions} positions")

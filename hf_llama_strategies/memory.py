@@ -26,10 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.utils import logging
 
 from .arguments import StrategyArguments
-from .errors import InvalidArgumentError
 from .plan import StrategyPlan, torch_dtype
 from .plan_report import format_bytes, format_flops
 from .planner import build_plan
+from .validation import check_positive_int
 
 if TYPE_CHECKING:
     import pluggy
@@ -365,12 +365,6 @@ def _blocks_table(blocks: list[BlockMemory]) -> str:
     return "\n".join([render(header), *(render(r) for r in rows)])
 
 
-def _check_positive(option: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(option, value, "a positive integer")
-    return value
-
-
 def default_seq_len(training_args: Optional["TrainingArguments"]) -> int:
     """The sequence length a run trains on when none is given: TRL's ``max_length``, else 128."""
     for name in ("max_length", "max_seq_length"):
@@ -430,12 +424,12 @@ def estimate_training_memory(
     started = time.perf_counter()
     if training_args is None:
         training_args = TrainingArguments(output_dir="trainer_output", report_to="none")
-    batch_size = _check_positive(
+    batch_size = check_positive_int(
         "batch_size", training_args.per_device_train_batch_size if batch_size is None else batch_size
     )
-    seq_len = _check_positive("seq_len", default_seq_len(training_args) if seq_len is None else seq_len)
-    world_size = _check_positive("world_size", training_args.world_size if world_size is None else world_size)
-    accumulation = _check_positive("gradient_accumulation_steps", training_args.gradient_accumulation_steps)
+    seq_len = check_positive_int("seq_len", default_seq_len(training_args) if seq_len is None else seq_len)
+    world_size = check_positive_int("world_size", training_args.world_size if world_size is None else world_size)
+    accumulation = check_positive_int("gradient_accumulation_steps", training_args.gradient_accumulation_steps)
     pm = plugin_manager if plugin_manager is not None else plugin_manager_for()
     strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
     plan = build_plan(model, strategy_args, training_args, plugin_manager=pm)

@@ -46,15 +46,57 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _finite(option: str, value: Any, expected: str) -> float:
     if not _is_number(value) or not math.isfinite(value):
         raise InvalidArgumentError(option, value, expected)
     return float(value)
 
 
-def _at_least_one(option: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _INT_MAX:
-        raise InvalidArgumentError(option, value, f"a whole number in [1, {_INT_MAX}]")
+def check_positive_int(
+    option: str,
+    value: Any,
+    what: Optional[str] = None,
+    maximum: Optional[int] = None,
+    *,
+    expected: str = "a positive integer",
+    from_text: bool = False,
+) -> int:
+    """``value`` as an ``int`` of at least 1 (and at most ``maximum``), else an error naming ``option``.
+
+    The one positive-integer check of the library (batch sizes, step counts, schedule sizes,
+    ``--world_size``). ``True`` is refused although Python counts it as 1: a YAML ``yes``
+    is no count.
+
+    Args:
+        option: the option's name, as the user wrote it (``"--world_size"``, ``"lisa_layers"``).
+        value: the value to check; the error shows it as given.
+        what: what the number counts, added to the message in parentheses
+            (``"optimizer steps between two stages"``).
+        maximum: the largest value accepted, named in the message; default: no bound.
+        expected: the message's words for a valid value, where the caller's users know
+            other ones (LLaMA-Factory's "a whole number of at least 1").
+        from_text: also accept a command-line string of ASCII digits (``"8"``, spaces around
+            it allowed) and return its number.
+
+    Returns:
+        The number.
+
+    Raises:
+        InvalidArgumentError: ``value`` is not such a number (a bool, a float, a string
+            unless ``from_text``, 0 or less, above ``maximum``).
+    """
+    number = value
+    if from_text and isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        number = int(value)
+    if not _is_whole(number) or number < 1 or (maximum is not None and number > maximum):
+        bound = f" up to {maximum}" if maximum is not None else ""
+        counted = f" ({what})" if what else ""
+        raise InvalidArgumentError(option, value, f"{expected}{bound}{counted}")
+    return number
 
 
 def _strategy_value(args: Any, name: str) -> Any:
@@ -72,9 +114,9 @@ def check_trainer_arguments(args: Any) -> None:
     if lr < 0:
         raise InvalidArgumentError("learning_rate", args.learning_rate, "a finite number > 0, e.g. 2e-5")
     for option in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        _at_least_one(option, getattr(args, option))
+        check_positive_int(option, getattr(args, option), maximum=_INT_MAX)
     _finite("num_train_epochs", args.num_train_epochs, "a finite number of epochs > 0 (or max_steps > 0)")
-    if not isinstance(args.max_steps, int) or isinstance(args.max_steps, bool) or abs(args.max_steps) > _INT_MAX:
+    if not _is_whole(args.max_steps) or abs(args.max_steps) > _INT_MAX:
         raise InvalidArgumentError("max_steps", args.max_steps, "a whole number: -1 (use num_train_epochs) or >= 1")
     wd = _finite("weight_decay", args.weight_decay, "a finite number >= 0")
     if wd < 0:
@@ -87,12 +129,12 @@ def check_trainer_arguments(args: Any) -> None:
             raise InvalidArgumentError(option, getattr(args, option), "a number in [0, 1)")
     if _finite("adam_epsilon", args.adam_epsilon, "a finite number > 0, e.g. 1e-8") <= 0:
         raise InvalidArgumentError("adam_epsilon", args.adam_epsilon, "a finite number > 0, e.g. 1e-8")
-    if not isinstance(args.seed, int) or isinstance(args.seed, bool) or not 0 <= args.seed <= _SEED_MAX:
+    if not _is_whole(args.seed) or not 0 <= args.seed <= _SEED_MAX:
         raise InvalidArgumentError("seed", args.seed, f"a whole number in [0, {_SEED_MAX}]")
     # Each worker is a process: a huge count forks until the machine runs out of them.
     workers_max = max(32, 4 * (os.cpu_count() or 1))
     workers = args.dataloader_num_workers
-    if not isinstance(workers, int) or isinstance(workers, bool) or not 0 <= workers <= workers_max:
+    if not _is_whole(workers) or not 0 <= workers <= workers_max:
         raise InvalidArgumentError("dataloader_num_workers", workers, f"a whole number in [0, {workers_max}]")
     for strategy, steps in (("save_strategy", "save_steps"), ("eval_strategy", "eval_steps")):
         value = getattr(args, steps)
@@ -145,11 +187,11 @@ def check_run_arguments(args: Any) -> None:
 
 def check_data_arguments(data_args: Any) -> None:
     """Refuse data options that cannot work (the CLI's ``DataArguments``)."""
-    _at_least_one("max_seq_length", data_args.max_seq_length)
+    check_positive_int("max_seq_length", data_args.max_seq_length, maximum=_INT_MAX)
     for option in ("max_train_samples", "max_eval_samples"):
         value = getattr(data_args, option)
         if value is not None:
-            _at_least_one(option, value)
+            check_positive_int(option, value, maximum=_INT_MAX)
     split = data_args.validation_split
     if not _is_number(split) or not 0.0 <= split < 1.0:
         raise InvalidArgumentError("validation_split", split, "a fraction in [0, 1)")
@@ -166,12 +208,17 @@ def check_data_arguments(data_args: Any) -> None:
 # -- YAML types -----------------------------------------------------------------------------
 
 
+def _is_union(hint: Any) -> bool:
+    """``Optional[X]``, ``Union[X, Y]`` or ``X | Y``."""
+    return typing.get_origin(hint) is Union or (hasattr(types, "UnionType") and isinstance(hint, types.UnionType))
+
+
 def _allowed(hint: Any, value: Any) -> bool:
     """Whether a non-string YAML ``value`` fits the annotation ``hint`` (strings go through argparse)."""
     if hint is Any:
         return True
     origin = typing.get_origin(hint)
-    if origin is Union or (hasattr(types, "UnionType") and isinstance(hint, types.UnionType)):
+    if _is_union(hint):
         return any(_allowed(arg, value) for arg in typing.get_args(hint))
     if value is None:
         return hint is type(None)
@@ -185,7 +232,7 @@ def _allowed(hint: Any, value: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return _is_whole(value)
     if hint is float:
         return _is_number(value)
     if hint is str:
@@ -258,8 +305,7 @@ _FLAG_TEXT_OPTIONS = frozenset({"resume_from_checkpoint"})
 def _accepts_str(hint: Any) -> bool:
     if hint is str:
         return True
-    origin = typing.get_origin(hint)
-    if origin is Union or (hasattr(types, "UnionType") and isinstance(hint, types.UnionType)):
+    if _is_union(hint):
         return any(_accepts_str(a) for a in typing.get_args(hint))
     return False
 
@@ -315,6 +361,7 @@ __all__ = [
     "CheckpointError",
     "check_config_types",
     "check_data_arguments",
+    "check_positive_int",
     "check_run_arguments",
     "check_trainer_arguments",
     "resolve_resume_checkpoint",

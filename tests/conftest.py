@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -69,6 +71,16 @@ def strategy(**options):
     from hf_llama_strategies import StrategyArguments
 
     return StrategyArguments(print_plan=False, **options)
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """``benchmarks/<name>.py`` as a fresh module (the benchmarks are scripts, not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_training_args(output_dir, **overrides) -> TrainingArguments:

@@ -5,19 +5,13 @@ Timings are the benchmark's business; the cache's counts and bytes are exact and
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_benchmark
 
 
 def test_smoke_run(tmp_path):
-    spec = importlib.util.spec_from_file_location("feature_cache", os.path.join(ROOT, "benchmarks", "feature_cache.py"))
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("feature_cache")
     out = tmp_path / "feature_cache.json"
     report = bench.main(["--smoke", "--threads", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))

@@ -5,23 +5,15 @@ Timings are not checked here (they are the benchmark's business); bytes are exac
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("speed_memory", os.path.join(ROOT, "benchmarks", "speed_memory.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed_memory")
 
 
 def test_smoke_run_writes_exact_memory_figures(bench, tmp_path):

@@ -16,13 +16,12 @@ where it fails (or sets the value) before anything is written.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import types
 
 import pytest
 import torch
-from conftest import TokenDataset, make_training_args, strategy
+from conftest import TokenDataset, load_benchmark, make_training_args, strategy
 from distributed_integration import check_matches_reference, launch, reference
 from tiny_models import tiny_model
 from transformers import TrainerControl, TrainerState
@@ -155,10 +154,6 @@ def test_fsdp1_from_accelerate_launch_environment(tmp_path, monkeypatch, value, 
 def test_gpu_check_script_skips_cleanly_without_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: run benchmarks/gpu_fsdp_check.py itself")
-    spec = importlib.util.spec_from_file_location(
-        "gpu_fsdp_check", os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "gpu_fsdp_check.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("gpu_fsdp_check")
     assert module.main([]) == 0
     assert capsys.readouterr().out.startswith("SKIPPED: no CUDA device")

@@ -9,10 +9,8 @@ scalars the Trainer keeps (the loss it logs: 4 bytes per micro-batch).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -23,6 +21,8 @@ from hf_llama_strategies.errors import InvalidArgumentError
 from hf_llama_strategies.fit import parse_size
 from hf_llama_strategies.memory import estimate_memory, heaviest_step
 
+from conftest import load_benchmark
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The Trainer's own scalars (the detached loss of each micro-batch) that a dry run has no reason to make.
 TRAINER_SCALARS = 16
@@ -30,11 +30,7 @@ TRAINER_SCALARS = 16
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("memory_estimate", os.path.join(ROOT, "benchmarks", "memory_estimate.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory_estimate")
 
 
 GRID = [
@@ -305,10 +301,7 @@ def test_benchmark_smoke_mode_runs_and_matches(bench, tmp_path):
 
 
 def test_gpu_memory_check_skips_without_cuda_and_has_a_cpu_smoke_mode(capsys):
-    spec = importlib.util.spec_from_file_location("gpu_memory_check", os.path.join(ROOT, "benchmarks", "gpu_memory_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("gpu_memory_check")
     if not torch.cuda.is_available():
         assert module.main(["--out", ""]) == {"skipped": True}
         assert "skipped, no CUDA device" in capsys.readouterr().out

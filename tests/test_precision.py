@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -12,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ProbeIs, TokenDataset, losses, make_training_args
+from conftest import ProbeIs, TokenDataset, load_benchmark, losses, make_training_args
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
 
@@ -495,11 +494,7 @@ def test_gpu_check_script_skips_cleanly_without_cuda():
 
 
 def test_gpu_check_script_cpu_smoke_run(capsys):
-    spec = importlib.util.spec_from_file_location(
-        "gpu_precision_check", os.path.join(ROOT, "benchmarks", "gpu_precision_check.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("gpu_precision_check")
     assert module.main(["--cpu-smoke"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("device: CPU (smoke run)")

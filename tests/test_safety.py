@@ -585,6 +585,45 @@ def test_strategy_trainer_refuses_strategy_args_of_another_type(tmp_path, lm_dat
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("value, kwargs, expected", [
+    (True, {}, "a positive integer"),
+    (False, {}, "a positive integer"),
+    (0, {}, "a positive integer"),
+    (-1, {}, "a positive integer"),
+    (1.0, {}, "a positive integer"),
+    (2.5, {}, "a positive integer"),
+    ("3", {}, "a positive integer"),
+    (None, {}, "a positive integer"),
+    (11, {"maximum": 10}, "a positive integer up to 10"),
+    (0, {"what": "layers per stage"}, "a positive integer (layers per stage)"),
+    (0, {"expected": "a whole number of at least 1"}, "a whole number of at least 1"),
+    ("0", {"from_text": True}, "a positive integer"),
+    ("-3", {"from_text": True}, "a positive integer"),
+    ("+3", {"from_text": True}, "a positive integer"),
+    ("3.0", {"from_text": True}, "a positive integer"),
+    ("\u0663", {"from_text": True}, "a positive integer"),  # an Arabic-Indic 3: not what a user types
+    ("", {"from_text": True}, "a positive integer"),
+])
+def test_check_positive_int_refuses_what_is_no_count_naming_the_option_and_value(value, kwargs, expected):
+    from hf_llama_strategies.validation import check_positive_int
+
+    with pytest.raises(InvalidArgumentError) as info:
+        check_positive_int("opt", value, **kwargs)
+    assert str(info.value) == f"opt={value!r} is not valid: expected {expected}."
+    assert (info.value.option, info.value.value) == ("opt", value)
+
+
+@pytest.mark.parametrize("value, kwargs, number", [
+    (1, {}, 1), (7, {"what": "steps"}, 7), (10, {"maximum": 10}, 10), (2**70, {}, 2**70),
+    ("8", {"from_text": True}, 8), (" 12 ", {"from_text": True}, 12), (5, {"from_text": True}, 5),
+])
+def test_check_positive_int_returns_the_number(value, kwargs, number):
+    from hf_llama_strategies.validation import check_positive_int
+
+    result = check_positive_int("opt", value, **kwargs)
+    assert result == number and type(result) is int
+
+
 @pytest.mark.parametrize("where, fragment", [("missing", "no such directory"), ("file", "it is a file")])
 def test_strategy_trainer_resume_from_a_path_that_is_no_checkpoint_names_the_option(tmp_path, lm_dataset, where,
                                                                                      fragment):
