@@ -27,6 +27,7 @@ from transformers.utils import logging
 
 from .arguments import StrategyArguments
 from .plan import StrategyPlan, torch_dtype
+from .context import RunContext
 from .plan_report import format_bytes, format_flops
 from .planner import build_plan
 from .validation import check_positive_int
@@ -432,7 +433,8 @@ def estimate_training_memory(
     accumulation = check_positive_int("gradient_accumulation_steps", training_args.gradient_accumulation_steps)
     pm = plugin_manager if plugin_manager is not None else plugin_manager_for()
     strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
-    plan = build_plan(model, strategy_args, training_args, plugin_manager=pm)
+    context = RunContext.create(strategy_args, training_args, model=model, plugin_manager=pm)
+    plan = build_plan(model, context=context)
     optim = str(getattr(training_args.optim, "value", training_args.optim))
     checkpointing = bool(training_args.activation_checkpointing) or bool(
         getattr(model, "is_activation_checkpointing", False)
@@ -445,7 +447,7 @@ def estimate_training_memory(
         optimizer=optim, step=step,
     )
     try:
-        estimate = _simulate(model, plan, pm, training_args, autocast_dtype, **common)
+        estimate = _simulate(model, plan, context, training_args, autocast_dtype, **common)
     except Exception as exc:  # noqa: BLE001 - any failure of foreign model code on fake tensors
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
         logger.warning(f"estimate_training_memory: the step could not run on fake tensors ({reason}); static estimate")
@@ -607,7 +609,7 @@ def _block_modules(model: nn.Module, plan: StrategyPlan) -> dict[str, nn.Module]
 def _simulate(
     model: nn.Module,
     plan: StrategyPlan,
-    pm: "pluggy.PluginManager",
+    context: RunContext,
     training_args: "TrainingArguments",
     autocast_dtype: Optional[torch.dtype],
     **common: Any,
@@ -616,6 +618,8 @@ def _simulate(
 
     from .optim import plan_name
     from .runtime import ScheduleRunner
+
+    pm = context.plugin_manager
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = fake_copy(model, fake_mode)
@@ -630,7 +634,9 @@ def _simulate(
         if training_args.activation_checkpointing:
             enable_checkpointing_as_trainer(fake, training_args)
         optimizer = _build_optimizer(fake, plan, training_args)
-        pm.hook.hfls_on_train_begin(model=fake, plan=plan, training_args=training_args, train_dataloader=None)
+        pm.hook.hfls_on_train_begin(
+            model=fake, plan=plan, training_args=training_args, train_dataloader=None, context=context
+        )
         # Steady state: the optimizer holds the state an earlier step created.
         trainable = [p for p in fake.parameters() if p.requires_grad]
         for param in trainable:

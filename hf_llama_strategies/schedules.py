@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .anatomy import LAYER
 from .errors import InvalidArgumentError
 from .layer_selection import selects_none
+from .validation import check_positive_int
 
 if TYPE_CHECKING:
     from .arguments import StrategyArguments
@@ -23,12 +24,10 @@ def scheduled_layers(plan: "StrategyPlan") -> list[int]:
     return sorted({d.layer for d in plan if d.kind == LAYER and d.trainable and d.layer is not None})
 
 
-def check_positive_int(option: str, value: Any, what: str) -> None:
-    """Raise :class:`InvalidArgumentError` unless ``value`` is ``None`` or an int >= 1."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(option, value, f"a positive integer ({what})")
+def check_step_option(option: str, value: Any, what: str) -> None:
+    """An unset (``None``) or positive whole number of steps or layers, else an :class:`InvalidArgumentError`."""
+    if value is not None:
+        check_positive_int(option, value, what)
 
 
 def refuse_without_layers(option: str, value: Any, strategy_args: "StrategyArguments", why: str) -> None:

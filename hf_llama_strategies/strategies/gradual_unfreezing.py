@@ -21,7 +21,7 @@ from ..errors import InvalidArgumentError, PlanError
 from ..hookspecs import hookimpl
 from ..layer_selection import format_layers
 from ..plan import StrategyPlan
-from ..schedules import check_positive_int, refuse_without_layers, scheduled_layers
+from ..schedules import check_step_option, refuse_without_layers, scheduled_layers
 
 GRADUAL = "gradual"
 _SCHEDULES = (GRADUAL, "none")
@@ -40,8 +40,8 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
     value = args.unfreeze_schedule
     if value is not None and (not isinstance(value, str) or value.strip().lower() not in _SCHEDULES):
         raise InvalidArgumentError("unfreeze_schedule", value, "'gradual', 'none', or unset (null)")
-    check_positive_int("unfreeze_interval_steps", args.unfreeze_interval_steps, "optimizer steps between two stages")
-    check_positive_int("unfreeze_layers_per_step", args.unfreeze_layers_per_step, "layers unfrozen per stage")
+    check_step_option("unfreeze_interval_steps", args.unfreeze_interval_steps, "optimizer steps between two stages")
+    check_step_option("unfreeze_layers_per_step", args.unfreeze_layers_per_step, "layers unfrozen per stage")
     if not is_gradual(args):
         for option in ("unfreeze_interval_steps", "unfreeze_layers_per_step"):
             if getattr(args, option) is not None:

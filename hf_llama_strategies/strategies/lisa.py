@@ -28,7 +28,7 @@ from ..errors import InvalidArgumentError, PlanError
 from ..hookspecs import hookimpl
 from ..layer_selection import format_layers
 from ..plan import StrategyPlan
-from ..schedules import check_positive_int, refuse_without_layers, scheduled_layers
+from ..schedules import check_step_option, refuse_without_layers, scheduled_layers
 
 SCHEDULE = "lisa"
 DEFAULT_INTERVAL_STEPS = 20
@@ -51,8 +51,8 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
     args = strategy_args
     if not isinstance(args.lisa_drop_optimizer_state, bool):
         raise InvalidArgumentError("lisa_drop_optimizer_state", args.lisa_drop_optimizer_state, "true or false")
-    check_positive_int("lisa_layers", args.lisa_layers, "decoder layers trained at a time")
-    check_positive_int("lisa_interval_steps", args.lisa_interval_steps, "optimizer steps between two draws")
+    check_step_option("lisa_layers", args.lisa_layers, "decoder layers trained at a time")
+    check_step_option("lisa_interval_steps", args.lisa_interval_steps, "optimizer steps between two draws")
     if args.lisa_layers is None:
         if args.lisa_interval_steps is not None:
             raise InvalidArgumentError(
