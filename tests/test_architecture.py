@@ -169,3 +169,17 @@ def test_strategy_arguments_are_validated_by_installed_plugins_once_and_by_code_
         build_plan(tiny_model("llama"), strategy, plugins=[Refuser()])
     build_plan(tiny_model("llama"), StrategyArguments(head_lr=1e-3), plugins=[Refuser()])
     assert len(calls) == 2
+
+
+def test_the_import_table_of_the_architecture_doc_is_the_code_s():
+    import importlib.util
+
+    root = PACKAGE.parent
+    spec = importlib.util.spec_from_file_location("import_graph", root / "tools" / "import_graph.py")
+    graph = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph)
+    table = graph.table()
+    assert "| `plan` | anatomy, errors |" in table  # the data model, as test above says
+    assert table in (root / "docs" / "architecture.md").read_text(encoding="utf-8"), (
+        "docs/architecture.md is out of date: paste the output of `python tools/import_graph.py`"
+    )
