@@ -2,8 +2,12 @@
 
 ``transformers.HfArgumentParser`` parses it beside ``TrainingArguments`` (no field name
 collides with one of ``TrainingArguments``), so one flat YAML file or one command line can
-hold model, data, training and strategy keys. Values are checked in ``__post_init__``: a
-bad value fails when the arguments are parsed, not hours into a run.
+hold model, data, training and strategy keys. ``__post_init__`` brings spellings to one form
+and has every built-in and installed plugin check the options it owns (its
+``hfls_validate_arguments`` hook: the freezing options in ``strategies/freezing.py``, the
+precision ones in ``strategies/precision.py``...): a bad value fails when the arguments are
+parsed, not hours into a run. This module gives the options' names, defaults and help; what
+they mean is the owning strategy's.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from .errors import InvalidArgumentError
 from .layer_selection import selects_all
 from .precision import normalise_dtype_name
 
-_BOOL_OR_AUTO = "true, false, or unset (null) for the default"
 # Options that refine another option or the report: alone they ask for nothing.
 _REFINING_OPTIONS = frozenset({"print_plan", "allow_plan_change_on_resume", "lisa_drop_optimizer_state"})
-# Values that spell an option's default.
-_DEFAULT_SPELLINGS = {"trainable_layers": ("all",), "unfreeze_schedule": ("none",), "frozen_prefix_cache": ("off",)}
+# Options unset by default whose help documents a word for "unset".
+_UNSET_SPELLINGS = {"unfreeze_schedule": "none"}
+
 
 
 @dataclass
@@ -287,10 +291,6 @@ class StrategyArguments:
         # whether it can work is checked by the strategy that owns the option, through the
         # hfls_validate_arguments hook of every built-in and installed plugin.
         self.trainable_modules = _normalise_module_list(self.trainable_modules)
-        for option in ("train_embeddings", "train_norm", "train_head"):
-            value = getattr(self, option)
-            if value is not None and not isinstance(value, bool):
-                raise InvalidArgumentError(option, value, _BOOL_OR_AUTO)
         self.trainable_params = _normalise_regex_list("trainable_params", self.trainable_params)
         self.frozen_params = _normalise_regex_list("frozen_params", self.frozen_params)
         self.strategy_options = _normalise_options(self.strategy_options)
@@ -317,11 +317,9 @@ class StrategyArguments:
             if f.name in _REFINING_OPTIONS:
                 continue
             value = getattr(self, f.name)
-            if isinstance(value, str) and value.strip().lower() in _DEFAULT_SPELLINGS.get(f.name, ()):
-                continue
             default = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
-            if value is None and isinstance(default, str):
-                continue  # null in a YAML file spells a text option's default
+            if _spells_default(value, default, _UNSET_SPELLINGS.get(f.name)):
+                continue
             if value != default:
                 names.append(f.name)
         return names
@@ -329,6 +327,16 @@ class StrategyArguments:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form, as stored in ``strategy_plan.json``."""
         return asdict(self)
+
+
+def _spells_default(value: Any, default: Any, unset_word: Optional[str]) -> bool:
+    """A text option's default written otherwise: its own word in any case ("ALL", " off "), the
+    documented word for unset (``unfreeze_schedule: none``), or null (YAML) for one whose default is a word."""
+    if isinstance(value, str) and isinstance(default, str):
+        return value.strip().lower() == default
+    if isinstance(value, str) and default is None:
+        return unset_word is not None and value.strip().lower() == unset_word
+    return value is None and isinstance(default, str)
 
 
 def _normalise_module_list(value: Any) -> Any:

@@ -87,6 +87,7 @@ class StrategyCallback(TrainerCallback):
         self.plugins = tuple(plugins)
         #: The run's context (plugin manager, precision decision, distributed setup), once known.
         self.context = context
+        self._plugin_manager: Optional[pluggy.PluginManager] = None
         self.plan: Optional[StrategyPlan] = None
         self.runner: Optional[ScheduleRunner] = None
         #: The checkpoint a resumed run starts from, when known (StrategyTrainer sets it).
@@ -119,7 +120,9 @@ class StrategyCallback(TrainerCallback):
         """The plugin manager of this run: built-in, installed and ``plugins``."""
         if self.context is not None:
             return self.context.plugin_manager
-        return plugin_manager_for(self.plugins)
+        if self._plugin_manager is None:
+            self._plugin_manager = plugin_manager_for(self.plugins)
+        return self._plugin_manager
 
     def prepare(self, model: nn.Module, training_args: Optional[TrainingArguments] = None) -> StrategyPlan:
         """Build the plan for ``model`` (once); set its parameters' ``requires_grad`` and dtype.
@@ -138,7 +141,7 @@ class StrategyCallback(TrainerCallback):
             self._prepared_args = training_args
             if self.context is None:
                 self.context = RunContext.create(
-                    self.strategy_args, training_args, model=model, plugins=self.plugins, fixed=True
+                    self.strategy_args, training_args, model=model, plugin_manager=self.plugin_manager, fixed=True
                 )
             else:
                 self.context.use_training_arguments(training_args, model=model)

@@ -744,12 +744,12 @@ def run_plan(
     model = build_model(model_args, model_config, task, meta=True)
     # As `train` would: precision resolved for this machine (and by any installed probe plugin).
     context = RunContext.create(strategy_args, training_args, model=model)
-    training_args = context.resolve_training_arguments()
+    training_args = context.resolve_training_arguments(in_place=False)
     plan = build_plan(model, context=context)
     estimate = estimate_memory(plan, str(getattr(training_args.optim, "value", training_args.optim)))
     memory = estimate_training_memory(
         model, strategy_args, training_args, seq_len=data_args.max_seq_length, world_size=options.world_size,
-        plugin_manager=context.plugin_manager,
+        context=context,
     )
     fit = None
     if options.fit is not None:
@@ -757,7 +757,7 @@ def run_plan(
 
         fit = fit_search(
             model, strategy_args, training_args, options.fit, seq_len=data_args.max_seq_length,
-            world_size=options.world_size, optimizers=options.fit_optimizers, plugin_manager=context.plugin_manager,
+            world_size=options.world_size, optimizers=options.fit_optimizers, context=context,
         )
     if options.json:
         print(json.dumps({

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from .distributed import DistributedSettings
 from .plugins import plugin_manager_for
-from .precision import HardwareProbe, PrecisionDecision, apply_precision_decision, decide_for_run
+from .precision import HardwareProbe, PrecisionDecision, apply_precision_decision, asks_precision, decide_for_run
 
 if TYPE_CHECKING:
     import pluggy
@@ -40,6 +40,8 @@ class RunContext:
         fixed: the ``TrainingArguments`` can no longer change (``StrategyCallback`` inside a
             built ``Trainer``): ``precision: auto`` follows their flags, and an explicit
             ``precision`` must agree with them.
+        hardware: the device the decision was made for (the ``hfls_hardware_probe`` hook's
+            answer, or the ``probe`` given), once a precision option asked for it.
     """
 
     plugin_manager: "pluggy.PluginManager"
@@ -48,6 +50,7 @@ class RunContext:
     precision: Optional[PrecisionDecision] = None
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     fixed: bool = False
+    hardware: Optional[HardwareProbe] = None
 
     @classmethod
     def create(
@@ -105,35 +108,61 @@ class RunContext:
     ) -> None:
         """Train with ``training_args`` from now on: read their distributed setup, decide the precision.
 
-        A decision already made stays when ``training_args`` carry its flags (TRL's trainers
-        rebuild the resolved arguments as their own config class); otherwise it is made again
-        for these arguments.
+        Nothing is read again for the arguments already in use. A decision already made stays
+        when ``training_args`` carry its flags (TRL's trainers rebuild the resolved arguments as
+        their own config class); otherwise it is made again for these arguments.
         """
+        if training_args is self.training_args and training_args is not None:
+            return
         previous = self.precision
         self.training_args = training_args
         self.distributed = DistributedSettings.read(training_args, model)
         if previous is not None and training_args is not None and previous.matches(self.strategy_args) and (
             bool(training_args.fp16), bool(training_args.bf16)) == (previous.fp16, previous.bf16):
             return
+        if asks_precision(self.strategy_args) and probe is None and self.hardware is None:
+            probe = self.plugin_manager.hook.hfls_hardware_probe(training_args=training_args)
+        self.hardware = probe if probe is not None else self.hardware
         self.precision = decide_for_run(
-            self.strategy_args, training_args, self.plugin_manager, model=model, probe=probe, fixed=self.fixed,
-            distributed=self.distributed,
+            self.strategy_args, training_args, self.plugin_manager, model=model, probe=self.hardware,
+            fixed=self.fixed, distributed=self.distributed,
         )
 
-    def resolve_training_arguments(self) -> "TrainingArguments":
-        """Write the precision decision's fp16/bf16/use_cpu into the run's ``TrainingArguments`` (logged).
+    def resolve_training_arguments(self, in_place: bool = True) -> "TrainingArguments":
+        """The run's ``TrainingArguments`` with the precision decision's fp16/bf16/use_cpu.
 
-        What ``StrategyTrainer`` does before ``Trainer.__init__`` sets accelerate up from those
-        flags; the user asked for it by setting a precision option. Nothing changes without one.
+        ``in_place`` (what ``StrategyTrainer`` does, before ``Trainer.__init__`` sets accelerate
+        up from those flags): written into the user's object, logged; the user asked for it by
+        setting a precision option. Otherwise a copy, which the run then uses. Nothing changes
+        without a precision option.
         """
         assert self.training_args is not None
-        resolved = apply_precision_decision(self.training_args, self.precision, in_place=True)
-        # The flags changed: the DeepSpeed "auto" fields were filled anew.
-        checkpointing = self.distributed.activation_checkpointing
-        self.distributed = DistributedSettings.read(resolved)
-        if checkpointing and not self.distributed.activation_checkpointing:
-            self.distributed = replace(self.distributed, activation_checkpointing=True)
+        before = self.training_args
+        flags = (before.fp16, before.bf16, before.use_cpu)
+        resolved = apply_precision_decision(before, self.precision, in_place=in_place)
+        if (resolved.fp16, resolved.bf16, resolved.use_cpu) != flags:
+            # The flags changed: a DeepSpeed config's "auto" fields were filled anew.
+            checkpointing = self.distributed.activation_checkpointing
+            self.distributed = DistributedSettings.read(resolved)
+            if checkpointing and not self.distributed.activation_checkpointing:
+                self.distributed = replace(self.distributed, activation_checkpointing=True)
+        self.training_args = resolved
         return resolved
+
+    def variant(
+        self,
+        strategy_args: "StrategyArguments",
+        training_args: Optional["TrainingArguments"],
+        *,
+        model: Optional["nn.Module"] = None,
+    ) -> "RunContext":
+        """This context, or for other arguments (``plan --fit``'s candidates) one with its manager and hardware."""
+        if strategy_args is self.strategy_args and training_args is self.training_args:
+            return self
+        return RunContext.create(
+            strategy_args, training_args, model=model, plugin_manager=self.plugin_manager, probe=self.hardware,
+            fixed=self.fixed,
+        )
 
     def hook_kwargs(self) -> dict[str, Any]:
         """What every plan hook receives besides the plan and the anatomy."""

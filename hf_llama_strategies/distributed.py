@@ -1,4 +1,4 @@
-"""The distributed setup of a run, read once: DDP, FSDP and DeepSpeed settings, and their checks.
+"""The distributed setup of a run, read in one place: DDP, FSDP and DeepSpeed settings, and their one check.
 
 As accelerate keeps one dataclass per integration, :class:`DistributedSettings` holds what
 the plan depends on, read from ``TrainingArguments`` (and, once it exists, the
@@ -174,9 +174,13 @@ class DistributedFixes:
 
     def apply_to(self, accelerator: Any) -> None:
         """Set them on ``accelerator`` (``Trainer.accelerator``) before it wraps the model."""
-        handler = getattr(accelerator, "ddp_handler", None)
-        if self.ddp_find_unused_parameters and handler is not None:
-            handler.find_unused_parameters = True
+        if self.ddp_find_unused_parameters:
+            if getattr(accelerator, "ddp_handler", None) is None:
+                # A Trainer that gave accelerate no DDP settings: ours are the only ones.
+                from accelerate.utils import DistributedDataParallelKwargs
+
+                accelerator.ddp_handler = DistributedDataParallelKwargs()
+            accelerator.ddp_handler.find_unused_parameters = True
             logger.info("Dynamic freezing schedule: DDP's find_unused_parameters set to True for this run.")
         plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
         if self.fsdp_use_orig_params and plugin is not None:

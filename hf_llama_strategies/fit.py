@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from torch import nn
 
 from .arguments import StrategyArguments
+from .context import RunContext
 from .errors import InvalidArgumentError
 from .memory import TrainingMemoryEstimate, estimate_training_memory, format_bytes, format_flops
 from .plan import torch_dtype
@@ -171,13 +172,10 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _frozen_dtypes(
-    model: nn.Module, strategy_args: StrategyArguments, training_args: "TrainingArguments",
-    pm: Optional["pluggy.PluginManager"],
-) -> list[Optional[str]]:
+def _frozen_dtypes(model: nn.Module, context: RunContext) -> list[Optional[str]]:
     """``frozen_dtype`` values worth trying: as configured, and the autocast dtype when it halves frozen weights."""
-    options: list[Optional[str]] = [strategy_args.frozen_dtype]
-    plan = build_plan(model, strategy_args, training_args, plugin_manager=pm)
+    options: list[Optional[str]] = [context.strategy_args.frozen_dtype]
+    plan = build_plan(model, context=context)
     precision = plan.settings.get("precision", {})
     mode = precision.get("mode")
     if mode not in _HALF or precision.get("pure_bf16") or precision.get("zero3"):
@@ -199,6 +197,7 @@ def fit_search(
     world_size: Optional[int] = None,
     optimizers: Sequence[str] = (),
     plugin_manager: Optional["pluggy.PluginManager"] = None,
+    context: Optional[RunContext] = None,
 ) -> FitResult:
     """Search the settings that trade speed for memory for those whose step fits ``budget_bytes``.
 
@@ -208,6 +207,8 @@ def fit_search(
         budget_bytes: memory per device.
         seq_len, world_size: as for :func:`estimate_training_memory`.
         optimizers: other ``optim`` values to try beside the configured one.
+        plugin_manager, context: the run's manager, or its whole context (then every candidate
+            shares its manager and hardware).
 
     Returns:
         A :class:`FitResult`; its ``candidates`` hold, for every combination of checkpointing,
@@ -216,6 +217,9 @@ def fit_search(
     import time
 
     started = time.perf_counter()
+    if context is None:
+        context = RunContext.create(strategy_args, training_args, model=model, plugin_manager=plugin_manager)
+    context = context.variant(strategy_args, training_args, model=model)
     batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     base_optim = str(getattr(training_args.optim, "value", training_args.optim))
     base_ckpt = bool(training_args.activation_checkpointing)
@@ -230,7 +234,7 @@ def fit_search(
             )
             strategy = dataclasses.replace(strategy_args, frozen_dtype=frozen)
             estimate: TrainingMemoryEstimate = estimate_training_memory(
-                model, strategy, args, seq_len=seq_len, world_size=world_size, plugin_manager=plugin_manager,
+                model, strategy, args, seq_len=seq_len, world_size=world_size, context=context,
             )
             changes = (per_device != training_args.per_device_train_batch_size) + (ckpt != base_ckpt) + (
                 frozen != strategy_args.frozen_dtype) + (optim != base_optim)
@@ -243,7 +247,7 @@ def fit_search(
     found: list[FitCandidate] = []
     smallest: list[FitCandidate] = []
     optims = list(dict.fromkeys([base_optim, *optimizers]))
-    for frozen in _frozen_dtypes(model, strategy_args, training_args, plugin_manager):
+    for frozen in _frozen_dtypes(model, context):
         for optim in optims:
             for ckpt in (base_ckpt, not base_ckpt):
                 best = _largest_fitting(sizes, lambda b: run(b, ckpt, frozen, optim), budget_bytes)

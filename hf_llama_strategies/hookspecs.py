@@ -135,10 +135,11 @@ def hfls_hardware_probe(training_args: Optional["TrainingArguments"]) -> Optiona
     """Describe the device that ``training_args`` will train on (type, name, bf16 and TF32 support).
 
     Return ``None`` to let the next plugin (and finally the built-in probe, which asks
-    torch) answer. Asked once per run, when a precision option is set, by the run context
-    (and so by :func:`~hf_llama_strategies.resolve_training_arguments` and
-    :func:`~hf_llama_strategies.build_plan`) to map ``precision`` onto the hardware; a plugin can teach a new accelerator, or a test can
-    stand in for hardware it does not have.
+    torch) answer. Asked once per run context, when a precision option is set (by
+    ``StrategyTrainer``, ``StrategyCallback``, :func:`~hf_llama_strategies.build_plan` and
+    :func:`~hf_llama_strategies.resolve_training_arguments`), to map ``precision`` onto the
+    hardware; a plugin can teach a new accelerator, or a test can stand in for hardware it
+    does not have.
     """
 
 

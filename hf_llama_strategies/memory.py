@@ -384,6 +384,7 @@ def estimate_training_memory(
     seq_len: Optional[int] = None,
     world_size: Optional[int] = None,
     plugin_manager: Optional["pluggy.PluginManager"] = None,
+    context: Optional[RunContext] = None,
 ) -> TrainingMemoryEstimate:
     """Peak memory of one training step, activations included, from a dry run on fake tensors.
 
@@ -408,6 +409,8 @@ def estimate_training_memory(
         world_size: ranks, for the per-rank figures of DDP, FSDP and DeepSpeed ZeRO; default
             ``training_args.world_size``.
         plugin_manager: the manager the plan is built with (default: built-in and installed).
+        context: the run's context (its manager and hardware); arguments other than its own
+            get a context of their own that shares them.
 
     Returns:
         A :class:`TrainingMemoryEstimate`. When the model's code cannot run on fake tensors
@@ -431,9 +434,13 @@ def estimate_training_memory(
     seq_len = check_positive_int("seq_len", default_seq_len(training_args) if seq_len is None else seq_len)
     world_size = check_positive_int("world_size", training_args.world_size if world_size is None else world_size)
     accumulation = check_positive_int("gradient_accumulation_steps", training_args.gradient_accumulation_steps)
-    pm = plugin_manager if plugin_manager is not None else plugin_manager_for()
     strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
-    context = RunContext.create(strategy_args, training_args, model=model, plugin_manager=pm)
+    if context is not None:
+        context = context.variant(strategy_args, training_args, model=model)
+    else:
+        pm = plugin_manager if plugin_manager is not None else plugin_manager_for()
+        context = RunContext.create(strategy_args, training_args, model=model, plugin_manager=pm)
+    pm = context.plugin_manager
     plan = build_plan(model, context=context)
     optim = str(getattr(training_args.optim, "value", training_args.optim))
     checkpointing = bool(training_args.activation_checkpointing) or bool(
@@ -766,12 +773,11 @@ def sharding(training_args: Optional["TrainingArguments"]) -> tuple[Optional[str
     ``reshard_after_forward: false`` (shard_grad_op) and ZeRO-2 gradients and state; ZeRO-1 the
     state; DDP nothing.
     """
-    from .distributed import read_deepspeed_config
+    from .distributed import DistributedSettings
 
-    config, _ = read_deepspeed_config(training_args)
-    if config is not None:
-        stage = (config.get("zero_optimization") or {}).get("stage", 0)
-        stage = int(stage) if str(stage).isdigit() else 0
+    settings = DistributedSettings.read(training_args)
+    if settings.deepspeed_config is not None:
+        stage = settings.zero_stage or 0
         shards = {0: (), 1: (OPTIMIZER_STATE,), 2: (GRADIENTS, OPTIMIZER_STATE)}.get(
             stage, (WEIGHTS, GRADIENTS, OPTIMIZER_STATE)
         )

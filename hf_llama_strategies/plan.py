@@ -4,7 +4,9 @@ The plan is the single source of truth: strategies write into it (through the
 ``hfls_plan_parameters`` and ``hfls_adjust_plan`` hooks, called by
 :mod:`~hf_llama_strategies.planner`), the runtime only applies it (:meth:`StrategyPlan.apply`).
 It serialises to ``strategy_plan.json`` and prints as a table
-(:mod:`~hf_llama_strategies.plan_report`). This module knows no plugin manager and no strategy.
+(:mod:`~hf_llama_strategies.plan_report`). It imports only ``anatomy`` and ``errors``: no
+strategy, no planner, no plugin manager (``active_names`` asks the run's manager it is given,
+or fetches the default one only when called without).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from .arguments import StrategyArguments
 from .context import RunContext
 from .errors import PlanError
 from .plan import StrategyPlan, trains
+from .precision import HardwareProbe
 
 if TYPE_CHECKING:
     import pluggy
@@ -40,6 +41,7 @@ def build_plan(
     plugin_manager: Optional["pluggy.PluginManager"] = None,
     *,
     context: Optional[RunContext] = None,
+    probe: Optional[HardwareProbe] = None,
 ) -> StrategyPlan:
     """Resolve every parameter of ``model`` under ``strategy_args``, without training.
 
@@ -56,9 +58,11 @@ def build_plan(
             that depend on them (learning rate, precision).
         plugins: extra plugin objects, beside built-in and installed ones.
         plugin_manager: a ready manager (then ``plugins`` is ignored).
-        context: the run's context (``StrategyTrainer``, ``StrategyCallback``); then the three
+        context: the run's context (``StrategyTrainer``, ``StrategyCallback``); then the
             arguments above are the context's. Without one, one is built for this call:
             the precision decision describes what ``resolve_training_arguments`` would do here.
+        probe: the hardware to plan for, standing in for the ``hfls_hardware_probe`` hook
+            (a plan for another machine: pass the probe given to ``resolve_training_arguments``).
 
     Raises:
         UnknownArchitectureError: an option needs the model's layers or blocks, and no plugin
@@ -67,7 +71,7 @@ def build_plan(
     """
     if context is None:
         context = RunContext.create(
-            strategy_args, training_args, model=model, plugins=plugins, plugin_manager=plugin_manager
+            strategy_args, training_args, model=model, plugins=plugins, plugin_manager=plugin_manager, probe=probe
         )
     pm, strategy_args, training_args = context.plugin_manager, context.strategy_args, context.training_args
     anatomy = pm.hook.hfls_model_anatomy(model=model)

@@ -8,9 +8,9 @@ or, when plugins are passed in code, one of its own (:func:`plugin_manager_for`)
 
 Call order: pluggy calls the implementations of a hook from the last registered to the
 first, ``tryfirst``/``trylast`` marks aside. Plugins passed in code are registered last, so
-with the same marks they run *first*, before the installed and the built-in ones (measured:
-``hfls_plan_parameters`` runs ``freezing`` (``tryfirst``), the code plugin, then
-``frozen_prefix_cache``, ..., ``layerwise_lr``).
+with the same marks they run *first*, before the installed and the built-in ones (measured for
+``hfls_plan_parameters``: ``freezing`` (``tryfirst``), the plugin passed in code, the installed
+ones, ``layerwise_lr``, then ``gradual_unfreezing`` and ``lisa`` (``trylast``)).
 """
 
 from __future__ import annotations
@@ -206,8 +206,9 @@ def default_plugin_manager() -> pluggy.PluginManager:
     """The manager of the built-in and installed plugins, built once (again when the installed set changes).
 
     ``StrategyArguments`` validates against it at construction, and a run without plugins
-    passed in code uses it. Do not register plugins into it: pass them to
-    :func:`get_plugin_manager` (or ``strategy_plugins=``), which builds a manager of their own.
+    passed in code uses it. It refuses ``register``: plugins passed to
+    :func:`get_plugin_manager` (or ``strategy_plugins=``) get a manager of their own, so no
+    plugin leaks from one run into the next.
 
     Raises:
         PluginError: an installed plugin cannot be loaded.
@@ -215,7 +216,17 @@ def default_plugin_manager() -> pluggy.PluginManager:
     global _default
     key = _installed_key()
     if _default is None or _default[0] != key:
-        _default = (key, get_plugin_manager())
+        pm = get_plugin_manager()
+
+        def refuse(plugin: object, name: Optional[str] = None) -> None:
+            raise PluginError(
+                f"cannot register {_display_name(plugin, name)!r} into the default plugin manager, which every run "
+                "without plugins of its own shares: pass it as strategy_plugins=[...] (or plugins=[...]), which "
+                "gives that run a manager of its own."
+            )
+
+        pm.register = refuse  # type: ignore[method-assign]
+        _default = (key, pm)
     return _default[1]
 
 

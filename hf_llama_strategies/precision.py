@@ -31,6 +31,7 @@ from .anatomy import parameter_numel
 from .distributed import DistributedSettings
 from .errors import InvalidArgumentError
 from .hookspecs import hookimpl
+from .plugins import plugin_manager_for
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -538,12 +539,13 @@ def resolve_training_arguments(
             with fp16 or ZeRO-3, ``tf32`` without TF32 hardware, a ``frozen_dtype`` that
             cannot work in the chosen mode.
     """
-    from .context import RunContext  # the context decides with this module's functions
+    if strategy_args is None:
+        from .arguments import StrategyArguments  # the arguments import this module
 
-    context = RunContext.create(
-        strategy_args, training_args, model=model, probe=probe, plugins=plugins, plugin_manager=plugin_manager
-    )
-    return apply_precision_decision(training_args, context.precision, in_place=in_place)
+        strategy_args = StrategyArguments()
+    pm = plugin_manager if plugin_manager is not None else plugin_manager_for(plugins)
+    decision = decide_for_run(strategy_args, training_args, pm, model=model, probe=probe)
+    return apply_precision_decision(training_args, decision, in_place=in_place)
 
 
 __all__ = [

@@ -40,11 +40,11 @@ class StrategyTrainerMixin:
     saved, no callback is added, and every method is the Trainer's own.
 
     Otherwise the run has one :class:`~hf_llama_strategies.context.RunContext`
-    (``trainer.strategy_callback.context``): one plugin manager, one precision decision, one
-    read of the distributed setup. ``self.args`` is the object passed in (``trainer.args is
+    (``trainer.strategy_callback.context``): one plugin manager, one precision decision, the
+    distributed setup read from the arguments (and once more from the accelerator). ``self.args`` is the object passed in (``trainer.args is
     args``): when a precision option asks for other fp16/bf16 flags, they are set on that very
     object (logged), so the arguments the user holds say how the run trains. Nothing else of
-    the user's changes: what DDP or FSDP1 must do for the plan (``find_unused_parameters``,
+    the user's changes (no ``TrainingArguments`` field, no environment variable): what DDP or FSDP1 must do for the plan (``find_unused_parameters``,
     ``use_orig_params``) is set on the Trainer's own accelerator.
 
     The plan is built for the model ``Trainer.__init__`` receives: a subclass that wraps or
@@ -120,6 +120,10 @@ class StrategyTrainerMixin:
         """
         if not self._hfls_active:
             return super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        context = self.strategy_callback.context
+        if context is not None and self.args is not context.training_args:
+            # A subclass rebuilt the arguments (TRL's SFTConfig): the run trains with those.
+            context.use_training_arguments(self.args, model=self.model)
         self._prepare_trainer_model(can_set=True)
         super().create_accelerator_and_postprocess()  # type: ignore[misc]
         plan = self.strategy_callback.plan
@@ -139,10 +143,13 @@ class StrategyTrainerMixin:
 
     def _prepare_trainer_model_for(self, model: nn.Module, training_args: TrainingArguments, can_set: bool) -> None:
         plan = self.strategy_callback.prepare(model, training_args)
-        assert self.strategy_callback.context is not None
-        fixes = check_distributed(plan, self.strategy_callback.context.distributed, can_set=can_set)
+        context = self.strategy_callback.context
+        assert context is not None
         if can_set:
-            self._hfls_fixes = fixes
+            self._hfls_fixes = check_distributed(plan, context.distributed, can_set=True)
+        else:
+            # The accelerator exists: what was set on it counts.
+            check_distributed(plan, self._hfls_fixes.applied_to(context.distributed), can_set=False)
 
     @property
     def strategy_plan(self) -> StrategyPlan:

@@ -114,6 +114,27 @@ def test_build_plan_asks_the_hardware_of_a_probe_plugin(tmp_path):
     plan = build_plan(tiny_model("llama"), StrategyArguments(precision="auto"), plugins=[ProbeIs(a100)])
     assert plan.settings["precision"]["device"] == a100.describe()
     assert plan.settings["precision"]["mode"] == "bf16"
+    # For another machine without a plugin: the probe itself.
+    plan = build_plan(tiny_model("llama"), StrategyArguments(precision="auto"), probe=a100)
+    assert (plan.settings["precision"]["device"], plan.settings["precision"]["mode"]) == (a100.describe(), "bf16")
+
+
+def test_distributed_fixes_reach_an_accelerator_without_ddp_settings_of_its_own():
+    import types
+
+    from hf_llama_strategies.distributed import DistributedFixes
+
+    accelerator = types.SimpleNamespace(ddp_handler=None, state=types.SimpleNamespace(fsdp_plugin=None))
+    DistributedFixes(ddp_find_unused_parameters=True).apply_to(accelerator)
+    assert accelerator.ddp_handler.find_unused_parameters is True
+
+
+def test_the_default_plugin_manager_refuses_a_plugin_so_none_leaks_into_later_runs():
+    from hf_llama_strategies.errors import PluginError
+
+    with pytest.raises(PluginError, match="strategy_plugins"):
+        plugins.default_plugin_manager().register(Order())
+    assert not plugins.default_plugin_manager().is_registered(Order)
 
 
 class Order:

@@ -471,6 +471,24 @@ def test_callback_equals_strategy_trainer_with_resolved_arguments(tmp_path, save
     assert {n: p.dtype for n, p in a.named_parameters()} == {n: p.dtype for n, p in b.named_parameters()}
 
 
+def test_callback_given_the_run_context_records_the_strategy_trainer_decision(tmp_path, saved_llama):
+    data = TokenDataset(n=8, seed=3)
+    strategy = StrategyArguments(trainable_layers="-1:", precision="auto", print_plan=False)
+    a = load(saved_llama, torch.bfloat16)
+    trainer = StrategyTrainer(model=a, args=make_training_args(tmp_path / "a"), train_dataset=data,
+                              strategy_args=strategy)
+    trainer.train()
+    b = load(saved_llama, torch.bfloat16)
+    context = RunContext.create(strategy, make_training_args(tmp_path / "b"), model=b)
+    args = context.resolve_training_arguments()
+    callback = StrategyCallback(strategy, context=context)
+    plain = Trainer(model=b, args=args, train_dataset=data, callbacks=[callback])
+    plain.train()
+    assert losses(plain) == losses(trainer)
+    assert callback.plan.settings["precision"] == trainer.strategy_plan.settings["precision"]
+    assert callback.context is context
+
+
 def test_callback_auto_follows_the_trainer_flags(tmp_path, saved_llama, lm_dataset):
     model = load(saved_llama, torch.bfloat16)
     callback = StrategyCallback(StrategyArguments(trainable_layers="-1:", precision="auto"))

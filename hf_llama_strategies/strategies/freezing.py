@@ -169,6 +169,10 @@ def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
     """The freezing options, before any model is seen: syntax, then how they combine."""
     args = strategy_args
     parse_layer_selection(args.trainable_layers, None)  # the syntax; the range needs the model
+    for option in _BLOCK_OPTIONS.values():
+        value = getattr(args, option)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidArgumentError(option, value, "true, false, or unset (null) for the default")
     _check_module_names(args.trainable_modules)
     for option in ("trainable_params", "frozen_params"):
         _check_regexes(option, getattr(args, option) or [])
