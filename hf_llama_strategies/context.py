@@ -120,9 +120,10 @@ class RunContext:
         if previous is not None and training_args is not None and previous.matches(self.strategy_args) and (
             bool(training_args.fp16), bool(training_args.bf16)) == (previous.fp16, previous.bf16):
             return
-        if asks_precision(self.strategy_args) and probe is None and self.hardware is None:
-            probe = self.plugin_manager.hook.hfls_hardware_probe(training_args=training_args)
-        self.hardware = probe if probe is not None else self.hardware
+        if probe is not None:
+            self.hardware = probe
+        elif self.hardware is None and asks_precision(self.strategy_args):
+            self.hardware = self.plugin_manager.hook.hfls_hardware_probe(training_args=training_args)
         self.precision = decide_for_run(
             self.strategy_args, training_args, self.plugin_manager, model=model, probe=self.hardware,
             fixed=self.fixed, distributed=self.distributed,
