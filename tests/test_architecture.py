@@ -204,3 +204,21 @@ def test_the_import_table_of_the_architecture_doc_is_the_code_s():
     assert table in (root / "docs" / "architecture.md").read_text(encoding="utf-8"), (
         "docs/architecture.md is out of date: paste the output of `python tools/import_graph.py`"
     )
+
+
+def test_a_model_replaced_after_trainer_init_is_checked_with_the_fixes_the_accelerator_got(tmp_path):
+    from dataclasses import replace
+
+    from hf_llama_strategies import InvalidArgumentError
+    from hf_llama_strategies.distributed import DistributedFixes
+
+    trainer = StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path),
+                              strategy_args=StrategyArguments(lisa_layers=1, print_plan=False))
+    context = trainer.strategy_callback.context
+    # As under torchrun with activation checkpointing, where the Trainer's default would be False.
+    context.distributed = replace(context.distributed, world_size=2, activation_checkpointing=True)
+    assert trainer._hfls_fixes.ddp_find_unused_parameters is True
+    trainer._prepare_trainer_model_for(tiny_model("llama"), trainer.args, can_set=False)  # the fix counts
+    trainer._hfls_fixes = DistributedFixes()  # control: without the fix the same check refuses
+    with pytest.raises(InvalidArgumentError, match="ddp_find_unused_parameters"):
+        trainer._prepare_trainer_model_for(tiny_model("llama"), trainer.args, can_set=False)
