@@ -449,7 +449,8 @@ def test_callback_refuses_precision_the_trainer_arguments_do_not_say(tmp_path, l
     assert "(fp16=False, bf16=False)" in message
 
 
-def test_callback_equals_strategy_trainer_with_resolved_arguments(tmp_path, saved_llama):
+@pytest.mark.parametrize("recipe", ["resolved_arguments", "run_context"])
+def test_callback_equals_strategy_trainer_with_resolved_arguments(tmp_path, saved_llama, recipe):
     data = TokenDataset(n=8, seed=3)
     strategy = StrategyArguments(trainable_layers="-1:", precision="auto", print_plan=False)
     a = load(saved_llama, torch.bfloat16)
@@ -457,36 +458,26 @@ def test_callback_equals_strategy_trainer_with_resolved_arguments(tmp_path, save
                               strategy_args=strategy)
     trainer.train()
     b = load(saved_llama, torch.bfloat16)
-    args = resolve_training_arguments(make_training_args(tmp_path / "b"), strategy, model=b)
-    callback = StrategyCallback(strategy)
+    if recipe == "resolved_arguments":
+        args = resolve_training_arguments(make_training_args(tmp_path / "b"), strategy, model=b)
+        callback = StrategyCallback(strategy)
+    else:
+        context = RunContext.create(strategy, make_training_args(tmp_path / "b"), model=b)
+        args = context.resolve_training_arguments()
+        callback = StrategyCallback(strategy, context=context)
     plain = Trainer(model=b, args=args, train_dataset=data, callbacks=[callback])
     plain.train()
     assert losses(plain) == losses(trainer)
-    # The callback decides from the flags the resolution set (no decision rides on the arguments):
-    # the same run, worded from the flags.
-    decides = ("mode", "fp16", "bf16", "pure_bf16", "frozen_dtype", "device", "model_dtype", "zero3", "tf32")
+    assert {n: p.dtype for n, p in a.named_parameters()} == {n: p.dtype for n, p in b.named_parameters()}
     ours, theirs = callback.plan.settings["precision"], trainer.strategy_plan.settings["precision"]
+    if recipe == "run_context":
+        assert ours == theirs  # the very decision StrategyTrainer recorded
+        return
+    # Given only the resolved arguments the callback decides from their flags (no decision rides
+    # on the arguments): the same run, worded from the flags.
+    decides = ("mode", "fp16", "bf16", "pure_bf16", "frozen_dtype", "device", "model_dtype", "zero3", "tf32")
     assert {k: ours[k] for k in decides} == {k: theirs[k] for k in decides}
     assert ours["reason"] == "auto: TrainingArguments.bf16=true"
-    assert {n: p.dtype for n, p in a.named_parameters()} == {n: p.dtype for n, p in b.named_parameters()}
-
-
-def test_callback_given_the_run_context_records_the_strategy_trainer_decision(tmp_path, saved_llama):
-    data = TokenDataset(n=8, seed=3)
-    strategy = StrategyArguments(trainable_layers="-1:", precision="auto", print_plan=False)
-    a = load(saved_llama, torch.bfloat16)
-    trainer = StrategyTrainer(model=a, args=make_training_args(tmp_path / "a"), train_dataset=data,
-                              strategy_args=strategy)
-    trainer.train()
-    b = load(saved_llama, torch.bfloat16)
-    context = RunContext.create(strategy, make_training_args(tmp_path / "b"), model=b)
-    args = context.resolve_training_arguments()
-    callback = StrategyCallback(strategy, context=context)
-    plain = Trainer(model=b, args=args, train_dataset=data, callbacks=[callback])
-    plain.train()
-    assert losses(plain) == losses(trainer)
-    assert callback.plan.settings["precision"] == trainer.strategy_plan.settings["precision"]
-    assert callback.context is context
 
 
 def test_callback_auto_follows_the_trainer_flags(tmp_path, saved_llama, lm_dataset):
