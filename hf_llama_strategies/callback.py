@@ -11,8 +11,9 @@ Nor can it change ``TrainingArguments``: by ``on_init_end`` the Trainer has set 
 accelerate (autocast, loss scaling) from ``fp16``/``bf16``. So ``precision: auto`` follows
 those flags as they are, and an explicit ``precision`` that they do not already say is
 refused (the run context decides with ``fixed=True``, see
-:class:`~hf_llama_strategies.context.RunContext`); pass the arguments through :func:`~hf_llama_strategies.resolve_training_arguments`
-before building the Trainer to let ``auto`` choose.
+:class:`~hf_llama_strategies.context.RunContext`); pass the arguments through
+:func:`~hf_llama_strategies.resolve_training_arguments` before building the Trainer to let
+``auto`` choose.
 
 It also moves dynamic schedules at step boundaries and checks a resumed run's plan. Resume
 check: a callback does not see ``resume_from_checkpoint``. When training begins at

@@ -41,11 +41,13 @@ class StrategyTrainerMixin:
 
     Otherwise the run has one :class:`~hf_llama_strategies.context.RunContext`
     (``trainer.strategy_callback.context``): one plugin manager, one precision decision, the
-    distributed setup read from the arguments (and once more from the accelerator). ``self.args`` is the object passed in (``trainer.args is
-    args``): when a precision option asks for other fp16/bf16 flags, they are set on that very
-    object (logged), so the arguments the user holds say how the run trains. Nothing else of
-    the user's changes (no ``TrainingArguments`` field, no environment variable): what DDP or FSDP1 must do for the plan (``find_unused_parameters``,
-    ``use_orig_params``) is set on the Trainer's own accelerator.
+    distributed setup read from the arguments (and once more from the accelerator).
+    ``self.args`` is the object passed in (``trainer.args is args``): when a precision option
+    asks for other fp16/bf16 flags, they are set on that very object (logged), so the
+    arguments the user holds say how the run trains. Nothing else of the user's changes (no
+    other ``TrainingArguments`` field, no environment variable): what DDP or FSDP1 must do for
+    the plan (``find_unused_parameters``, ``use_orig_params``) is set on the Trainer's own
+    accelerator.
 
     The plan is built for the model ``Trainer.__init__`` receives: a subclass that wraps or
     loads the model in its own ``__init__`` (TRL's ``SFTTrainer`` with ``peft_config`` or a

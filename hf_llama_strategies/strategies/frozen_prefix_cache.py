@@ -276,7 +276,8 @@ def hfls_adjust_plan(
     mode = cache_mode(strategy_args)
     epochs = _epochs(training_args)
     if mode == OFF:
-        if epochs is None or epochs <= 1 or not restricts_layers(strategy_args.trainable_layers, strategy_args.trainable_modules):
+        restricted = restricts_layers(strategy_args.trainable_layers, strategy_args.trainable_modules)
+        if epochs is None or epochs <= 1 or not restricted:
             return
         try:
             boundary = find_boundary(plan, anatomy)
