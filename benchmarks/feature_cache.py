@@ -69,10 +69,10 @@ def _speed_benchmark() -> Any:
 speed = _speed_benchmark()
 
 import transformers  # noqa: E402
+from _common import RandomTokens, load_average, write_report  # noqa: E402
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback, TrainerCallback  # noqa: E402
 
-from _common import RandomTokens, load_average, write_report  # noqa: E402
 from hf_llama_strategies import StrategyArguments, StrategyTrainer  # noqa: E402
 from hf_llama_strategies.strategies.frozen_prefix_cache import get_frozen_prefix_cache  # noqa: E402
 

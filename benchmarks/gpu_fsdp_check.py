@@ -49,8 +49,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also when loaded by path
 
 from _common import RandomTokens  # noqa: E402
+
 from hf_llama_strategies import InvalidArgumentError, StrategyArguments, StrategyTrainer  # noqa: E402
-from hf_llama_strategies.optim import unwrapped_name  # noqa: E402
+from hf_llama_strategies.training.optimizer import unwrapped_name  # noqa: E402
 
 WRAP = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
 

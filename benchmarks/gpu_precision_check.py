@@ -41,6 +41,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also when loaded by path
 
 from _common import RandomTokens  # noqa: E402
+
 from hf_llama_strategies import StrategyArguments, StrategyTrainer  # noqa: E402
 
 UNSCALE_ERROR = "Attempting to unscale FP16 gradients"

@@ -23,8 +23,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, Trainin
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also when loaded by path
 
 from _common import RandomTokens  # noqa: E402
+
 from hf_llama_strategies import StrategyArguments, StrategyTrainer  # noqa: E402
-from hf_llama_strategies.optim import optimizer_state_bytes  # noqa: E402
+from hf_llama_strategies.training.optimizer import optimizer_state_bytes  # noqa: E402
 
 
 class StateBytes(TrainerCallback):

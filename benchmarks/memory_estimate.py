@@ -51,15 +51,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import transformers  # noqa: E402
+from _common import RandomTokens, load_average, reset_peak_rss, rss_kib, write_report  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-from _common import RandomTokens, load_average, reset_peak_rss, rss_kib, write_report  # noqa: E402
 from hf_llama_strategies import StrategyArguments, StrategyTrainer, estimate_training_memory  # noqa: E402
-from hf_llama_strategies.memory import (  # noqa: E402
-    BUFFERS, GRADIENTS, INPUTS, OPTIMIZER_STATE, WEIGHTS, LiveTensorCounter,
-)
-
+from hf_llama_strategies.memory.counter import BUFFERS, GRADIENTS, INPUTS, OPTIMIZER_STATE, WEIGHTS, LiveTensorCounter  # noqa: E402
 
 # -- configurations ----------------------------------------------------------------------------
 

@@ -68,10 +68,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import transformers  # noqa: E402
+from _common import RandomTokens, load_average, pin_malloc, reset_peak_rss, rss_kib, write_report  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-from _common import RandomTokens, load_average, pin_malloc, reset_peak_rss, rss_kib, write_report  # noqa: E402
 from hf_llama_strategies import StrategyArguments, StrategyTrainer  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results", "speed_memory.json")

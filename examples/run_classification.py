@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from hf_llama_strategies import StrategyArguments, StrategyTrainer  # <-
-from hf_llama_strategies.metrics import load_metric
+from hf_llama_strategies.data.metrics import load_metric
 
 
 @dataclass

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from hf_llama_strategies import StrategyArguments, StrategyTrainerMixin
-from hf_llama_strategies.cli import DEMO_DIR
+from hf_llama_strategies.cli.demo import DEMO_DIR
 
 
 class StrategySFTTrainer(StrategyTrainerMixin, SFTTrainer):

@@ -1,20 +1,21 @@
 """hf-llama-strategies: fine-tuning strategies for Llama-family models in the HF Trainer."""
 
-from .anatomy import ModelAnatomy
+from ._version import __version__
 from .arguments import StrategyArguments
-from .callback import StrategyCallback
-from .context import RunContext
+from .context import RunContext, resolve_training_arguments
+from .core.anatomy import ModelAnatomy
+from .core.decisions import ParamDecision
+from .core.hardware import HardwareProbe
+from .core.hookspecs import hookimpl, hookspec
+from .core.layer_selection import parse_layer_selection
+from .core.plan import PLAN_FILE_NAME, StrategyPlan
+from .core.plugins import get_plugin_manager
 from .errors import InvalidArgumentError, PlanError, StrategyError, UnknownArchitectureError
-from .hookspecs import hookimpl, hookspec
-from .memory import TrainingMemoryEstimate, estimate_training_memory
-from .layer_selection import parse_layer_selection
-from .plan import PLAN_FILE_NAME, ParamDecision, StrategyPlan
+from .memory.dry_run import estimate_training_memory
+from .memory.estimate import TrainingMemoryEstimate
 from .planner import build_plan
-from .plugins import get_plugin_manager
-from .precision import HardwareProbe, resolve_training_arguments
-from .trainer import StrategyTrainer, StrategyTrainerMixin
-
-__version__ = "0.1.0"
+from .training.callback import StrategyCallback
+from .training.trainer import StrategyTrainer, StrategyTrainerMixin
 
 __all__ = [
     "HardwareProbe",
@@ -32,6 +33,7 @@ __all__ = [
     "StrategyTrainerMixin",
     "TrainingMemoryEstimate",
     "UnknownArchitectureError",
+    "__version__",
     "build_plan",
     "estimate_training_memory",
     "get_plugin_manager",

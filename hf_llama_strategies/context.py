@@ -5,7 +5,8 @@ run's context: its plugin manager (the only one of the run), the strategy argume
 ``TrainingArguments`` it trains with, the precision decision and the distributed setup.
 Nothing of it is stored on the user's objects: ``StrategyTrainer`` and
 ``StrategyCallback`` hold the context, and :func:`~hf_llama_strategies.build_plan` builds
-one when called alone.
+one when called alone. Building one is where every plugin checks the options it owns
+(``hfls_validate_arguments``): once per run.
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-from .distributed import DistributedSettings
-from .plugins import plugin_manager_for
-from .precision import HardwareProbe, PrecisionDecision, apply_precision_decision, asks_precision, decide_for_run
+from .arguments import StrategyArguments
+from .core.distributed import DistributedSettings
+from .core.hardware import HardwareProbe
+from .core.plugins import PluginManager, plugin_manager_for
+from .core.precision import PrecisionDecision, apply_precision_decision, decide_precision, model_dtype
 
 if TYPE_CHECKING:
-    import pluggy
     from torch import nn
     from transformers import TrainingArguments
-
-    from .arguments import StrategyArguments
 
 
 @dataclass
@@ -44,8 +44,8 @@ class RunContext:
             answer, or the ``probe`` given), once a precision option asked for it.
     """
 
-    plugin_manager: "pluggy.PluginManager"
-    strategy_args: "StrategyArguments"
+    plugin_manager: PluginManager
+    strategy_args: StrategyArguments
     training_args: Optional["TrainingArguments"] = None
     precision: Optional[PrecisionDecision] = None
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
@@ -55,12 +55,12 @@ class RunContext:
     @classmethod
     def create(
         cls,
-        strategy_args: Optional["StrategyArguments"] = None,
+        strategy_args: Optional[StrategyArguments] = None,
         training_args: Optional["TrainingArguments"] = None,
         *,
         model: Optional["nn.Module"] = None,
         plugins: Iterable[object] = (),
-        plugin_manager: Optional["pluggy.PluginManager"] = None,
+        plugin_manager: Optional[PluginManager] = None,
         probe: Optional[HardwareProbe] = None,
         fixed: bool = False,
     ) -> "RunContext":
@@ -76,28 +76,16 @@ class RunContext:
             fixed: see :attr:`fixed`.
 
         Raises:
-            InvalidArgumentError: an option a plugin passed in code refuses, or a precision
-                the hardware or the arguments refuse.
+            PluginError: an installed plugin cannot be loaded.
+            InvalidArgumentError: an option a plugin refuses, or a precision the hardware or the
+                arguments refuse.
         """
-        if strategy_args is None:
-            from .arguments import StrategyArguments  # the arguments validate through the plugins
-
-            strategy_args = StrategyArguments()
+        strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
         pm = plugin_manager if plugin_manager is not None else plugin_manager_for(plugins)
         context = cls(plugin_manager=pm, strategy_args=strategy_args, fixed=fixed)
-        context._validate_with_code_plugins()
+        pm.hook.hfls_validate_arguments(strategy_args=strategy_args)
         context.use_training_arguments(training_args, model=model, probe=probe)
         return context
-
-    def _validate_with_code_plugins(self) -> None:
-        # StrategyArguments.__post_init__ validated against the built-in and installed
-        # plugins; only the plugins passed in code have not seen the options yet.
-        code_plugins = set(map(id, getattr(self.plugin_manager, "hfls_code_plugins", ())))
-        if not code_plugins:
-            return
-        others = [p for p in self.plugin_manager.get_plugins() if id(p) not in code_plugins]
-        caller = self.plugin_manager.subset_hook_caller("hfls_validate_arguments", remove_plugins=others)
-        caller(strategy_args=self.strategy_args)
 
     def use_training_arguments(
         self,
@@ -122,11 +110,16 @@ class RunContext:
             return
         if probe is not None:
             self.hardware = probe
-        elif self.hardware is None and asks_precision(self.strategy_args):
+        if not self.strategy_args.asks_precision:
+            self.precision = None
+            return
+        if self.hardware is None:
             self.hardware = self.plugin_manager.hook.hfls_hardware_probe(training_args=training_args)
-        self.precision = decide_for_run(
-            self.strategy_args, training_args, self.plugin_manager, model=model, probe=self.hardware,
-            fixed=self.fixed, distributed=self.distributed,
+        assert self.hardware is not None  # the built-in probe always answers
+        self.precision = decide_precision(
+            self.strategy_args, training_args, probe=self.hardware,
+            model_dtype=model_dtype(model) if model is not None else None, fixed=self.fixed,
+            distributed=self.distributed,
         )
 
     def resolve_training_arguments(self, in_place: bool = True) -> "TrainingArguments":
@@ -152,7 +145,7 @@ class RunContext:
 
     def variant(
         self,
-        strategy_args: "StrategyArguments",
+        strategy_args: StrategyArguments,
         training_args: Optional["TrainingArguments"],
         *,
         model: Optional["nn.Module"] = None,
@@ -168,3 +161,48 @@ class RunContext:
     def hook_kwargs(self) -> dict[str, Any]:
         """What every plan hook receives besides the plan and the anatomy."""
         return {"strategy_args": self.strategy_args, "training_args": self.training_args, "context": self}
+
+
+def resolve_training_arguments(
+    training_args: "TrainingArguments",
+    strategy_args: Optional[StrategyArguments] = None,
+    *,
+    model: Optional["nn.Module"] = None,
+    probe: Optional[HardwareProbe] = None,
+    plugins: Iterable[object] = (),
+    plugin_manager: Optional[PluginManager] = None,
+    in_place: bool = False,
+) -> "TrainingArguments":
+    """Map ``precision`` onto ``fp16`` / ``bf16`` (and check ``tf32``) for the hardware at hand.
+
+    Returns a new ``TrainingArguments`` (the input is not modified): when a flag changes it
+    is built with ``dataclasses.replace``, so ``__post_init__`` runs again and accelerate's
+    ``mixed_precision`` and a DeepSpeed config's ``"auto"`` fp16/bf16 fields follow it.
+    With ``in_place=True`` that result is written into ``training_args`` itself, which is
+    returned: what ``StrategyTrainer`` does, so that the object the user holds says how the
+    run trains. Call it yourself before building a plain ``Trainer`` (with
+    :class:`StrategyCallback`) or when writing a training script. With no precision option
+    set (``precision``, ``pure_bf16``, ``frozen_dtype``) nothing is decided or changed.
+
+    Args:
+        training_args: the user's arguments; an explicit ``fp16``/``bf16`` is honoured by
+            ``precision: auto`` and must agree with any other ``precision``.
+        strategy_args: ``precision``, ``pure_bf16``, ``frozen_dtype`` (default: none set, nothing to do).
+        model: the model to train, if loaded: on a CPU, ``auto`` picks bf16 autocast for a
+            model loaded in bfloat16 (fp32 otherwise).
+        probe: the hardware; default: the ``hfls_hardware_probe`` hook (torch's answer).
+        plugins, plugin_manager: where the hook is looked up.
+        in_place: update ``training_args`` instead of returning a new object.
+
+    Raises:
+        InvalidArgumentError: fp16 on a CPU, bf16 where the GPU has none, ``precision``
+            against an explicit ``fp16``/``bf16`` flag or DeepSpeed setting, ``pure_bf16``
+            with fp16 or ZeRO-3, ``tf32`` without TF32 hardware, a ``frozen_dtype`` that
+            cannot work in the chosen mode.
+    """
+    if strategy_args is None or not strategy_args.asks_precision:
+        return apply_precision_decision(training_args, None, in_place=in_place)  # nothing asked: no plugin needed
+    context = RunContext.create(
+        strategy_args, training_args, model=model, plugins=plugins, plugin_manager=plugin_manager, probe=probe
+    )
+    return context.resolve_training_arguments(in_place=in_place)

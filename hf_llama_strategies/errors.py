@@ -1,8 +1,10 @@
-"""Exception classes raised by hf-llama-strategies.
+"""Every exception class hf-llama-strategies raises, in one place.
 
-Every error subclasses :class:`StrategyError`, itself a :class:`ValueError`, so code that
-already catches ``ValueError`` around ``Trainer`` construction keeps working. All of them
-are raised before training starts and before anything is written.
+Each subclasses :class:`StrategyError`, itself a :class:`ValueError`, so code that already
+catches ``ValueError`` around ``Trainer`` construction keeps working. Errors about the
+user's input (options, files, a config) are raised before anything is written; the few
+raised later (a plan that cannot resume, a damaged checkpoint met while training) name what
+to change. The CLI prints any of them as one line and exits with code 2.
 """
 
 from __future__ import annotations
@@ -11,14 +13,11 @@ from typing import Any, Iterable
 
 
 class StrategyError(ValueError):
-    """Base class of every error this library raises about a user's configuration."""
+    """Base class of every error this library raises about a user's configuration or files."""
 
 
 class InvalidArgumentError(StrategyError):
-    """A :class:`~hf_llama_strategies.StrategyArguments` field holds a value that cannot work.
-
-    The message names the option, the bad value and what would be valid.
-    """
+    """An option holds a value that cannot work: the message names the option, the value and what is valid."""
 
     def __init__(self, option: str, value: Any, expected: str, hint: str | None = None) -> None:
         self.option = option
@@ -38,6 +37,33 @@ class PlanError(StrategyError):
     """The strategy arguments are valid on their own but cannot be applied to this model."""
 
 
+class PluginError(StrategyError):
+    """A plugin failed, answered a hook wrongly, or could not be loaded; the message names it and the hook."""
+
+
+class CheckpointError(StrategyError):
+    """A checkpoint to resume from is incomplete or damaged (found before anything is written)."""
+
+
+class CliError(StrategyError):
+    """A command-line or configuration-file error: printed as one message, exit code 2."""
+
+
+class UnsupportedKeyError(StrategyError):
+    """A LLaMA-Factory key whose meaning this library does not have: names the key, its value and why."""
+
+
+class BadRecordError(StrategyError):
+    """A record of an SFT data file cannot be trained on: names the file, the record and the fix."""
+
+
+class DataFileError(InvalidArgumentError):
+    """A data file that cannot be read as its format: the message names the file and what is wrong."""
+
+    def __init__(self, option: str, path: str, problem: str) -> None:
+        super().__init__(option, path, "a readable data file", problem)
+
+
 def format_choices(choices: Iterable[str], limit: int = 40) -> str:
     """Render a list of valid values for an error message, shortened when very long."""
     items = list(choices)
@@ -45,7 +71,3 @@ def format_choices(choices: Iterable[str], limit: int = 40) -> str:
     if len(items) > limit:
         shown += f", ... ({len(items) - limit} more)"
     return shown
-
-
-class PluginError(StrategyError):
-    """A plugin failed, answered a hook wrongly, or could not be loaded; the message names it and the hook."""

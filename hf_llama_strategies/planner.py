@@ -9,7 +9,7 @@
     hfls_validate_plan(plan, ..., model, context)
 
 The options themselves were checked when the :class:`StrategyArguments` were built (and by
-plugins passed in code when the :class:`~hf_llama_strategies.context.RunContext` was).
+every plugin when the :class:`~hf_llama_strategies.context.RunContext` was).
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ from typing import TYPE_CHECKING, Iterable, Optional
 from torch import nn
 from transformers.utils import logging
 
-from .anatomy import ModelAnatomy
 from .arguments import StrategyArguments
 from .context import RunContext
+from .core.anatomy import ModelAnatomy
+from .core.decisions import trains
+from .core.hardware import HardwareProbe
+from .core.plan import StrategyPlan
+from .core.plugins import PluginManager
 from .errors import PlanError
-from .plan import StrategyPlan, trains
-from .precision import HardwareProbe
 
 if TYPE_CHECKING:
-    import pluggy
     from transformers import TrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -38,7 +39,7 @@ def build_plan(
     strategy_args: Optional[StrategyArguments] = None,
     training_args: Optional["TrainingArguments"] = None,
     plugins: Iterable[object] = (),
-    plugin_manager: Optional["pluggy.PluginManager"] = None,
+    plugin_manager: Optional[PluginManager] = None,
     *,
     context: Optional[RunContext] = None,
     probe: Optional[HardwareProbe] = None,

@@ -194,9 +194,9 @@ def run(scenario: str, out_dir: str, reference: bool = False, **overrides: Any) 
         )
     else:
         if kind == "unchecked" and not reference:
-            import hf_llama_strategies.distributed
+            import hf_llama_strategies.core.distributed
 
-            hf_llama_strategies.distributed._check_deepspeed = lambda plan, settings: None
+            hf_llama_strategies.core.distributed._check_deepspeed = lambda plan, settings: None
         cls = CpuFsdpStrategyTrainer if kind == "fsdp" and not reference else RecordingStrategyTrainer
         trainer = cls(model=model, args=args, train_dataset=data, strategy_args=strategy)
     trainer.train()

@@ -17,7 +17,6 @@ from tiny_models import tiny_model, tiny_peft_lora_model
 from transformers import Trainer, TrainerCallback
 
 from hf_llama_strategies import StrategyArguments, StrategyCallback, StrategyTrainer, build_plan
-from hf_llama_strategies.anatomy import LAYER
 from hf_llama_strategies.strategies.activation_checkpointing import FrozenPrefixCheckpoint, skip_frozen_prefix
 
 # Name -> (StrategyArguments kwargs, index of the lowest layer holding a trainable parameter)

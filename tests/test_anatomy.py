@@ -16,7 +16,7 @@ from hf_llama_strategies import (
     get_plugin_manager,
     parse_layer_selection,
 )
-from hf_llama_strategies.anatomy import find_anatomy_by_structure
+from hf_llama_strategies.core.anatomy import find_anatomy_by_structure
 
 PEFT_HEADS = [("llama", "causal_lm"), ("llama", "seq_cls")]
 

@@ -18,45 +18,45 @@ from hf_llama_strategies import (
     build_plan,
     cli,
     hookimpl,
-    plugins,
 )
+from hf_llama_strategies.core import plugins
 
-PACKAGE = pathlib.Path(plugins.__file__).parent
-
-
-def imported_modules(path: pathlib.Path) -> set[str]:
-    """Absolute names of the package modules ``path`` imports (top level and inside functions)."""
-    package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            base = list(package[: len(package) - node.level + 1]) if node.level else []
-            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return {n for n in names if n.startswith("hf_llama_strategies")}
+PACKAGE = pathlib.Path(plugins.__file__).parent.parent
 
 
-def core_modules() -> list[pathlib.Path]:
-    return [p for p in PACKAGE.rglob("*.py") if "strategies" not in p.relative_to(PACKAGE).parts[:-1]]
+def _import_graph():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("import_graph", PACKAGE.parent / "tools" / "import_graph.py")
+    graph = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph)
+    return graph
 
 
-def test_nothing_outside_strategies_imports_a_strategy():
-    offenders = {
-        str(path.relative_to(PACKAGE)): sorted(n for n in imported_modules(path) if ".strategies." in f"{n}.")
-        for path in core_modules()
-    }
-    assert {k: v for k, v in offenders.items() if v} == {}
+def test_the_package_keeps_its_rules():
+    # No import circle (type-only and deferred imports count), every part imports only the parts below
+    # it (tools/import_graph.py: MAY_IMPORT), no function over 80 lines.
+    assert _import_graph().check() == []
+
+
+def test_only_arguments_imports_the_strategies_and_only_their_option_groups():
+    graph = _import_graph()
+    importers = {m for m, targets in graph.graph().items() for t in targets
+                 if t.startswith("strategies") and not m.startswith("strategies")}
+    assert importers == {"arguments"}
+    tree = ast.parse((PACKAGE / "arguments.py").read_text(encoding="utf-8"))
+    names = {alias.name for node in tree.body if isinstance(node, ast.ImportFrom) and "strategies" in (node.module or "")
+             for alias in node.names}
+    assert names == {"FreezingArguments", "LayerwiseLrArguments", "GradualUnfreezingArguments", "LisaArguments",
+                     "FrozenPrefixCacheArguments", "check_schedules"}
     # The built-in plugin list names them, as strings: the one place the core knows a strategy.
     assert all(name.startswith("hf_llama_strategies.") for name in plugins.BUILTIN_PLUGINS)
 
 
-def test_the_plan_data_model_imports_only_anatomy_and_errors_at_import_time():
-    tree = ast.parse((PACKAGE / "plan.py").read_text(encoding="utf-8"))
+def test_the_plan_data_model_imports_only_what_it_is_made_of_at_import_time():
+    tree = ast.parse((PACKAGE / "core" / "plan.py").read_text(encoding="utf-8"))
     top_level = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.level}
-    assert top_level == {"anatomy", "errors"}
+    assert top_level == {"anatomy", "decisions", "dtypes", "errors", "plan_table", "units"}
 
 
 class CountingPlugin:
@@ -79,7 +79,7 @@ class CountingPlugin:
 
 
 def test_one_plugin_manager_and_one_context_per_strategy_trainer_run(tmp_path, monkeypatch):
-    # Built before the run: the arguments validate against the (cached) default manager.
+    # Built before the run: the arguments load no plugin.
     strategy = StrategyArguments(trainable_layers="-1:", head_lr=1e-3, print_plan=False)
     built = []
     real = plugins.get_plugin_manager
@@ -122,7 +122,7 @@ def test_build_plan_asks_the_hardware_of_a_probe_plugin(tmp_path):
 def test_distributed_fixes_reach_an_accelerator_without_ddp_settings_of_its_own():
     import types
 
-    from hf_llama_strategies.distributed import DistributedFixes
+    from hf_llama_strategies.core.distributed import DistributedFixes
 
     accelerator = types.SimpleNamespace(ddp_handler=None, state=types.SimpleNamespace(fsdp_plugin=None))
     DistributedFixes(ddp_find_unused_parameters=True).apply_to(accelerator)
@@ -193,15 +193,10 @@ def test_strategy_arguments_are_validated_by_installed_plugins_once_and_by_code_
 
 
 def test_the_import_table_of_the_architecture_doc_is_the_code_s():
-    import importlib.util
-
-    root = PACKAGE.parent
-    spec = importlib.util.spec_from_file_location("import_graph", root / "tools" / "import_graph.py")
-    graph = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(graph)
-    table = graph.table()
-    assert "| `plan` | anatomy, errors |" in table  # the data model, as test above says
-    assert table in (root / "docs" / "architecture.md").read_text(encoding="utf-8"), (
+    table = _import_graph().table()
+    assert "| core | `core.plan` | core.anatomy, core.decisions, core.dtypes, core.options, core.plan_table, core.units, errors |" \
+        in table  # the data model, as the test above says
+    assert table in (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8"), (
         "docs/architecture.md is out of date: paste the output of `python tools/import_graph.py`"
     )
 
@@ -210,7 +205,7 @@ def test_a_model_replaced_after_trainer_init_is_checked_with_the_fixes_the_accel
     from dataclasses import replace
 
     from hf_llama_strategies import InvalidArgumentError
-    from hf_llama_strategies.distributed import DistributedFixes
+    from hf_llama_strategies.core.distributed import DistributedFixes
 
     trainer = StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path),
                               strategy_args=StrategyArguments(lisa_layers=1, print_plan=False))
@@ -222,3 +217,48 @@ def test_a_model_replaced_after_trainer_init_is_checked_with_the_fixes_the_accel
     trainer._hfls_fixes = DistributedFixes()  # control: without the fix the same check refuses
     with pytest.raises(InvalidArgumentError, match="ddp_find_unused_parameters"):
         trainer._prepare_trainer_model_for(tiny_model("llama"), trainer.args, can_set=False)
+
+
+BROKEN_PLUGIN = "def hfls_plan_parameters(plan):\n    pass\nraise RuntimeError('half-installed')\n"
+
+
+@pytest.fixture
+def broken_plugin(tmp_path, monkeypatch):
+    """An installed plugin whose module raises when it is imported (issue 20's first bug)."""
+    import sys
+
+    dist_info = tmp_path / "broken_hfls-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-hfls\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text("[hf_llama_strategies]\nbroken = broken_hfls_mod\n")
+    (tmp_path / "broken_hfls_mod.py").write_text(BROKEN_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "_default", None)
+    yield "broken"
+    sys.modules.pop("broken_hfls_mod", None)
+
+
+def test_a_broken_installed_plugin_breaks_no_run_without_options_and_is_named_by_one_with(tmp_path, broken_plugin):
+    from hf_llama_strategies.errors import PluginError
+
+    StrategyArguments()  # loads no plugin
+    trainer = StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path, max_steps=1),
+                              train_dataset=TokenDataset(n=4), strategy_args=StrategyArguments())
+    trainer.train()  # the Trainer itself: no plan, no plugin
+    with pytest.raises(PluginError, match="installed plugin 'broken' cannot be loaded .*half-installed"):
+        StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path / "b", max_steps=1),
+                        train_dataset=TokenDataset(n=4), strategy_args=StrategyArguments(trainable_layers="-1:"))
+
+
+def test_precision_half_with_fp16_is_one_precision_for_the_library_and_the_cli(tmp_path):
+    # Issue 20: the CLI had its own alias table and refused what the library accepts.
+    t4 = HardwareProbe("cuda", "Tesla T4", bf16_supported=False, compute_capability=(7, 5))
+    args = make_training_args(tmp_path, use_cpu=False)
+    args.fp16 = True  # as parsed on a GPU machine: TrainingArguments' own check of the device is not the question
+    context = RunContext.create(StrategyArguments(precision="half"), args, probe=t4)
+    assert context.precision.mode == "fp16"
+    from hf_llama_strategies.cli.config import _check_precision_flags
+
+    _check_precision_flags({"precision": "half", "fp16": True}, [])  # no refusal
+    with pytest.raises(Exception, match="bf16=True is not valid"):
+        _check_precision_flags({"precision": "half", "bf16": True}, [])

@@ -12,8 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, TrainerCallback
 
+from hf_llama_strategies.cli.config import given
+from hf_llama_strategies.errors import CheckpointError
 from hf_llama_strategies import StrategyArguments, StrategyTrainer, cli
-from hf_llama_strategies.memory import estimate_memory
+from hf_llama_strategies.memory.static import estimate_memory
 
 DEMO = cli.DEMO_DIR
 
@@ -177,7 +179,7 @@ def test_memory_estimate_within_ten_percent_of_a_real_run(tmp_path, lm_dataset):
                                     if p.grad is not None)
 
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            from hf_llama_strategies.optim import optimizer_state_bytes
+            from hf_llama_strategies.training.optimizer import optimizer_state_bytes
 
             measured["state"] = optimizer_state_bytes(optimizer)
 
@@ -231,11 +233,10 @@ def test_yaml_values_keep_their_types(tiny_config_dir):
     assert strategy.train_head is False
     assert strategy.strategy_options == {"freeze_bias": False}
     assert training.learning_rate == 5e-5
-    assert cli._given("report_to", {}, ["--report-to", "none"])
+    assert given("report_to", {}, ["--report-to", "none"])
 
 
 def test_resume_true_means_the_last_checkpoint(tmp_path, tiny_config_dir):
-    import torch
     from safetensors.torch import save_file
 
     out = tmp_path / "run"
@@ -256,9 +257,9 @@ def test_resume_true_means_the_last_checkpoint(tmp_path, tiny_config_dir):
     assert training.resume_from_checkpoint is None and run.restart_interrupted
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine", encoding="utf-8")
-    with pytest.raises(cli.InvalidArgumentError, match="No complete checkpoint-"):
+    with pytest.raises(CheckpointError, match="no complete checkpoint-N folder"):
         cli.parse_config(dict(base, output_dir=str(tmp_path / "other"), resume_from_checkpoint="true"))
-    with pytest.raises(cli.InvalidArgumentError, match="No such directory"):
+    with pytest.raises(CheckpointError, match="no such directory"):
         cli.parse_config(dict(base, resume_from_checkpoint=str(tmp_path / "nope")))
 
 

@@ -363,7 +363,8 @@ def test_plan_of_a_model_without_layers(tmp_path):
 
 
 def test_cli_keeps_choosing_precision_auto(tmp_path):
-    from hf_llama_strategies.cli import DEMO_DIR, parse_config
+    from hf_llama_strategies.cli.config import parse_config
+    from hf_llama_strategies.cli.demo import DEMO_DIR
 
     config = {"model_config": DEMO_DIR, "output_dir": str(tmp_path)}
     assert parse_config(config)[3].precision == "auto"

@@ -14,6 +14,10 @@ import torch
 from conftest import TokenDataset, make_training_args, snapshot
 from tiny_models import tiny_model
 from transformers import HfArgumentParser, Trainer, TrainerCallback
+from hf_llama_strategies.core.plugins import default_plugin_manager  # noqa: E402
+
+#: The manager of the built-in plugins, which answers the built-in schedules.
+PM = default_plugin_manager()
 
 from hf_llama_strategies import (
     PLAN_FILE_NAME,
@@ -45,7 +49,7 @@ def losses_by_step(trainer: Trainer) -> dict[int, float]:
 
 
 def active_layers(plan: StrategyPlan, step: int) -> list[int]:
-    return sorted({plan[n].layer for n in plan.active_names(step) if plan[n].layer is not None})
+    return sorted({plan[n].layer for n in plan.active_names(step, PM) if plan[n].layer is not None})
 
 
 class Recorder(TrainerCallback):
@@ -130,7 +134,7 @@ def test_gradual_plan_unfreezes_from_the_top_and_the_table_shows_when():
     assert [active_layers(plan, s) for s in (0, 4, 5, 9, 10, 19, 20, 1000)] == [
         [], [], [3], [3], [2, 3], [1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]
     ]
-    assert "lm_head.weight" in plan.active_names(0)
+    assert "lm_head.weight" in plan.active_names(0, PM)
     table = plan.table()
     assert "parameters may train" in table
     rows = {line.split()[0]: line for line in table.splitlines()[3:]}
@@ -166,7 +170,7 @@ def test_lisa_plan_draws_are_pure_functions_of_plan_and_step():
     assert all(draws[s] == draws[s - s % 3] for s in range(30))  # constant within an interval
     assert len({tuple(d) for d in draws}) > 2
     # Embeddings, norm and head at every step.
-    assert all({"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= plan.active_names(s)
+    assert all({"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= plan.active_names(s, PM)
                for s in range(30))
 
     # Another process, another global RNG state, the plan read back from JSON: same draws.
@@ -359,7 +363,7 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, case):
     plan = resumed.strategy_plan
     if plan.is_dynamic:
         # The schedule moves after the checkpoint, so the resumed run crosses a boundary.
-        assert len({plan.active_names(s) for s in range(3, 8)}) > 1
+        assert len({plan.active_names(s, PM) for s in range(3, 8)}) > 1
 
 
 def test_resume_with_a_different_plan_is_an_error_that_shows_the_difference(tmp_path):

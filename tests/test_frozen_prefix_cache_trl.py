@@ -20,15 +20,16 @@ import pytest
 pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'hf-llama-strategies[trl]'")
 
 import torch  # noqa: E402
+from conftest import losses, snapshot, strategy
 from datasets import Dataset  # noqa: E402
+from test_integration_trl import StrategySFTTrainer, tokenizer  # noqa: E402,F401 (a fixture)
 from tiny_models import tiny_model  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
-from conftest import losses, snapshot, strategy
-from test_integration_trl import StrategySFTTrainer, tokenizer  # noqa: E402,F401 (a fixture)
 from hf_llama_strategies import PlanError  # noqa: E402
-from hf_llama_strategies.cli import DEMO_DIR  # noqa: E402
-from hf_llama_strategies.strategies import frozen_prefix_cache as fpc  # noqa: E402
+from hf_llama_strategies.cli.demo import DEMO_DIR  # noqa: E402
+from hf_llama_strategies.strategies import frozen_prefix_cache as fpc
+from hf_llama_strategies.strategies.frozen_prefix_cache import cache as fpc_cache  # noqa: E402
 
 ROWS = 16
 EPOCHS = 2
@@ -120,7 +121,7 @@ def test_padding_free_batches_are_refused_before_training(tmp_path, tokenizer, t
 def test_a_forward_that_skips_the_boundary_is_an_error_not_a_wrong_result(tmp_path, tokenizer, texts, monkeypatch):
     # Without skipping the backbone whole, a head-only cache replaces lm_head's input; TRL's fused
     # head never calls lm_head and would read the skipped norm's placeholder output.
-    monkeypatch.setattr(fpc, "_skippable_backbone", lambda model, boundary: None)
+    monkeypatch.setattr(fpc_cache, "_skippable_backbone", lambda model, boundary: None)
     with pytest.raises(RuntimeError, match="never called lm_head"):
         train(tmp_path, tokenizer, datasets(texts)["text"], "memory", dict(trainable_layers="none", train_norm=False))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_integration import LOSS_RTOL, MAX_STEPS, PARAM_ATOL, check_matches_reference, launch, reference
+from distributed_integration import LOSS_RTOL, PARAM_ATOL, check_matches_reference, launch, reference
 
 SCENARIOS = ["static", "layerwise", "dynamic", "callback"]
 

@@ -22,7 +22,6 @@ import torch  # noqa: E402
 from conftest import make_training_args  # noqa: E402
 from distributed_integration import check_matches_reference, launch, reference, save_model  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
-
 from transformers import Trainer  # noqa: E402
 
 from hf_llama_strategies import (  # noqa: E402
@@ -33,7 +32,8 @@ from hf_llama_strategies import (  # noqa: E402
     StrategyTrainer,
     build_plan,
 )
-from hf_llama_strategies.precision import HardwareProbe, resolve_training_arguments  # noqa: E402
+from hf_llama_strategies.context import resolve_training_arguments  # noqa: E402
+from hf_llama_strategies.core.hardware import HardwareProbe  # noqa: E402
 
 ZERO3 = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}
 ZERO2 = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}

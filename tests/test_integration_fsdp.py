@@ -28,12 +28,11 @@ from transformers import TrainerControl, TrainerState
 
 from hf_llama_strategies import (
     InvalidArgumentError,
-    StrategyArguments,
     StrategyCallback,
     StrategyTrainer,
     build_plan,
 )
-from hf_llama_strategies.distributed import DistributedSettings, check_distributed
+from hf_llama_strategies.core.distributed import DistributedSettings, check_distributed
 
 
 def check_fsdp_arguments(plan, args, can_set):

@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from tiny_models import tiny_model, tiny_peft_lora_model  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
-from hf_llama_strategies import StrategyArguments, StrategyTrainer, StrategyTrainerMixin, build_plan  # noqa: E402
+from hf_llama_strategies import StrategyTrainer, StrategyTrainerMixin, build_plan  # noqa: E402
 
 BASE, WD, STEPS = 1e-3, 0.01, 4
 FUSED_ADAMW = dict(lr=BASE, betas=(0.9, 0.999), eps=1e-8, fused=True)  # transformers 5's default optim

@@ -17,12 +17,12 @@ import pytest
 pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'hf-llama-strategies[trl]'")
 
 import torch  # noqa: E402
+from conftest import described, losses, snapshot, strategy
 from datasets import Dataset  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 from transformers import AutoTokenizer, set_seed  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from conftest import described, losses, snapshot, strategy
 from hf_llama_strategies import (  # noqa: E402
     InvalidArgumentError,
     PlanError,
@@ -31,7 +31,7 @@ from hf_llama_strategies import (  # noqa: E402
     StrategyTrainerMixin,
     build_plan,
 )
-from hf_llama_strategies.cli import DEMO_DIR  # noqa: E402
+from hf_llama_strategies.cli.demo import DEMO_DIR  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE, HEAD_LR, WD = 1e-3, 5e-3, 0.01

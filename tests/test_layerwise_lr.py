@@ -27,7 +27,7 @@ from hf_llama_strategies import (
     StrategyTrainer,
     build_plan,
 )
-from hf_llama_strategies.optim import build_param_groups, decay_parameter_names
+from hf_llama_strategies.training.optimizer import build_param_groups, decay_parameter_names
 
 BASE = 1e-3
 WD = 0.01

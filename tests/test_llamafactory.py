@@ -12,15 +12,12 @@ pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'hf-lla
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from hf_llama_strategies import cli  # noqa: E402
-from hf_llama_strategies.llamafactory import (  # noqa: E402
-    UnsupportedKeyError,
-    is_llamafactory_config,
-    translate_llamafactory,
-)
-from tiny_models import tiny_model  # noqa: E402
+from hf_llama_strategies.cli.llamafactory import is_llamafactory_config, translate_llamafactory  # noqa: E402
+from hf_llama_strategies.errors import UnsupportedKeyError  # noqa: E402
 
 ALPACA = [
     {"instruction": "what is the sentiment of this review ?", "input": "the film was brilliant", "output": "positive"},
@@ -64,6 +61,9 @@ def workdir(tmp_path, monkeypatch):
         encoding="utf-8")
     (data / "chats.json").write_text(json.dumps(CHATS), encoding="utf-8")
     (data / "broken.json").write_text(json.dumps([{"instruction": "x"}] * 3), encoding="utf-8")
+    (tmp_path / "examples" / "deepspeed").mkdir(parents=True)
+    (tmp_path / "examples" / "deepspeed" / "ds_z3_config.json").write_text(
+        json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}), encoding="utf-8")
     # The classification demo's tokenizer: it has no chat template, so `template` must supply one.
     tokenizer = AutoTokenizer.from_pretrained(cli.DEMO_DIR)
     assert not tokenizer.chat_template
@@ -104,8 +104,7 @@ def write(workdir, config, name="lf.yaml"):
 
 
 def translate(workdir, **extra):
-    return translate_llamafactory(cli.load_config_file(write(workdir, lf_config(**extra))), str(workdir / "examples"),
-                                  echo=False)
+    return translate_llamafactory(cli.load_config_file(write(workdir, lf_config(**extra))), str(workdir / "examples"))
 
 
 @pytest.mark.parametrize(
@@ -144,7 +143,28 @@ def test_datasets_translate_with_their_columns_tags_and_limits(workdir):
     assert out["sft_datasets"][2]["tags"]["role_tag"] == "role"
     assert all(spec["max_samples"] == 5 for spec in out["sft_datasets"])
     assert out["sft_eval_datasets"][0]["file"].endswith("chats.json")
-    assert "deepspeed" not in out  # one CPU process: ZeRO has nothing to partition
+    assert out["deepspeed"] == str(workdir / "examples" / "deepspeed" / "ds_z3_config.json")
+
+
+@pytest.mark.parametrize("gpu, world_size", [(False, "1"), (True, "1"), (False, "4"), (True, "8")])
+def test_the_translation_is_the_same_on_every_machine(workdir, monkeypatch, gpu, world_size):
+    # Issue 20: it asked for a GPU and WORLD_SIZE while translating. The hardware decides when the run starts.
+    reference = translate(workdir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    assert translate(workdir) == reference
+    assert reference["precision"] == "bf16" and "bf16" not in reference and "use_cpu" not in reference
+
+
+def test_deepspeed_for_one_process_without_a_gpu_is_left_out_when_the_run_starts(workdir, monkeypatch):
+    from hf_llama_strategies.cli.config import parse_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    parsed = parse_config(translate(workdir))
+    assert not parsed.training.deepspeed
+    assert parsed.run.notes == [f"deepspeed {workdir / 'examples' / 'deepspeed' / 'ds_z3_config.json'}: not used "
+                                "(one process, no GPU: ZeRO has nothing to partition across)"]
 
 
 def test_dataset_dir_is_found_above_the_config_from_another_directory(workdir, monkeypatch):
@@ -152,7 +172,7 @@ def test_dataset_dir_is_found_above_the_config_from_another_directory(workdir, m
     path.parent.mkdir(parents=True)
     path.write_text(yaml.safe_dump(lf_config(model_name_or_path=str(workdir / "tiny"))), encoding="utf-8")
     monkeypatch.chdir(workdir / "examples")  # neither the config's directory nor LF's root
-    out = translate_llamafactory(cli.load_config_file(str(path)), str(path.parent), echo=False)
+    out = translate_llamafactory(cli.load_config_file(str(path)), str(path.parent))
     assert out["sft_datasets"][0]["file"] == str(workdir / "data" / "reviews.json")
 
 
@@ -221,7 +241,7 @@ def test_a_malformed_dataset_info_is_refused_naming_it(workdir, capsys):
 
 def test_galore_keys_with_galore_off_are_dropped_with_a_note(workdir):
     notes = []
-    from hf_llama_strategies.llamafactory import _check_key
+    from hf_llama_strategies.cli.llamafactory import _check_key
 
     assert _check_key("galore_rank", 16, {"use_galore": False}, set(), notes) == "drop"
     assert "galore_rank" in notes[0]

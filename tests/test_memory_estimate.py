@@ -14,14 +14,15 @@ import os
 
 import pytest
 import torch
+from conftest import load_benchmark
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_llama_strategies import StrategyArguments, build_plan, cli, estimate_training_memory
 from hf_llama_strategies.errors import InvalidArgumentError
-from hf_llama_strategies.fit import parse_size
-from hf_llama_strategies.memory import estimate_memory, heaviest_step
-
-from conftest import load_benchmark
+from hf_llama_strategies.core.plugins import default_plugin_manager
+from hf_llama_strategies.memory.dry_run import heaviest_step
+from hf_llama_strategies.memory.fit import parse_size
+from hf_llama_strategies.memory.static import estimate_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The Trainer's own scalars (the detached loss of each micro-batch) that a dry run has no reason to make.
@@ -165,7 +166,7 @@ def test_a_model_that_cannot_run_on_fake_tensors_gets_the_static_estimate_and_th
 def test_dynamic_plans_are_estimated_at_their_largest_active_set(tmp_path):
     model = tiny_llama(meta=True)
     gradual = build_plan(model, StrategyArguments(unfreeze_schedule="gradual", unfreeze_interval_steps=5))
-    assert heaviest_step(gradual) == 15  # 3 layers, one more every 5 steps: all from step 15
+    assert heaviest_step(gradual, default_plugin_manager()) == 15  # 3 layers, one more every 5 steps: all from step 15
     lisa = StrategyArguments(lisa_layers=1, lisa_interval_steps=4, print_plan=False)
     estimate = estimate_training_memory(model, lisa, args(tmp_path), seq_len=16)
     full = estimate_training_memory(model, None, args(tmp_path), seq_len=16)

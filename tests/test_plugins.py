@@ -14,15 +14,16 @@ from torch import nn
 from hf_llama_strategies import (
     InvalidArgumentError,
     ModelAnatomy,
+    RunContext,
     StrategyArguments,
     UnknownArchitectureError,
     build_plan,
     get_plugin_manager,
     hookimpl,
-    hookspecs,
 )
-from hf_llama_strategies.anatomy import find_anatomy_by_structure
-from hf_llama_strategies.plugins import BUILTIN_PLUGINS, describe_plugins
+from hf_llama_strategies.core import hookspecs
+from hf_llama_strategies.core.anatomy import find_anatomy_by_structure
+from hf_llama_strategies.core.plugins import BUILTIN_PLUGINS, describe_plugins
 
 NO_BIAS = {"no_bias": {"enabled": True}}
 NO_BIAS_REASON = "strategy_options.no_bias: biases frozen"
@@ -105,8 +106,7 @@ def test_plugin_strategy_does_nothing_unless_enabled(options):
 
 @pytest.mark.parametrize("bad", [{"no_bias": {"enabled": "yes"}}, {"no_bias": True}, {"no_bias": {"on": True}}])
 def test_plugin_validate_arguments_called_through_hook(bad):
-    # StrategyArguments.__post_init__ validates through get_plugin_manager(), which sees only
-    # built-in and entry-point plugins, so the in-code plugin is not consulted there...
+    # StrategyArguments consults no plugin when it is built...
     args = StrategyArguments(strategy_options=bad)
     pm = get_plugin_manager(plugins=[NoBiasPlugin()])
     # ...but its hook rejects the value when called.
@@ -366,12 +366,16 @@ def test_entry_point_plugin_strategy_applies_without_passing_it(installed_plugin
 
 
 @pytest.mark.parametrize("bad", [{"no_bias": {"enabled": "yes"}}, '{"no_bias": {"enabled": null}}'])
-def test_entry_point_plugin_validates_arguments_at_construction(installed_plugin, bad):
-    with pytest.raises(InvalidArgumentError) as info:
-        StrategyArguments(strategy_options=bad)
-    assert info.value.option == "strategy_options"
-    assert str(info.value).startswith("strategy_options={'no_bias': {'enabled': ")
-    StrategyArguments(strategy_options=NO_BIAS)  # a good value passes
+def test_entry_point_plugin_validates_arguments_once_per_run(installed_plugin, bad):
+    # Building the arguments loads no plugin (issue 20: a broken plugin must not break them);
+    # the run's context has every plugin check the options it owns.
+    args = StrategyArguments(strategy_options=bad)
+    for start_a_run in (lambda: RunContext.create(args), lambda: build_plan(tiny_model("gpt2"), args)):
+        with pytest.raises(InvalidArgumentError) as info:
+            start_a_run()
+        assert info.value.option == "strategy_options"
+        assert str(info.value).startswith("strategy_options={'no_bias': {'enabled': ")
+    RunContext.create(StrategyArguments(strategy_options=NO_BIAS))  # a good value passes
 
 
 def test_without_entry_point_plugin_bad_option_is_not_checked():
@@ -389,17 +393,18 @@ def test_builtins_registered_and_described():
     builtin_rows = {row["name"]: row for row in rows if row["name"] in BUILTIN_PLUGINS}
     assert set(builtin_rows) == set(BUILTIN_PLUGINS)
     assert all(row["source"] == "built-in" for row in builtin_rows.values())
-    known = {k: builtin_rows[k] for k in ("hf_llama_strategies.anatomy", "hf_llama_strategies.strategies.freezing")}
+    known = {k: builtin_rows[k] for k in ("hf_llama_strategies.core.builtin_hooks",
+                                          "hf_llama_strategies.strategies.freezing")}
     assert known == {
-        "hf_llama_strategies.anatomy": {
-            "name": "hf_llama_strategies.anatomy",
+        "hf_llama_strategies.core.builtin_hooks": {
+            "name": "hf_llama_strategies.core.builtin_hooks",
             "source": "built-in",
-            "hooks": ["hfls_model_anatomy"],
+            "hooks": ["hfls_hardware_probe", "hfls_model_anatomy"],
         },
         "hf_llama_strategies.strategies.freezing": {
             "name": "hf_llama_strategies.strategies.freezing",
             "source": "built-in",
-            "hooks": ["hfls_plan_parameters", "hfls_validate_arguments"],
+            "hooks": ["hfls_plan_parameters"],
         },
     }
     others = [row for row in rows if row["name"] not in BUILTIN_PLUGINS]

@@ -28,9 +28,9 @@ from hf_llama_strategies import (
     resolve_training_arguments,
 )
 from hf_llama_strategies.context import RunContext
-from hf_llama_strategies.plan import decision_nbytes
-from hf_llama_strategies.plan_report import _human_bytes as human_bytes
-from hf_llama_strategies.precision import decide_precision
+from hf_llama_strategies.core.decisions import decision_nbytes
+from hf_llama_strategies.core.precision import decide_precision
+from hf_llama_strategies.core.units import compact_bytes as human_bytes
 
 
 def decision_of(training_args, strategy, model=None, probe=None, fixed=False):

@@ -16,16 +16,15 @@ import textwrap
 
 import pytest
 import torch
+from conftest import TokenDataset, make_training_args, strategy
 from safetensors.torch import load_file
+from test_cli import base_config, cls_files, lm_file, tiny_config_dir, write_yaml  # noqa: F401  (fixtures)
 
 from hf_llama_strategies import StrategyArguments, StrategyTrainer, cli
-from hf_llama_strategies.checkpoints import checkpoint_problem, latest_complete_checkpoint
+from hf_llama_strategies.core.hookspecs import hookimpl
+from hf_llama_strategies.core.plugins import get_plugin_manager
 from hf_llama_strategies.errors import InvalidArgumentError, PluginError, StrategyError
-from hf_llama_strategies.hookspecs import hookimpl
-from hf_llama_strategies.plugins import get_plugin_manager
-
-from conftest import TokenDataset, make_training_args, strategy
-from test_cli import base_config, cls_files, lm_file, tiny_config_dir, write_yaml  # noqa: F401  (fixtures)
+from hf_llama_strategies.training.checkpoints import checkpoint_problem, latest_complete_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -333,8 +332,8 @@ def test_overwrite_output_dir_adds_files_beside_unrelated_ones(tmp_path, referen
 
 
 def test_staged_checkpoint_holds_exactly_the_trainers_files(tmp_path, lm_dataset):
-    from transformers import Trainer
     from tiny_models import tiny_model
+    from transformers import Trainer
 
     names, best = {}, {}
     staged = {"strategy_args": strategy(precision="fp32")}  # an option set: StrategyTrainer's own saving
@@ -405,7 +404,7 @@ BAD_TRAINING = [
     ({"metric": "f1"}, "metric='f1'"),
     ({"precision": "fp32", "bf16": True}, "bf16=True is not valid: expected unset (or false) with precision='fp32'"),
     ({"precision": "fp16", "bf16": True}, "bf16=True"),
-    ({"resume_from_checkpoint": "/no/such/checkpoint"}, "No such directory"),
+    ({"resume_from_checkpoint": "/no/such/checkpoint"}, "no such directory"),
     ({"train_file": 5}, "train_file='5' is not valid: expected an existing file"),
     ({"trainable_layers": "7:"}, "it has 3 layers"),
 ]
@@ -501,7 +500,7 @@ def test_bad_data_files_exit_2_with_one_line_naming_the_file(tmp_path, reference
 def test_validation_same_as_train_is_warned(tmp_path, reference, cls_files, caplog):
     from transformers.utils import logging as hf_logging
 
-    from hf_llama_strategies import data
+    from hf_llama_strategies.data import local as data
 
     hf_logging.enable_propagation()
     try:
@@ -551,7 +550,9 @@ def test_an_internal_error_keeps_its_traceback_and_says_it_is_a_bug(tmp_path, mo
     def broken(*args, **kwargs):
         raise KeyError("internal")
 
-    monkeypatch.setattr(cli, "run_plugins", broken)
+    from hf_llama_strategies.cli import app
+
+    monkeypatch.setattr(app, "run_plugins", broken)
     assert cli.main(["plugins"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError" in err and "this is a bug" in err
@@ -605,7 +606,7 @@ def test_strategy_trainer_refuses_strategy_args_of_another_type(tmp_path, lm_dat
     ("", {"from_text": True}, "a positive integer"),
 ])
 def test_check_positive_int_refuses_what_is_no_count_naming_the_option_and_value(value, kwargs, expected):
-    from hf_llama_strategies.validation import check_positive_int
+    from hf_llama_strategies.core.options import check_positive_int
 
     with pytest.raises(InvalidArgumentError) as info:
         check_positive_int("opt", value, **kwargs)
@@ -618,7 +619,7 @@ def test_check_positive_int_refuses_what_is_no_count_naming_the_option_and_value
     ("8", {"from_text": True}, 8), (" 12 ", {"from_text": True}, 12), (5, {"from_text": True}, 5),
 ])
 def test_check_positive_int_returns_the_number(value, kwargs, number):
-    from hf_llama_strategies.validation import check_positive_int
+    from hf_llama_strategies.core.options import check_positive_int
 
     result = check_positive_int("opt", value, **kwargs)
     assert result == number and type(result) is int
@@ -627,8 +628,9 @@ def test_check_positive_int_returns_the_number(value, kwargs, number):
 @pytest.mark.parametrize("where, fragment", [("missing", "no such directory"), ("file", "it is a file")])
 def test_strategy_trainer_resume_from_a_path_that_is_no_checkpoint_names_the_option(tmp_path, lm_dataset, where,
                                                                                      fragment):
-    from hf_llama_strategies.checkpoints import CheckpointError
     from tiny_models import tiny_model
+
+    from hf_llama_strategies.errors import CheckpointError
 
     path = tmp_path / "ckpt"
     if where == "file":
@@ -689,7 +691,7 @@ class LyingAnatomy:
     def hfls_model_anatomy(self, model):
         import dataclasses
 
-        from hf_llama_strategies.anatomy import find_anatomy_by_structure
+        from hf_llama_strategies.core.anatomy import find_anatomy_by_structure
 
         if "answer" in self.changes:
             return self.changes["answer"]
@@ -704,8 +706,9 @@ class LyingAnatomy:
     (LyingAnatomy(answer=42), "returned a int, expected a ModelAnatomy"),
 ])
 def test_plugin_failures_and_impossible_answers_name_the_plugin_and_hook(plugin, fragment):
-    from hf_llama_strategies import build_plan
     from tiny_models import tiny_model
+
+    from hf_llama_strategies import build_plan
 
     with pytest.raises(PluginError) as info:
         build_plan(tiny_model("llama"), StrategyArguments(), plugins=[plugin])
@@ -723,8 +726,9 @@ def test_a_hook_name_with_a_typo_is_reported_at_registration():
     (["no.such.param"], "unknown parameter name 'no.such.param'"),
 ])
 def test_wrong_active_parameters_answers_are_refused_with_the_name(answer, fragment):
-    from hf_llama_strategies import build_plan
     from tiny_models import tiny_model
+
+    from hf_llama_strategies import build_plan
 
     class Schedule:
         @hookimpl(tryfirst=True)
@@ -738,7 +742,7 @@ def test_wrong_active_parameters_answers_are_refused_with_the_name(answer, fragm
 def test_plugins_command_lists_what_loaded_when_an_entry_point_is_broken(monkeypatch, capsys, tmp_path):
     import importlib.metadata
 
-    from hf_llama_strategies import plugins
+    from hf_llama_strategies.core import plugins
 
     class BrokenEntryPoint:
         name, dist = "broken_plugin", None
@@ -783,7 +787,7 @@ def test_allow_plan_change_with_another_head_lr_uses_the_new_rate(tmp_path, cls_
 def test_a_csv_field_over_the_csv_modules_limit_is_read_not_a_traceback(tmp_path):
     import csv
 
-    from hf_llama_strategies.data import check_data_file
+    from hf_llama_strategies.data.local import check_data_file
 
     path = tmp_path / "train.csv"
     path.write_text('text,label\n"' + "x" * 200_000 + '",1\nshort,0\n', encoding="utf-8")

@@ -12,20 +12,16 @@ import pytest
 pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'hf-llama-strategies[trl]'")
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
 from conftest import snapshot  # noqa: E402
-from hf_llama_strategies import cli  # noqa: E402
-from hf_llama_strategies.chat_templates import build_chat_template  # noqa: E402
-from hf_llama_strategies.sft import (  # noqa: E402
-    BadRecordError,
-    _Bad,
-    detect_format,
-    load_sft_data,
-    to_messages,
-)
+from safetensors.torch import load_file  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments  # noqa: E402
+
+from hf_llama_strategies import StrategyArguments, cli  # noqa: E402
+from hf_llama_strategies.cli.config import CliDataArguments  # noqa: E402
+from hf_llama_strategies.data.chat_templates import build_chat_template  # noqa: E402
+from hf_llama_strategies.data.sft import _Bad, detect_format, load_sft_data, to_messages  # noqa: E402
+from hf_llama_strategies.errors import BadRecordError  # noqa: E402
 
 SFT_DIR = cli.DEMO_SFT_DIR
 SYSTEM = "you are a film critic assistant ."
@@ -155,13 +151,13 @@ def expected_labels(tokenizer, messages, template):
 
 
 def prepared(tmp_path, model_dir, tokenizer, records, **sft):
-    from hf_llama_strategies.sft import build_sft_trainer
+    from hf_llama_strategies.training.trl import build_sft_trainer
 
-    data_args = cli._DataArguments(train_file=write_json(tmp_path / "m.json", records), max_seq_length=64, **sft)
+    data_args = CliDataArguments(train_file=write_json(tmp_path / "m.json", records), max_seq_length=64, **sft)
     data = load_sft_data(data_args, data_args, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    training_args = cli.TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
-    trainer = build_sft_trainer(model, training_args, data_args, data_args, data, tokenizer, cli.StrategyArguments())
+    training_args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    trainer = build_sft_trainer(model, training_args, data_args, data_args, data, tokenizer, StrategyArguments())
     return data, trainer.train_dataset
 
 
@@ -333,7 +329,7 @@ def test_bad_records_skip_leaves_them_out_and_counts_them(tmp_path, model_dir, c
 
 
 def test_bad_record_error_names_every_part_in_python(tmp_path, tokenizer):
-    data_args = cli._DataArguments(train_file=write_json(tmp_path / "a.json", [GOOD, {"output": "x"}]))
+    data_args = CliDataArguments(train_file=write_json(tmp_path / "a.json", [GOOD, {"output": "x"}]))
     with pytest.raises(BadRecordError, match=r"a\.json: record 2: the `instruction` field is missing"):
         load_sft_data(data_args, data_args, tokenizer)
     with pytest.raises(_Bad):
@@ -355,7 +351,7 @@ def test_no_chat_template_is_refused_naming_the_key(tmp_path, model_dir, capsys)
 
 
 def test_shipped_templates_mark_exactly_the_replies():
-    from hf_llama_strategies.chat_templates import TEMPLATES
+    from hf_llama_strategies.data.chat_templates import TEMPLATES
 
     tok = AutoTokenizer.from_pretrained(SFT_DIR)
     messages = to_messages({"instruction": "the film .", "output": "positive", "system": SYSTEM}, "alpaca")

@@ -23,8 +23,6 @@ from hf_llama_strategies import (
 )
 
 
-
-
 def freeze_by_hand(model: torch.nn.Module, trainable_prefixes: tuple[str, ...]) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith(trainable_prefixes))

@@ -1,75 +1,165 @@
-"""Print the package's own imports, module by module, as the Markdown table of docs/architecture.md.
+"""The package's imports, read from its source: the table of docs/architecture.md, and the rules it keeps.
 
-    python tools/import_graph.py
+    python tools/import_graph.py            # the Markdown table of docs/architecture.md
+    python tools/import_graph.py --check    # the rules below; exit 1 with what breaks them
 
-A module's imports at import time, and apart those it makes inside a function (where it uses them);
-imports under ``if TYPE_CHECKING:`` are left out (types only). ``tests/test_architecture.py``
-checks that docs/architecture.md holds this table as printed.
+Every import counts: at import time, inside a function, and under ``if TYPE_CHECKING:`` (a
+circle of type-only imports is still a circle for a reader). ``tests/test_architecture.py``
+runs the check and compares docs/architecture.md with the table.
+
+The rules: no import circle between modules; every module imports only from its own part and
+from the parts below it (:data:`MAY_IMPORT`); no function longer than :data:`MAX_FUNCTION_LINES`.
 """
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "hf_llama_strategies"
+MAX_FUNCTION_LINES = 80
+
+#: Each part of the package, and the parts it may import (beside itself). Read bottom up: the
+#: contract and core services know no strategy; the strategies know the core; the options of
+#: every strategy are composed into ``StrategyArguments``; a run (context, planner) is built from
+#: them; the integrations (training, memory, data) use a run; the command line uses everything.
+MAY_IMPORT: dict[str, set[str]] = {
+    "_version": set(),
+    "errors": set(),
+    "core": {"errors"},
+    "strategies": {"core", "errors", "_version"},
+    "arguments": {"strategies", "core", "errors"},
+    "context": {"arguments", "core", "errors"},
+    "planner": {"context", "arguments", "core", "errors"},
+    "data": {"core", "errors"},
+    "training": {"data", "planner", "context", "arguments", "core", "errors"},
+    "memory": {"training", "planner", "context", "arguments", "core", "errors"},
+    "cli": {"memory", "training", "data", "planner", "context", "arguments", "core", "errors", "_version"},
+    "__init__": {"memory", "training", "planner", "context", "arguments", "core", "errors", "_version"},
+    "__main__": {"cli"},
+}
 
 
-def _is_type_checking(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+def module_name(path: pathlib.Path) -> str:
+    """``core/plan.py`` -> ``core.plan``; a package's ``__init__.py`` -> the package."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
 
 
-def _module_name(path: pathlib.Path) -> str:
-    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+def part_of(module: str) -> str:
+    """The part a module belongs to: its first component (``core.plan`` -> ``core``)."""
+    return module.split(".", 1)[0]
 
 
-def _target(path: pathlib.Path, node: ast.ImportFrom) -> list[str]:
-    """The package modules ``node`` (a relative import in ``path``) names."""
+def _modules() -> dict[str, pathlib.Path]:
+    return {
+        module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if "assets" not in p.relative_to(PACKAGE).parts
+    }
+
+
+def imports(path: pathlib.Path, known: set[str]) -> set[str]:
+    """The package modules ``path`` imports, wherever the import stands."""
     here = list(path.relative_to(PACKAGE).parts[:-1])
-    base = here[: len(here) - node.level + 1] if node.level else None
-    if base is None:
-        return []
-    if node.module:
-        return [".".join([*base, *node.module.split(".")])]
-    return [".".join([*base, alias.name]) for alias in node.names]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[: len(here) - node.level + 1]
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            # "from . import x" names the module x; "from .plan import StrategyPlan" the module plan.
+            submodules = {f"{module}.{alias.name}" if module else alias.name for alias in node.names} & known
+            found.update(submodules or {module})
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_llama_strategies."):
+            found.add(node.module.removeprefix("hf_llama_strategies."))
+    return {m for m in found if m in known and m != module_name(path)}
 
 
-def imports(path: pathlib.Path) -> tuple[list[str], list[str]]:
-    """(imported at import time, imported inside functions) by the module at ``path``."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    top: set[str] = set()
-    deferred: set[str] = set()
+def graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports."""
+    modules = _modules()
+    known = set(modules)
+    return {name: imports(path, known) for name, path in modules.items()}
 
-    def visit(node: ast.AST, in_function: bool) -> None:
-        if _is_type_checking(node):
-            return
-        if isinstance(node, ast.ImportFrom):
-            (deferred if in_function else top).update(_target(path, node))
-        for child in ast.iter_child_nodes(node):
-            visit(child, in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)))
 
-    visit(tree, False)
-    known = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
 
-    def module(target: str) -> str:
-        # "from .plan import StrategyPlan" names a module; "from .. import __version__" the package.
-        return target if target in known else (target.rsplit(".", 1)[0] if "." in target else "(package)")
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(edges.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
 
-    top = {module(t) for t in top if t}
-    deferred = {module(t) for t in deferred if t} - top
-    return sorted(top), sorted(deferred)
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def layer_breaches(edges: dict[str, set[str]]) -> list[str]:
+    """``module -> import`` for every import of a part the module's part may not import."""
+    out = []
+    for module, targets in sorted(edges.items()):
+        allowed = MAY_IMPORT[part_of(module)] | {part_of(module)}
+        out += [f"{module} -> {t}" for t in sorted(targets) if part_of(t) not in allowed]
+    return out
+
+
+def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``module.function (N lines)`` for every function longer than ``limit`` lines."""
+    out = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if length > limit:
+                    out.append(f"{name}.{node.name} ({length} lines)")
+    return out
 
 
 def table() -> str:
-    """The Markdown table: one row per module of the package."""
-    rows = ["| module | imports | imports inside a function |", "|---|---|---|"]
-    for path in sorted(PACKAGE.rglob("*.py"), key=lambda p: (len(p.relative_to(PACKAGE).parts), str(p))):
-        if "assets" in path.relative_to(PACKAGE).parts or path.name in ("__init__.py", "__main__.py"):
-            continue
-        top, deferred = imports(path)
-        rows.append(f"| `{_module_name(path)}` | {', '.join(top) or '-'} | {', '.join(deferred) or '-'} |")
+    """The Markdown table of docs/architecture.md: one row per module, what it imports."""
+    edges = graph()
+    rows = ["| part | module | imports |", "|---|---|---|"]
+    for module in sorted(edges, key=lambda m: (list(MAY_IMPORT).index(part_of(m)), m)):
+        rows.append(f"| {part_of(module)} | `{module}` | {', '.join(sorted(edges[module])) or '-'} |")
     return "\n".join(rows)
 
 
+def check() -> list[str]:
+    """Every rule broken, one line each; empty when the package keeps them all."""
+    edges = graph()
+    problems = [f"import circle: {' <-> '.join(group)}" for group in circles(edges)]
+    problems += [f"imports a part above its own: {breach}" for breach in layer_breaches(edges)]
+    problems += [f"longer than {MAX_FUNCTION_LINES} lines: {f}" for f in long_functions()]
+    return problems
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--check"]:
+        broken = check()
+        print("\n".join(broken) or "the package keeps its rules")
+        sys.exit(1 if broken else 0)
     print(table())

@@ -108,7 +108,7 @@ def make_sft() -> None:
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from hf_llama_strategies.chat_templates import build_chat_template
+    from hf_llama_strategies.data.chat_templates import build_chat_template
 
     rng = random.Random(4321)
     os.makedirs(SFT_OUT, exist_ok=True)

@@ -41,8 +41,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
-from ..hookspecs import hookimpl
-from ..plan import StrategyPlan
+from ..core.hookspecs import hookimpl
+from ..core.plan import StrategyPlan
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments

@@ -1,8 +1,8 @@
 """Static freezing and full fine-tuning: which parameters train.
 
-Options: ``trainable_layers``, ``trainable_modules``, ``train_embeddings``, ``train_norm``,
-``train_head``, ``trainable_params``, ``frozen_params``. With all of them at their
-defaults every parameter trains (full fine-tuning). Decisions are made in this order,
+Options (:class:`FreezingArguments`): ``trainable_layers``, ``trainable_modules``,
+``train_embeddings``, ``train_norm``, ``train_head``, ``trainable_params``, ``frozen_params``.
+With all of them at their defaults every parameter trains (full fine-tuning). Decisions are made in this order,
 each step overriding the previous one:
 
 1. the block defaults and the layer/module selection;
@@ -16,22 +16,139 @@ each step overriding the previous one:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..anatomy import EMBEDDINGS, HEAD, LAYER, NORM, ModelAnatomy
-from ..arguments import StrategyArguments
+from ..core.anatomy import EMBEDDINGS, HEAD, LAYER, NORM, ModelAnatomy
+from ..core.decisions import DEFAULT_REASON, FROZEN_BEFORE_REASON, ParamDecision
+from ..core.hookspecs import hookimpl
+from ..core.layer_selection import parse_layer_selection, restricts_layers, selects_all, selects_none
+from ..core.options import OptionGroup, check_bool
+from ..core.plan import StrategyPlan
 from ..errors import InvalidArgumentError, PlanError, format_choices
-from ..hookspecs import hookimpl
-from ..layer_selection import parse_layer_selection, restricts_layers, selects_all, selects_none
-from ..plan import DEFAULT_REASON, FROZEN_BEFORE_REASON, ParamDecision, StrategyPlan
 
 # Explicit option first; ``None`` means "use the default for this plan".
 _BLOCK_OPTIONS = {EMBEDDINGS: "train_embeddings", NORM: "train_norm", HEAD: "train_head"}
 _MODULES_EXPECTED = "a comma list of module names inside a decoder layer, e.g. 'mlp,self_attn', or 'all'"
 
 
-def _restricts(args: StrategyArguments) -> bool:
-    return restricts_layers(args.trainable_layers, args.trainable_modules)
+@dataclass
+class FreezingArguments(OptionGroup):
+    """Which parameters train. With every option at its default, all of them (full fine-tuning).
+
+    The layer and module selection decides the decoder layers; ``train_embeddings``,
+    ``train_norm`` and ``train_head`` decide the parts around them; ``trainable_params`` then
+    adds parameters by regex and ``frozen_params`` removes them (it wins over all).
+    """
+
+    trainable_layers: str = field(
+        default="all",
+        metadata={
+            "help": (
+                "Decoder layers to train: 'all' (default), 'none', or a comma list of layer indices and "
+                "Python slices, e.g. '-2:' (last two), ':4' (first four), '0,5,10:12', '::2'. Negative "
+                "indices count from the top. Note: LLaMA-Factory's `freeze_trainable_layers: 2` is '-2:' here."
+            )
+        },
+    )
+    trainable_modules: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Within the selected layers, train only these modules: a comma list of module names as they "
+                "appear inside a layer, e.g. 'mlp,self_attn' or 'q_proj,v_proj' or 'self_attn.o_proj'. "
+                "Unset or 'all' trains every module of the selected layers."
+            )
+        },
+    )
+    train_embeddings: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Train the input embeddings (token, and position embeddings where the model has them). "
+                "Default: true for full fine-tuning, false as soon as `trainable_layers` or "
+                "`trainable_modules` restricts the layers."
+            )
+        },
+    )
+    train_norm: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Train the final norm after the last layer. Default: true."},
+    )
+    train_head: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Train the task head (lm_head, score, classifier, a BERT pooler). Default: true, except that "
+                "a head tied to frozen input embeddings stays frozen (the plan says so); set true to train "
+                "the shared tensor."
+            )
+        },
+    )
+    trainable_params: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Regexes (re.search on full parameter names) of parameters to train in addition to the "
+                "selection above, like axolotl's `unfrozen_parameters`. Each must match a parameter."
+            )
+        },
+    )
+    frozen_params: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Regexes (re.search on full parameter names) of parameters to freeze; wins over every other "
+                "option. Each must match a parameter."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # One spelling each (a comma string without spaces, None for "all"; lists of regexes), then the checks.
+        self.trainable_modules = _normalise_module_list(self.trainable_modules)
+        self.trainable_params = _normalise_regex_list("trainable_params", self.trainable_params)
+        self.frozen_params = _normalise_regex_list("frozen_params", self.frozen_params)
+        parse_layer_selection(self.trainable_layers, None)  # the syntax; the range needs the model
+        for option in _BLOCK_OPTIONS.values():
+            check_bool(option, getattr(self, option), unset_allowed=True)
+        _check_module_names(self.trainable_modules)
+        for option in ("trainable_params", "frozen_params"):
+            _check_regexes(option, getattr(self, option) or [])
+        if self.trainable_modules is not None and selects_none(self.trainable_layers):
+            raise InvalidArgumentError(
+                "trainable_modules",
+                self.trainable_modules,
+                "unset when trainable_layers='none'",
+                "trainable_modules picks modules inside the selected layers, and no layer is selected.",
+            )
+
+    @property
+    def restricts_layers(self) -> bool:
+        """True when only some decoder layers or modules train (anything but every module of every layer)."""
+        return restricts_layers(self.trainable_layers, self.trainable_modules)
+
+
+def _normalise_module_list(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    if not isinstance(value, str):
+        return value
+    if selects_all(value):
+        return None
+    return ",".join(n.strip() for n in value.split(","))
+
+
+def _normalise_regex_list(option: str, value: Any) -> Optional[list[str]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        # One regex; never split on commas, which regexes use ("a{1,3}").
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidArgumentError(option, value, "a list of non-empty regular expressions")
+    return list(value)
 
 
 def _module_components(anatomy: ModelAnatomy, name: str) -> list[str]:
@@ -43,13 +160,13 @@ def _contains_run(components: list[str], wanted: list[str]) -> bool:
     return any(components[i : i + n] == wanted for i in range(len(components) - n + 1))
 
 
-def _block_setting(kind: str, args: StrategyArguments) -> tuple[bool, str, bool]:
+def _block_setting(kind: str, args: FreezingArguments) -> tuple[bool, str, bool]:
     """(trainable, reason, explicit) for a non-layer block."""
     option = _BLOCK_OPTIONS.get(kind)
     value = getattr(args, option) if option else None
     if value is not None:
         return value, f"{option}={str(value).lower()}", True
-    if not _restricts(args):
+    if not args.restricts_layers:
         return True, DEFAULT_REASON, False
     if kind in (NORM, HEAD):
         return True, f"default: {option} (true)", False
@@ -71,10 +188,10 @@ def _check_modules(plan: StrategyPlan, anatomy: ModelAnatomy, modules: list[str]
 
 
 def _layer_decision(
-    decision: ParamDecision, anatomy: ModelAnatomy, args: StrategyArguments, layers: set[int],
+    decision: ParamDecision, anatomy: ModelAnatomy, args: FreezingArguments, layers: set[int],
     modules: Optional[list[str]],
 ) -> tuple[bool, str]:
-    if not _restricts(args):
+    if not args.restricts_layers:
         return True, DEFAULT_REASON
     if decision.layer not in layers:
         return False, f"trainable_layers={args.trainable_layers!r}"
@@ -87,7 +204,7 @@ def _layer_decision(
 
 
 def _resolve_tied(
-    plan: StrategyPlan, decision: ParamDecision, anatomy: ModelAnatomy, args: StrategyArguments
+    plan: StrategyPlan, decision: ParamDecision, anatomy: ModelAnatomy, args: FreezingArguments
 ) -> Optional[tuple[bool, str]]:
     """Decide a tensor shared by blocks of different kinds (tied embeddings and head)."""
     kinds = {decision.kind} | {anatomy.classify(alias)[0] for alias in decision.tied_with}
@@ -126,7 +243,7 @@ def _regex_matches(plan: StrategyPlan, option: str, patterns: list[str]) -> list
     result = []
     for pattern in patterns:
         regex = re.compile(pattern)
-        matched = plan.select(lambda d: any(regex.search(n) for n in (d.name, *d.tied_with)))
+        matched = [d.name for d in plan if any(regex.search(n) for n in (d.name, *d.tied_with))]
         if not matched:
             examples = list(plan.decisions)[:3] + list(plan.decisions)[-2:]
             raise PlanError(
@@ -137,9 +254,9 @@ def _regex_matches(plan: StrategyPlan, option: str, patterns: list[str]) -> list
     return result
 
 
-def _require_blocks(anatomy: ModelAnatomy, args: StrategyArguments) -> None:
+def _require_blocks(anatomy: ModelAnatomy, args: FreezingArguments) -> None:
     """Options naming layers or blocks need the model's anatomy; the regex options do not."""
-    if _restricts(args):
+    if args.restricts_layers:
         option = "trainable_modules" if selects_all(args.trainable_layers) else "trainable_layers"
         anatomy.require(option, getattr(args, option))
     for option in _BLOCK_OPTIONS.values():
@@ -164,30 +281,9 @@ def _check_regexes(option: str, patterns: list[str]) -> None:
         raise InvalidArgumentError(option, patterns, "a list without repeated regexes")
 
 
-@hookimpl
-def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
-    """The freezing options, before any model is seen: syntax, then how they combine."""
-    args = strategy_args
-    parse_layer_selection(args.trainable_layers, None)  # the syntax; the range needs the model
-    for option in _BLOCK_OPTIONS.values():
-        value = getattr(args, option)
-        if value is not None and not isinstance(value, bool):
-            raise InvalidArgumentError(option, value, "true, false, or unset (null) for the default")
-    _check_module_names(args.trainable_modules)
-    for option in ("trainable_params", "frozen_params"):
-        _check_regexes(option, getattr(args, option) or [])
-    if args.trainable_modules is not None and selects_none(args.trainable_layers):
-        raise InvalidArgumentError(
-            "trainable_modules",
-            args.trainable_modules,
-            "unset when trainable_layers='none'",
-            "trainable_modules picks modules inside the selected layers, and no layer is selected.",
-        )
-
-
 @hookimpl(tryfirst=True)
 def hfls_plan_parameters(
-    plan: StrategyPlan, anatomy: ModelAnatomy, strategy_args: StrategyArguments, training_args: object
+    plan: StrategyPlan, anatomy: ModelAnatomy, strategy_args: FreezingArguments, training_args: object
 ) -> None:
     """Decide ``trainable`` for every parameter (runs before the other strategies)."""
     args = strategy_args
@@ -218,4 +314,4 @@ def hfls_plan_parameters(
             plan.set(names, f"{option}: {pattern!r}", trainable=value)
 
 
-__all__ = ["hfls_plan_parameters", "hfls_validate_arguments"]
+__all__ = ["FreezingArguments", "hfls_plan_parameters"]

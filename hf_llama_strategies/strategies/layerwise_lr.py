@@ -1,6 +1,6 @@
 """Layer-wise learning rates: a learning rate and an optimizer group for every parameter.
 
-Options: ``layer_lr_decay``, ``embedding_lr``, ``head_lr``, ``lr_rules``. They are applied
+Options (:class:`LayerwiseLrArguments`): ``layer_lr_decay``, ``embedding_lr``, ``head_lr``, ``lr_rules``. Applied
 in that order, each overriding the previous one for the parameters it names:
 
 1. ``layer_lr_decay=d``: decoder layer ``i`` of ``L`` at ``learning_rate * d**(L-1-i)``
@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
-from ..anatomy import EMBEDDINGS, HEAD, LAYER, NORM, ModelAnatomy
-from ..arguments import StrategyArguments
-from ..distributed import check_deepspeed_keeps_groups
+from ..core.anatomy import EMBEDDINGS, HEAD, LAYER, NORM, ModelAnatomy
+from ..core.distributed import check_deepspeed_keeps_groups
+from ..core.hookspecs import HookContext, hookimpl
+from ..core.options import OptionGroup, is_number
+from ..core.plan import StrategyPlan
 from ..errors import InvalidArgumentError, PlanError, format_choices
-from ..hookspecs import hookimpl
-from ..plan import StrategyPlan
-
-if TYPE_CHECKING:
-    from ..context import RunContext
 
 RULE_SYNTAX = (
     "a list of 'PATTERN=LR' (absolute, e.g. 'self_attn=2e-5') or 'PATTERN=xSCALE' (times learning_rate, "
@@ -122,11 +119,78 @@ def parse_lr_rules(value: Any) -> list[LrRule]:
     return parsed
 
 
-def uses_layerwise_lr(args: StrategyArguments) -> bool:
-    """True when any of this strategy's options is set."""
-    return any(
-        getattr(args, option) is not None for option in ("head_lr", "embedding_lr", "layer_lr_decay", "lr_rules")
+@dataclass
+class LayerwiseLrArguments(OptionGroup):
+    """A learning rate per block or parameter: the head above the body, a decay down the stack, rules."""
+
+    head_lr: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Learning rate of the task head (lm_head, score, classifier), absolute, e.g. 5e-5 while "
+                "`learning_rate` (the body) is 1e-5. Unset: the head follows the other options."
+            )
+        },
     )
+    embedding_lr: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Learning rate of the input embeddings, absolute (axolotl's `embedding_lr`). The embeddings "
+                "must train: with restricted layers also set `train_embeddings: true`."
+            )
+        },
+    )
+    layer_lr_decay: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Layer-wise LR decay d in (0, 1] (timm's `layer_decay`): decoder layer i of L trains at "
+                "learning_rate * d**(L-1-i), the embeddings at learning_rate * d**L, the final norm and the "
+                "head at learning_rate. `head_lr`, `embedding_lr` and `lr_rules` override it."
+            )
+        },
+    )
+    lr_rules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Per-parameter learning rates, applied in order after the options above (a later rule wins): "
+                "'PATTERN=LR' (absolute, e.g. 'self_attn=2e-5') or 'PATTERN=xSCALE' (times `learning_rate`, "
+                "e.g. 'mlp=x0.5'). PATTERN is a regex (re.search on full parameter names) and must match a "
+                "parameter that trains."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for option in ("head_lr", "embedding_lr"):
+            value = getattr(self, option)
+            if value is not None and not (_is_finite(value) and value > 0):
+                raise InvalidArgumentError(
+                    option,
+                    value,
+                    "a positive learning rate such as 5e-5 (absolute, not a factor), or unset",
+                    _number_hint(value),
+                )
+        decay = self.layer_lr_decay
+        if decay is not None and not (_is_finite(decay) and 0 < decay <= 1):
+            raise InvalidArgumentError(
+                "layer_lr_decay",
+                decay,
+                "a number in (0, 1], e.g. 0.9 (each layer down trains at 0.9 times the rate of the one above), "
+                "or unset",
+                _number_hint(decay),
+            )
+        parse_lr_rules(self.lr_rules)
+
+    @property
+    def uses_layerwise_lr(self) -> bool:
+        """True when any of this strategy's options is set."""
+        return any(
+            getattr(self, option) is not None for option in ("head_lr", "embedding_lr", "layer_lr_decay", "lr_rules")
+        )
 
 
 def _number_hint(value: Any) -> Optional[str]:
@@ -136,32 +200,8 @@ def _number_hint(value: Any) -> Optional[str]:
     return None
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@hookimpl
-def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
-    """Each rate positive and finite, the decay in (0, 1], every rule well-formed."""
-    args = strategy_args
-    for option in ("head_lr", "embedding_lr"):
-        value = getattr(args, option)
-        if value is not None and not (_is_number(value) and value > 0):
-            raise InvalidArgumentError(
-                option,
-                value,
-                "a positive learning rate such as 5e-5 (absolute, not a factor), or unset",
-                _number_hint(value),
-            )
-    decay = args.layer_lr_decay
-    if decay is not None and not (_is_number(decay) and 0 < decay <= 1):
-        raise InvalidArgumentError(
-            "layer_lr_decay",
-            decay,
-            "a number in (0, 1], e.g. 0.9 (each layer down trains at 0.9 times the rate of the one above), or unset",
-            _number_hint(decay),
-        )
-    parse_lr_rules(args.lr_rules)
+def _is_finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(value)
 
 
 def _block_names(plan: StrategyPlan, anatomy: ModelAnatomy, kind: str) -> list[str]:
@@ -178,7 +218,7 @@ def _base_lr(training_args: Any) -> Optional[float]:
     return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
-def _targets(plan: StrategyPlan, anatomy: ModelAnatomy, args: StrategyArguments) -> list[tuple[str, str, list[str]]]:
+def _targets(plan: StrategyPlan, anatomy: ModelAnatomy, args: LayerwiseLrArguments) -> list[tuple[str, str, list[str]]]:
     """(option label, what it names, parameter names) for every explicit rate."""
     targets = []
     for option, kind in (("embedding_lr", EMBEDDINGS), ("head_lr", HEAD)):
@@ -192,11 +232,11 @@ def _targets(plan: StrategyPlan, anatomy: ModelAnatomy, args: StrategyArguments)
 
 @hookimpl
 def hfls_plan_parameters(
-    plan: StrategyPlan, anatomy: ModelAnatomy, strategy_args: StrategyArguments, training_args: Any
+    plan: StrategyPlan, anatomy: ModelAnatomy, strategy_args: LayerwiseLrArguments, training_args: Any
 ) -> None:
     """Write ``lr``, ``lr_scale``, ``lr_reason`` and ``group`` for the parameters the options name."""
     args = strategy_args
-    if not uses_layerwise_lr(args):
+    if not args.uses_layerwise_lr:
         return
     for option in ("layer_lr_decay", "embedding_lr", "head_lr"):
         if getattr(args, option) is not None:
@@ -243,7 +283,8 @@ def hfls_plan_parameters(
             if name in explicit and explicit[name][1] != value:
                 other = explicit[name][0]
                 raise PlanError(
-                    f"{', '.join([name, *plan[name].tied_with])} are one tied tensor, but {other}={explicit[name][1]!r} "
+                    f"{', '.join([name, *plan[name].tied_with])} are one tied tensor, but "
+                    f"{other}={explicit[name][1]!r} "
                     f"and {option}={value!r} disagree about its learning rate. Give them the same value, or untie "
                     "the weights (tie_word_embeddings=False) before training."
                 )
@@ -270,7 +311,7 @@ def hfls_plan_parameters(
 
 @hookimpl
 def hfls_validate_plan(
-    plan: StrategyPlan, anatomy: ModelAnatomy, strategy_args: StrategyArguments, context: "RunContext"
+    plan: StrategyPlan, anatomy: ModelAnatomy, strategy_args: LayerwiseLrArguments, context: HookContext
 ) -> None:
     """No rate for parameters that do not train; one rate per group; no DeepSpeed optimizer block."""
     for label, what, names in _targets(plan, anatomy, strategy_args):
@@ -298,9 +339,8 @@ def hfls_validate_plan(
 
 __all__ = [
     "LrRule",
+    "LayerwiseLrArguments",
     "hfls_plan_parameters",
-    "hfls_validate_arguments",
     "hfls_validate_plan",
     "parse_lr_rules",
-    "uses_layerwise_lr",
 ]

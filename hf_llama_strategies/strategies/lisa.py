@@ -1,7 +1,7 @@
 """LISA (layer-wise importance sampling, as in LMFlow): K decoder layers train at a time.
 
-Options: ``lisa_layers`` (K), ``lisa_interval_steps`` (default 20), ``lisa_drop_optimizer_state``
-(default true). Among the decoder layers the static plan trains, K are drawn at step 0 and
+Options (:class:`LisaArguments`): ``lisa_layers`` (K), ``lisa_interval_steps`` (default 20),
+``lisa_drop_optimizer_state`` (default true). Among the decoder layers the static plan trains, K are drawn at step 0 and
 anew every ``lisa_interval_steps`` optimizer steps; the other trainable blocks (embeddings,
 norm, head) keep their static decision and train throughout.
 
@@ -20,15 +20,16 @@ optimizer would. LMFlow keeps the state of every layer ever drawn.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from ..anatomy import LAYER, ModelAnatomy
-from ..arguments import StrategyArguments
+from ..core.anatomy import LAYER, ModelAnatomy
+from ..core.hookspecs import hookimpl
+from ..core.layer_selection import format_layers
+from ..core.options import OptionGroup, check_bool, check_optional_positive_int
+from ..core.plan import StrategyPlan
 from ..errors import InvalidArgumentError, PlanError
-from ..hookspecs import hookimpl
-from ..layer_selection import format_layers
-from ..plan import StrategyPlan
-from ..schedules import check_step_option, refuse_without_layers, scheduled_layers
+from .schedules import scheduled_layers
 
 SCHEDULE = "lisa"
 DEFAULT_INTERVAL_STEPS = 20
@@ -45,30 +46,54 @@ def draw_layers(layers: Iterable[int], num_active: int, seed: int, interval_inde
     return sorted(sorted(layers, key=key)[:num_active])
 
 
-@hookimpl
-def hfls_validate_arguments(strategy_args: StrategyArguments) -> None:
-    """Check the LISA options."""
-    args = strategy_args
-    if not isinstance(args.lisa_drop_optimizer_state, bool):
-        raise InvalidArgumentError("lisa_drop_optimizer_state", args.lisa_drop_optimizer_state, "true or false")
-    check_step_option("lisa_layers", args.lisa_layers, "decoder layers trained at a time")
-    check_step_option("lisa_interval_steps", args.lisa_interval_steps, "optimizer steps between two draws")
-    if args.lisa_layers is None:
-        if args.lisa_interval_steps is not None:
+@dataclass
+class LisaArguments(OptionGroup):
+    """LISA: K decoder layers train at a time, drawn anew at fixed intervals."""
+
+    REFINING = frozenset({"lisa_drop_optimizer_state"})
+
+    lisa_layers: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "LISA (layer-wise importance sampling, as in LMFlow): train this many decoder layers at a time, "
+                "drawn anew every `lisa_interval_steps` among the layers `trainable_layers` selects; embeddings "
+                "and head train throughout unless the static plan freezes them. Unset: no LISA."
+            )
+        },
+    )
+    lisa_interval_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Optimizer steps between two LISA draws. Default: 20 (LMFlow's)."},
+    )
+    lisa_drop_optimizer_state: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Drop the optimizer state (Adam moments) of the layers LISA deactivates, so optimizer memory is "
+                "bounded by the active layers; a layer drawn again starts with fresh state. false keeps it, as "
+                "LMFlow does."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool("lisa_drop_optimizer_state", self.lisa_drop_optimizer_state)
+        check_optional_positive_int("lisa_layers", self.lisa_layers, "decoder layers trained at a time")
+        check_optional_positive_int(
+            "lisa_interval_steps", self.lisa_interval_steps, "optimizer steps between two draws"
+        )
+        if self.lisa_layers is None and self.lisa_interval_steps is not None:
             raise InvalidArgumentError(
-                "lisa_interval_steps", args.lisa_interval_steps, "unset unless lisa_layers is set",
+                "lisa_interval_steps", self.lisa_interval_steps, "unset unless lisa_layers is set",
                 "It has no effect without LISA.",
             )
-        return
-    refuse_without_layers(
-        "lisa_layers", args.lisa_layers, args,
-        "LISA draws among the layers trainable_layers selects, and it selects none.",
-    )
 
 
 @hookimpl(trylast=True)
 def hfls_plan_parameters(
-    plan: StrategyPlan, anatomy: ModelAnatomy, strategy_args: StrategyArguments, training_args: Optional[Any]
+    plan: StrategyPlan, anatomy: ModelAnatomy, strategy_args: LisaArguments, training_args: Optional[Any]
 ) -> None:
     """Put the trainable decoder layers under the LISA schedule and store its spec in the plan."""
     args = strategy_args
@@ -125,4 +150,4 @@ def hfls_active_parameters(plan: StrategyPlan, schedule: str, global_step: int) 
     return [d.name for d in plan if d.schedule == SCHEDULE and d.layer in chosen]
 
 
-__all__ = ["draw_layers", "hfls_active_parameters", "hfls_plan_parameters", "hfls_validate_arguments"]
+__all__ = ["LisaArguments", "draw_layers", "hfls_active_parameters", "hfls_plan_parameters"]

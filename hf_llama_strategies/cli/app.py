@@ -1,0 +1,125 @@
+"""The ``hf-llama-strategies`` command: ``train``, ``plan`` and ``plugins``; bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from typing import Any, Optional, Sequence
+
+from ..data.local import SFT
+from ..errors import CliError, StrategyError
+from .config import ArgumentsParser, load_config_file
+from .demo import CONFIGS_DIR, DEMO_CONFIG, DEMO_SFT_CONFIG, demo_config, demo_task
+from .llamafactory import is_llamafactory_config, render_translation, translate_llamafactory
+from .plan import PlanOptions, run_plan, split_plan_options
+from .train import run_train
+
+
+def run_plugins() -> list[dict[str, object]]:
+    """Print the installed and active plugins with their hooks."""
+    from ..core.plugins import describe_plugins, get_plugin_manager
+
+    rows = describe_plugins(get_plugin_manager(strict=False))
+    width = max(len(str(r["name"])) for r in rows)
+    for row in rows:
+        print(f"{str(row['name']).ljust(width)}  {row['source']}")
+        print(f"{' ' * width}  hooks: {', '.join(row['hooks']) or '-'}")
+    return rows
+
+
+_USAGE = """usage: hf-llama-strategies COMMAND [CONFIG.yaml] [--key value ...]
+
+commands:
+  train [CONFIG.yaml] [--key value ...]   fine-tune (no config: the bundled offline demo; --task sft: its
+                                          instruction-tuning variant); a LLaMA-Factory YAML is translated
+  plan CONFIG.yaml [--json] [--fit 80GiB [--fit_optimizers adafactor,sgd]] [--world_size N]
+       [--plot PNG] [--key value ...]
+                                          print the plan and the peak memory of a training step
+                                          (dry run on fake tensors: loads no weights); --fit finds
+                                          settings that fit, --json prints one JSON object
+  plugins                                 list installed and active plugins with their hooks
+
+`hf-llama-strategies train --help` lists every key a config file or the command line may set.
+"""
+_COMMANDS = ("train", "plan", "plugins")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``hf-llama-strategies``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_USAGE, end="")
+        return 0 if argv else 2
+    try:
+        _run(argv[0], argv[1:])
+        return 0
+    except StrategyError as exc:
+        print(f"hf-llama-strategies: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hf-llama-strategies: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        # Bad input is refused above with one line; anything else is ours to fix.
+        import traceback
+
+        traceback.print_exc()
+        print(
+            "hf-llama-strategies: internal error: this is a bug in hf-llama-strategies (or a library it calls), "
+            "not a problem with your input; please report it with the traceback above.",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _run(command: str, rest: list[str]) -> None:
+    if command not in _COMMANDS:
+        close = difflib.get_close_matches(command, _COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise CliError(f"unknown command {command!r}{hint} Commands: {', '.join(_COMMANDS)}.")
+    if command == "plugins":
+        if rest:
+            raise CliError(f"plugins takes no arguments, got {' '.join(rest)!r}.")
+        run_plugins()
+        return
+    if "-h" in rest or "--help" in rest:
+        print(_USAGE)
+        ArgumentsParser().print_help()
+        return
+    # The config file is the first word that is not a --key or its value.
+    config_path = rest[0] if rest and not rest[0].startswith("-") else None
+    overrides = rest[1:] if config_path is not None else rest
+    plan_options = PlanOptions()
+    if command == "plan":
+        plan_options, overrides = split_plan_options(overrides)
+        if config_path is None:
+            raise CliError(f"plan needs a config file, e.g. {os.path.join(CONFIGS_DIR, 'llama3-8b.yaml')}")
+    config = _config(config_path, overrides, echo=not plan_options.json)  # `plan --json` prints JSON alone
+    if command == "train":
+        run_train(config, overrides)
+    else:
+        run_plan(config, overrides, options=plan_options)
+
+
+def _config(path: Optional[str], overrides: list[str], echo: bool) -> dict[str, Any]:
+    """The config file (a LLaMA-Factory one translated, and shown when ``echo``), or a bundled demo's."""
+    if path is None:
+        return demo_config(DEMO_SFT_CONFIG if demo_task(overrides) == SFT else DEMO_CONFIG, overrides)
+    config = load_config_file(path)
+    if not is_llamafactory_config(config):
+        return config
+    notes: list[str] = []
+    native = translate_llamafactory(config, os.path.dirname(os.path.abspath(path)), notes)
+    if echo:
+        print(render_translation(native, notes))
+    return native
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a plan difference) as one line: its lines joined by ' | '."""
+    parts = [re.sub(r"^-\s+", "", p.strip()) for p in message.splitlines()]
+    return " | ".join(p for p in parts if p)
+
+

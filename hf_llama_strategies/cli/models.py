@@ -1,0 +1,88 @@
+"""The model and tokenizer of a CLI run: loaded with weights, or built from a config (on the meta device, ``plan``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..data.local import CAUSAL_LM, SEQ_CLS
+from ..errors import InvalidArgumentError
+from .config import ModelArguments
+
+
+def _config_source(model_args: ModelArguments) -> str:
+    return model_args.model_config or model_args.model_name_or_path  # type: ignore[return-value]
+
+
+def load_model_config(model_args: ModelArguments) -> Any:
+    """The model's ``PretrainedConfig`` from ``model_config`` or ``model_name_or_path``."""
+    from transformers import AutoConfig
+
+    source = _config_source(model_args)
+    option = "model_config" if model_args.model_config else "model_name_or_path"
+    if model_args.model_config and not os.path.exists(source):
+        raise InvalidArgumentError(option, source, "a config.json file or a directory holding one", "No such path.")
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(
+            option, source, "a model directory, a config.json or a reachable Hub id", str(exc)
+        ) from None
+
+
+def _auto_model_class(task: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == SEQ_CLS else AutoModelForCausalLM
+
+
+def task_from_config(config: Any) -> str:
+    architectures = getattr(config, "architectures", None) or []
+    return SEQ_CLS if any("SequenceClassification" in a for a in architectures) else CAUSAL_LM
+
+
+def _dtype(model_args: ModelArguments) -> Any:
+    import torch
+
+    return "auto" if model_args.model_dtype == "auto" else getattr(torch, model_args.model_dtype)
+
+
+def build_model(model_args: ModelArguments, config: Any, task: str, meta: bool = False) -> Any:
+    """The model for ``task``: loaded with weights, or built from the config (on the meta device for ``meta``)."""
+    import torch
+
+    auto = _auto_model_class(task)
+    if model_args.model_config is not None or meta:
+        dtype = _dtype(model_args)
+        if dtype == "auto":
+            dtype = getattr(config, "dtype", None) or torch.float32
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if meta:
+            with torch.device("meta"):
+                return auto.from_config(config, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+        torch.manual_seed(0)
+        return auto.from_config(config, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+    return auto.from_pretrained(
+        model_args.model_name_or_path, config=config, dtype=_dtype(model_args),
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+
+def load_tokenizer(model_args: ModelArguments) -> Any:
+    from transformers import AutoTokenizer
+
+    source = model_args.tokenizer_name_or_path or _config_source(model_args)
+    if source and os.path.isfile(source):
+        source = os.path.dirname(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(
+            "tokenizer_name_or_path", source, "a tokenizer directory or a reachable Hub id", str(exc)
+        ) from None
+    if tokenizer.pad_token is None:
+        # Llama tokenizers ship without a pad token; EOS padding is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+

@@ -1,0 +1,154 @@
+"""``hf-llama-strategies train``: fine-tune as a config says. Everything is checked before anything is written."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from ..data.local import CAUSAL_LM, SEQ_CLS, SFT
+from ..errors import InvalidArgumentError
+from .config import ParsedConfig, given, parse_config
+from .models import build_model, load_model_config, load_tokenizer
+from .output_dir import check_output_dir, created_output_dir
+
+
+@dataclass
+class _TaskData:
+    """What the trainer is built from: the task, the tokenizer and the datasets."""
+
+    task: str
+    tokenizer: Any
+    data: Any
+
+
+def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Fine-tune as ``config`` says; returns the final metrics. Everything is checked before writing."""
+    parsed = parse_config(config, overrides)
+    for note in [*parsed.run.notes, *filter(None, [parsed.run.resume_note])]:
+        print(f"hf-llama-strategies: {note}")
+    check_output_dir(parsed.training, parsed.run)
+    with created_output_dir(parsed.training.output_dir):
+        task_data = _load_data(parsed)
+        trainer = _build_trainer(parsed, task_data, config, overrides)
+        metrics = _train_or_finish(trainer, parsed.training)
+        if task_data.data.eval is not None:
+            metrics.update(_evaluate(trainer, task_data.task))
+        trainer.save_state()
+    print(f"model, tokenizer, strategy_plan.json, metrics and logs saved in {parsed.training.output_dir}")
+    return metrics
+
+
+def _load_data(parsed: ParsedConfig) -> _TaskData:
+    """The task (``auto`` inferred from the data), the tokenizer and the tokenised or converted datasets."""
+    import datasets
+
+    from ..data.local import detect_task, load_raw, prepare
+    from ..data.sft import load_sft_data, looks_like_sft
+    from ..training.trl import require_trl
+
+    # Local files load in moments; their progress bars would bury the plan and any error.
+    datasets.disable_progress_bars()
+    model_args, data_args = parsed.model, parsed.data
+    task = model_args.task
+    if task == SFT or (task == "auto" and looks_like_sft(data_args)):
+        tokenizer = load_tokenizer(model_args)
+        require_trl()
+        data = load_sft_data(data_args, data_args, tokenizer, seed=parsed.training.seed)
+        for split, count in data.skipped.items():
+            print(f"hf-llama-strategies: skipped {count} bad {split} record(s) (bad_records: skip)")
+        return _TaskData(SFT, tokenizer, data)
+    raw = load_raw(data_args)
+    task = detect_task(raw, data_args) if task == "auto" else task
+    tokenizer = load_tokenizer(model_args)
+    return _TaskData(task, tokenizer, prepare(raw, task, tokenizer, data_args))
+
+
+def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str, Any], overrides: Sequence[str]) -> Any:
+    """The model, then the trainer: ``StrategyTrainer``, or TRL's SFT trainer with the plan for ``task: sft``."""
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    from ..data.metrics import compute_metrics_for
+    from ..training.trainer import StrategyTrainer
+    from ..training.trl import build_sft_trainer
+
+    model_args, data_args, training_args, strategy_args, run_args = parsed
+    task, tokenizer, data = task_data.task, task_data.tokenizer, task_data.data
+    model_config = load_model_config(model_args)
+    compute_metrics = None
+    if task == SEQ_CLS:
+        model_config.num_labels = len(data.label_names)
+        model_config.id2label = dict(enumerate(data.label_names))
+        model_config.label2id = {name: i for i, name in enumerate(data.label_names)}
+        model_config.pad_token_id = tokenizer.pad_token_id
+        compute_metrics = compute_metrics_for(run_args.metric)
+    model = build_model(model_args, model_config, task)
+    if training_args.eval_strategy != "no" and data.eval is None:
+        raise InvalidArgumentError(
+            "eval_strategy", getattr(training_args.eval_strategy, "value", training_args.eval_strategy),
+            "'no' when there is no validation data", "Give validation_file or validation_split.",
+        )
+    _cli_defaults(training_args, config, overrides)
+    # StrategyTrainer builds and checks the plan before Trainer.__init__ creates output_dir.
+    if task == SFT:
+        return build_sft_trainer(model, training_args, data_args, data_args, data, tokenizer, strategy_args)
+    collator = DataCollatorWithPadding(tokenizer) if task == SEQ_CLS else default_data_collator
+    return StrategyTrainer(
+        model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
+        processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
+        strategy_args=strategy_args,
+    )
+
+
+def _cli_defaults(training_args: Any, config: dict[str, Any], overrides: Sequence[str]) -> None:
+    """What the CLI sets unless the user did: TensorBoard logs, no pinned memory on a CPU."""
+    if not given("report_to", config, overrides):
+        training_args.report_to = _default_reporters()
+    if not given("dataloader_pin_memory", config, overrides) and training_args.device.type == "cpu":
+        # Pinned memory only helps host-to-GPU copies; on a CPU run it only warns.
+        training_args.dataloader_pin_memory = False
+
+
+def _train_or_finish(trainer: Any, training_args: Any) -> dict[str, float]:
+    """Train (resuming where asked), save the model and the training metrics."""
+    from ..training.resume import checkpoint_finished, set_aside_incomplete
+
+    resume: Optional[str] = training_args.resume_from_checkpoint
+    if resume:
+        # The plan check first: a refused resume changes nothing in output_dir.
+        if trainer.strategy_callback.plan is not None:
+            trainer.strategy_callback.check_resume(resume)
+        set_aside_incomplete(training_args.output_dir)
+    if resume and checkpoint_finished(resume, training_args):
+        # Killed after its last checkpoint: its weights are the result (training again would add a step).
+        from transformers import TrainerState
+
+        print(f"hf-llama-strategies: {resume} is the end of this run; saving its final outputs")
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        trainer.save_model()
+        return {}
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    return dict(result.metrics)
+
+
+def _evaluate(trainer: Any, task: str) -> dict[str, float]:
+    metrics = trainer.evaluate()
+    if task in (CAUSAL_LM, SFT) and "eval_loss" in metrics:
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    return dict(metrics)
+
+
+def _default_reporters() -> list[str]:
+    # The CLI promises TensorBoard logs unless the user chose reporters.
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return ["none"]
+    return ["tensorboard"]

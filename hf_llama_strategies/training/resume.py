@@ -1,0 +1,340 @@
+"""Resuming a run, in one place: which checkpoint, whether its plan is this run's, and a changed plan.
+
+* :func:`resolve_resume`: ``resume_from_checkpoint`` (``true``, a path, text from a config) as the
+  checkpoint to resume from: the newest *complete* one for ``true`` (a partial one left by a kill
+  is skipped and named), an explicit one checked, or "nothing to resume: train from the start"
+  where the CLI allows it. ``StrategyTrainer.train`` and the CLI both ask it.
+* :func:`check_resumed_plan`: the plan saved in the checkpoint against this run's.
+* ``allow_plan_change_on_resume``: the new plan's groups and rates take effect
+  (:func:`plan_change`, :func:`load_with_changed_plan`). ``optimizer.load_state_dict`` restores
+  every group's hyperparameters (``lr``, ``weight_decay``, ``initial_lr``) from the checkpoint,
+  and the scheduler restores its ``base_lrs``: left alone, a changed ``head_lr`` is announced and
+  then silently not used. And when the trainable set or the groups changed, the saved state does
+  not fit the new groups at all (torch raises mid-load). So, once the checkpoint is known to differ:
+  same groups and parameters, other rates or weight decay: the optimizer state (moments) is
+  loaded, then every group gets the new plan's rate, at the point of the schedule reached; other
+  trainable parameters or groups: the optimizer state is reset (a message says so) and the
+  schedule continues from the checkpoint's step at the new plan's rates.
+* After a kill: incomplete checkpoints are set aside (never deleted), and a checkpoint that
+  already holds the end of the run is recognised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+from transformers.utils import logging
+
+from ..core.plan import PLAN_FILE_NAME, StrategyPlan
+from ..errors import CheckpointError, PlanError
+from .checkpoints import (
+    CHECKPOINT_RE,
+    INCOMPLETE_PREFIX,
+    STAGING_PREFIX,
+    TRAINER_STATE,
+    checkpoint_problem,
+    latest_complete_checkpoint,
+    list_checkpoints,
+)
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+logger = logging.get_logger(__name__)
+
+
+# Lines of a plan difference shown in an error; the rest is counted.
+_MAX_DIFF_LINES = 25
+_YES = ("true", "yes", "1", "y", "on")
+_NO = ("false", "no", "0", "n", "off", "")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run resumes from, as :func:`resolve_resume` decided.
+
+    Attributes:
+        checkpoint: the checkpoint to resume from; ``None``: no resume (see ``restart``).
+        restart: resuming was asked, but ``output_dir`` holds nothing a fresh run would lose (a run
+            killed before its first complete checkpoint, or nothing at all): train from the start.
+        note: what the user should hear of the decision (the CLI prints it, the library logs it).
+    """
+
+    checkpoint: Optional[str] = None
+    restart: bool = False
+    note: Optional[str] = None
+
+
+def resolve_resume(value: Any, output_dir: Optional[str], *, require_optimizer: bool = True,
+                   allow_restart: bool = False) -> ResumePoint:
+    """The checkpoint ``resume_from_checkpoint`` (a bool, a path, or the text of a config) points at.
+
+    ``true`` means the newest *complete* ``checkpoint-N`` of ``output_dir``: an incomplete one
+    (a save interrupted by a kill) is skipped and named. An explicit checkpoint must be complete.
+
+    Args:
+        value: the option as given.
+        output_dir: where ``true`` looks.
+        require_optimizer: a checkpoint without optimizer and scheduler state is incomplete (it
+            cannot resume exactly); ``False``: accepted with a warning.
+        allow_restart: with ``true``, an ``output_dir`` holding nothing to lose means "train from
+            the start" (the CLI's rerun of a killed job); otherwise the Trainer reports it.
+
+    Raises:
+        CheckpointError: an explicit checkpoint that is missing, a file, incomplete or damaged;
+            ``true`` where every checkpoint is incomplete (or, with ``allow_restart``, where
+            ``output_dir`` holds an earlier run but no complete checkpoint).
+    """
+    text = value.strip().lower() if isinstance(value, str) else None
+    if value is None or value is False or text in _NO:
+        return ResumePoint()
+    if value is True or text in _YES:
+        return _newest_complete(output_dir, require_optimizer, allow_restart)
+    return ResumePoint(_checked(os.fspath(value), require_optimizer))
+
+
+def _newest_complete(output_dir: Optional[str], require_optimizer: bool, allow_restart: bool) -> ResumePoint:
+    found, skipped = latest_complete_checkpoint(output_dir, require_optimizer) if output_dir else (None, [])
+    incomplete = f" (incomplete: {describe_skipped(skipped)})" if skipped else ""
+    if found is not None:
+        note = f"skipped incomplete {describe_skipped(skipped)}; resuming from {found}" if skipped else None
+        if note:
+            logger.warning(f"resume_from_checkpoint: {note}.")
+        return ResumePoint(found, note=note)
+    if allow_restart and output_dir and nothing_to_lose(output_dir):
+        held = os.path.isdir(output_dir) and os.listdir(output_dir)
+        why = "holds a run interrupted before its first complete checkpoint" if held else "holds no earlier run yet"
+        return ResumePoint(restart=True, note=f"{output_dir} {why}; training from the start")
+    if skipped or allow_restart:
+        raise CheckpointError(
+            f"resume_from_checkpoint=true: no complete checkpoint-N folder in {output_dir!r}{incomplete}. Resume "
+            "from a checkpoint directory, or train from the start without resume_from_checkpoint."
+        )
+    return ResumePoint()  # the Trainer says it in its own words
+
+
+def _checked(path: str, require_optimizer: bool) -> str:
+    if not os.path.isdir(path):
+        # The Trainer's ValueError ("Can't find a valid checkpoint") came after the callbacks ran on_init.
+        raise CheckpointError(
+            f"resume_from_checkpoint={path!r} cannot be resumed from: "
+            f"{'it is a file' if os.path.exists(path) else 'no such directory'}. Give a checkpoint directory, "
+            "or resume_from_checkpoint: true for the newest complete one in output_dir."
+        )
+    problem = checkpoint_problem(path, require_optimizer)
+    if problem is not None:
+        raise CheckpointError(
+            f"resume_from_checkpoint={path!r} cannot be resumed from: {problem}. Give a complete checkpoint, or "
+            "resume_from_checkpoint: true for the newest complete one in output_dir."
+        )
+    if not require_optimizer and checkpoint_problem(path) is not None:
+        logger.warning(f"Resuming from {path}, which cannot resume exactly: {checkpoint_problem(path)}.")
+    return path
+
+
+def nothing_to_lose(output_dir: str) -> bool:
+    """``output_dir`` is missing, empty, or holds only what a run writes before its first complete checkpoint."""
+    if not os.path.isdir(output_dir):
+        return not os.path.exists(output_dir)
+    for name in os.listdir(output_dir):
+        if name in (PLAN_FILE_NAME, "runs") or name.startswith((STAGING_PREFIX, INCOMPLETE_PREFIX)):
+            continue
+        if CHECKPOINT_RE.match(name) and checkpoint_problem(os.path.join(output_dir, name)) is not None:
+            continue
+        return False
+    return True
+
+
+def describe_skipped(skipped: list[tuple[str, str]]) -> str:
+    """``checkpoint-8 (no trainer_state.json ...)`` for a message."""
+    return "; ".join(f"{os.path.basename(p)} ({why})" for p, why in skipped)
+
+
+
+
+def check_resumed_plan(
+    plan: StrategyPlan, checkpoint: str, allow_change: bool, training_args: Optional["TrainingArguments"] = None
+) -> Optional["PlanChange"]:
+    """Compare ``plan`` with the ``strategy_plan.json`` saved in ``checkpoint``.
+
+    Compares every per-parameter decision, the schedules, and the settings that change the
+    result (precision mode, base learning rate, seed).
+
+    Returns:
+        ``None`` when the plans train alike (or the checkpoint holds no plan), else the
+        :class:`~hf_llama_strategies.resume.PlanChange` the resumed run must follow
+        (``allow_change`` only).
+
+    Raises:
+        PlanError: the plans differ and ``allow_change`` is false; the message lists the
+            differences (checkpoint -> now) and how to resume anyway. Also a change that
+            ``allow_change`` cannot follow (see :func:`~hf_llama_strategies.resume.plan_change`).
+    """
+    path = os.path.join(checkpoint, PLAN_FILE_NAME)
+    if not os.path.isdir(checkpoint):
+        logger.warning(
+            f"The run resumes, but {checkpoint} does not exist: the plan it was trained with cannot be checked "
+            "(StrategyCallback does not see resume_from_checkpoint; StrategyTrainer checks the checkpoint passed)."
+        )
+        return None
+    if not os.path.isfile(path):
+        logger.warning(
+            f"Resuming from {checkpoint}, which holds no {PLAN_FILE_NAME} (a plain Trainer checkpoint): "
+            "the plan it was trained with cannot be checked."
+        )
+        return None
+    try:
+        saved = StrategyPlan.load(path)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path} is damaged ({type(exc).__name__}: {exc}); the checkpoint cannot be resumed.") from None
+    lines = saved.differences(plan)
+    if not lines:
+        return None
+    shown = [f"  - {line}" for line in lines[:_MAX_DIFF_LINES]]
+    if len(lines) > _MAX_DIFF_LINES:
+        shown.append(f"  ... and {len(lines) - _MAX_DIFF_LINES} more")
+    message = (
+        f"The strategy plan differs from the one {checkpoint} was trained with (checkpoint -> now):\n"
+        + "\n".join(shown)
+    )
+    if allow_change:
+        change = plan_change(saved, plan, training_args)
+        logger.warning(message + "\nallow_plan_change_on_resume is set: resuming with the new plan.")
+        return change
+    raise PlanError(
+        message + "\nA resumed run must train by the same plan to continue the interrupted one (optimizer groups, "
+        "schedules, learning rates, precision, seed). Restore the options the checkpoint was trained with, or set "
+        "allow_plan_change_on_resume: true to resume with the new plan anyway."
+    )
+
+def set_aside_incomplete(folder: str) -> list[str]:
+    """Rename every incomplete ``checkpoint-N`` of ``folder`` to ``incomplete-checkpoint-N`` (kept, never deleted).
+
+    The Trainer rotates checkpoints by modification time: a partial directory a kill left
+    behind (or one half deleted by an interrupted rotation) would otherwise count as a recent
+    checkpoint and make rotation delete complete ones.
+
+    Returns:
+        The new paths.
+    """
+    moved = []
+    for path in list_checkpoints(folder):
+        if checkpoint_problem(path, require_optimizer=False) is None:
+            continue
+        target = os.path.join(folder, INCOMPLETE_PREFIX + os.path.basename(path))
+        n = 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(folder, f"{INCOMPLETE_PREFIX}{n}-{os.path.basename(path)}")
+        os.rename(path, target)
+        moved.append(target)
+    if moved:
+        logger.warning(f"Incomplete checkpoints set aside (not deleted): {', '.join(moved)}.")
+    return moved
+
+
+
+def checkpoint_finished(checkpoint: str, training_args: Any) -> bool:
+    """Whether ``checkpoint`` already holds the end of the run ``training_args`` describe.
+
+    transformers 5 resumed at the last step trains one step more than the uninterrupted run
+    (it skips the trained batches and steps once before it checks ``max_steps``).
+    """
+    with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as fh:
+        state = json.load(fh)
+    step = int(state.get("global_step", 0))
+    if training_args.max_steps > 0:
+        return step >= training_args.max_steps
+    return (
+        step >= int(state.get("max_steps") or 0) > 0
+        and state.get("num_train_epochs") == training_args.num_train_epochs
+    )
+
+@dataclass
+class PlanChange:
+    """How the current plan differs from the one a checkpoint was trained with."""
+
+    saved: StrategyPlan
+    #: The optimizer groups (which parameters, in which group) differ: state cannot be mapped.
+    reset_optimizer: bool
+
+
+def _layout(plan: StrategyPlan) -> list[tuple[str, str]]:
+    return [(d.name, d.group) for d in plan if d.trainable]
+
+
+def plan_change(saved: StrategyPlan, current: StrategyPlan, training_args: Any = None) -> PlanChange:
+    """Classify a change; refuse up front what a resumed run could not follow.
+
+    Raises:
+        PlanError: the schedule has no closed form to continue from (``reduce_lr_on_plateau``),
+            or DeepSpeed owns the optimizer state.
+    """
+    change = PlanChange(saved, reset_optimizer=_layout(saved) != _layout(current))
+    if training_args is not None:
+        scheduler = str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type))
+        if scheduler == "reduce_lr_on_plateau":
+            raise PlanError(
+                "allow_plan_change_on_resume cannot carry the new plan's learning rates into a "
+                "reduce_lr_on_plateau schedule (it has no closed form to continue from). Resume with the plan the "
+                "checkpoint was trained with, or use another lr_scheduler_type."
+            )
+        if getattr(training_args, "deepspeed", None):
+            raise PlanError(
+                "allow_plan_change_on_resume with DeepSpeed: DeepSpeed restores its own optimizer state and groups. "
+                "Resume with the plan the checkpoint was trained with."
+            )
+    return change
+
+
+def _schedule_factor(scheduler: Any, index: int) -> Optional[float]:
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None or index >= len(lambdas):
+        return None
+    return float(lambdas[index](scheduler.last_epoch))
+
+
+def load_with_changed_plan(
+    trainer: Any, checkpoint: str, change: PlanChange, load: Callable[[str], None]
+) -> None:
+    """Load ``checkpoint``'s optimizer and scheduler state as far as the new plan allows (see module doc)."""
+    optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
+    groups = optimizer.param_groups
+    new_rates = [g.get("initial_lr", g["lr"]) for g in groups]
+    new_decay = [g.get("weight_decay") for g in groups]
+    if change.reset_optimizer:
+        logger.warning(
+            f"Resuming from {checkpoint} with a plan whose trainable parameters or optimizer groups differ: the "
+            "optimizer state (moments) is reset; the learning-rate schedule continues from the checkpoint's step."
+        )
+        path = os.path.join(checkpoint, "scheduler.pt")
+        if scheduler is not None and os.path.isfile(path):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            scheduler.last_epoch = int(saved.get("last_epoch", scheduler.last_epoch))
+            if "_step_count" in saved:
+                scheduler._step_count = saved["_step_count"]
+    else:
+        load(checkpoint)
+        logger.warning(
+            f"Resuming from {checkpoint} with a changed plan: optimizer state loaded, the new plan's learning rates "
+            "and weight decay take effect."
+        )
+    if scheduler is not None:
+        scheduler.base_lrs = list(new_rates)
+    # optimizer.load_state_dict replaced the group dicts: read them again.
+    groups = optimizer.param_groups
+    for i, group in enumerate(groups):
+        factor = _schedule_factor(scheduler, i) if scheduler is not None else 1.0
+        if factor is None:
+            old_base = group.get("initial_lr") or 0.0
+            factor = group["lr"] / old_base if old_base else 1.0
+        group["initial_lr"] = new_rates[i]
+        group["lr"] = new_rates[i] * factor
+        if new_decay[i] is not None:
+            group["weight_decay"] = new_decay[i]
+    if scheduler is not None:
+        scheduler._last_lr = [g["lr"] for g in groups]
