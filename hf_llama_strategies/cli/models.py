@@ -11,7 +11,7 @@ from .config import ModelArguments
 
 
 def _config_source(model_args: ModelArguments) -> str:
-    return model_args.model_config or model_args.model_name_or_path  # type: ignore[return-value]
+    return str(model_args.model_config or model_args.model_name_or_path)
 
 
 def load_model_config(model_args: ModelArguments) -> Any:

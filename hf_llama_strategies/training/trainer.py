@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -29,8 +29,13 @@ from .validation import check_trainer_arguments
 
 logger = logging.get_logger(__name__)
 
+if TYPE_CHECKING:
+    _TrainerBase = Trainer  # what the mixin is mixed into, for the type checker
+else:
+    _TrainerBase = object
 
-class StrategyTrainerMixin:
+
+class StrategyTrainerMixin(_TrainerBase):
     """Plan-driven freezing and optimizer groups for any ``Trainer`` subclass.
 
     Put it first among the bases. Keyword arguments: ``strategy_args``
@@ -123,13 +128,13 @@ class StrategyTrainerMixin:
         ``use_orig_params``), and the settings it really has are checked again.
         """
         if not self._hfls_active:
-            return super().create_accelerator_and_postprocess()  # type: ignore[misc]
+            return super().create_accelerator_and_postprocess()
         context = self.strategy_callback.context
         if context is not None and self.args is not context.training_args:
             # A subclass rebuilt the arguments (TRL's SFTConfig): the run trains with those.
             context.use_training_arguments(self.args, model=self.model)
         self._prepare_trainer_model(can_set=True)
-        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        super().create_accelerator_and_postprocess()
         plan = self.strategy_callback.plan
         if plan is not None:
             self._hfls_fixes.apply_to(self.accelerator)
@@ -178,10 +183,10 @@ class StrategyTrainerMixin:
                 nothing would train.
         """
         if not self._hfls_active:
-            return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
-        if self.model_init is None and self.strategy_callback.plan is not None:  # type: ignore[attr-defined]
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.model_init is None and self.strategy_callback.plan is not None:
             # Here and not at construction: a frozen model evaluates and predicts.
-            check_something_trains(self.strategy_callback.plan, self.model)  # type: ignore[attr-defined]
+            check_something_trains(self.strategy_callback.plan, self.model)
         # True: the newest *complete* checkpoint (a partial one left by a kill is skipped and
         # named); an explicit one must be complete. Both before any weight is loaded.
         checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir, require_optimizer=False).checkpoint
@@ -190,7 +195,7 @@ class StrategyTrainerMixin:
             if self.strategy_callback.plan is not None:
                 self.strategy_callback.check_resume(checkpoint)
             self.strategy_callback.resume_checkpoint = checkpoint
-        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """``Trainer._save_checkpoint``, written into a hidden sibling and renamed into place.
@@ -200,7 +205,7 @@ class StrategyTrainerMixin:
         The files are the Trainer's; older checkpoints rotate once the new one is in place.
         """
         if not self._hfls_active or not can_stage(self.args, trial):
-            return super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            return super()._save_checkpoint(model, trial)
         write = lambda: super(StrategyTrainerMixin, self)._save_checkpoint(model, trial)  # noqa: E731
         save_checkpoint_staged(self, write, finish=self.strategy_callback.save_plan_into)
 
@@ -208,13 +213,13 @@ class StrategyTrainerMixin:
         """``Trainer``'s, then the current plan's groups and rates where the plan changed on resume."""
         change = self.strategy_callback.plan_change_on_resume if self._hfls_active else None
         if checkpoint is None or change is None:
-            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+            return super()._load_optimizer_and_scheduler(checkpoint)
         from .resume import load_with_changed_plan
 
-        load_with_changed_plan(self, checkpoint, change, super()._load_optimizer_and_scheduler)  # type: ignore[misc]
+        load_with_changed_plan(self, checkpoint, change, super()._load_optimizer_and_scheduler)
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
-        model = super().call_model_init(trial)  # type: ignore[misc]
+        model = super().call_model_init(trial)
         if self._hfls_active:
             self.strategy_callback.prepare(model, getattr(self, "args", None))
         return model
@@ -237,13 +242,13 @@ class StrategyTrainerMixin:
         accepts ``model=`` (FSDP passes the wrapped model).
         """
         if not self._hfls_active or self.optimizer is not None:
-            return super().create_optimizer(model)  # type: ignore[misc]
+            return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         plan = self.strategy_plan
         check_something_trains(plan, opt_model)
         settle_requires_grad(plan, opt_model)
         if not plan.has_custom_groups:
-            return super().create_optimizer(model)  # type: ignore[misc]
+            return super().create_optimizer(model)
         optimizer = create_optimizer_from_plan(
             opt_model,
             plan,
@@ -253,7 +258,7 @@ class StrategyTrainerMixin:
             get_optimizer_cls_and_kwargs=self.get_optimizer_cls_and_kwargs,
         )
         if optimizer is None:
-            return super().create_optimizer(model)  # type: ignore[misc]
+            return super().create_optimizer(model)
         self.optimizer = optimizer
         return self.optimizer
 
@@ -267,7 +272,7 @@ class StrategyTrainerMixin:
         """
         if self._hfls_active and "learning_rate" in logs:
             logs.update(self.strategy_callback.learning_rate_logs())
-        super().log(logs, start_time)  # type: ignore[misc]
+        super().log(logs, start_time)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model``; a final model that the plan left in mixed dtypes is saved in one.
@@ -280,31 +285,31 @@ class StrategyTrainerMixin:
         """
         dtype = None
         if self._hfls_active and not _internal_call:
-            dtype = _final_dtype(self.strategy_callback.plan, self.model)  # type: ignore[attr-defined]
+            dtype = _final_dtype(self.strategy_callback.plan, self.model)
         if dtype is None:
-            return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+            return super().save_model(output_dir, _internal_call)
         logger.warning(
             f"Saving the final model in {dtype} (the dtype it was loaded in; the plan trained some parameters in "
             "another), config.json included; checkpoints keep the trained dtypes."
         )
         self._hfls_save_dtype = dtype
         try:
-            super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+            super().save_model(output_dir, _internal_call)
         finally:
             self._hfls_save_dtype = None
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         dtype = self._hfls_save_dtype
         if dtype is None:
-            return super()._save(output_dir, state_dict)  # type: ignore[misc]
+            return super()._save(output_dir, state_dict)
         if state_dict is None:
-            state_dict = self.accelerator.unwrap_model(self.model).state_dict()  # type: ignore[attr-defined]
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        super()._save(output_dir, state_dict)  # type: ignore[misc]
-        output_dir = output_dir if output_dir is not None else self.args.output_dir  # type: ignore[attr-defined]
-        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)  # type: ignore[attr-defined]
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
         written = os.path.isfile(os.path.join(output_dir, CONFIG_NAME))
-        if self.args.should_save and isinstance(config, PretrainedConfig) and written:  # type: ignore[attr-defined]
+        if self.args.should_save and isinstance(config, PretrainedConfig) and written:
             # save_pretrained wrote the dtype of the model's first parameter, not of the tensors saved.
             config.dtype = str(dtype).removeprefix("torch.")
             config.save_pretrained(output_dir)
