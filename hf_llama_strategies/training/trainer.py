@@ -19,6 +19,7 @@ from ..context import RunContext
 from ..core.distributed import DistributedFixes, DistributedSettings, check_distributed
 from ..core.dtypes import torch_dtype
 from ..core.plan import StrategyPlan
+from ..core.precision import PrecisionDecision
 from ..errors import InvalidArgumentError
 from ..planner import build_plan, check_something_trains
 from .callback import StrategyCallback
@@ -285,7 +286,9 @@ class StrategyTrainerMixin(_TrainerBase):
         """
         dtype = None
         if self._hfls_active and not _internal_call:
-            dtype = _final_dtype(self.strategy_callback.plan, self.model)
+            context = self.strategy_callback.context
+            decision = context.precision if context is not None else None
+            dtype = _final_dtype(self.strategy_callback.plan, self.model, decision)
         if dtype is None:
             return super().save_model(output_dir, _internal_call)
         logger.warning(
@@ -315,20 +318,21 @@ class StrategyTrainerMixin(_TrainerBase):
             config.save_pretrained(output_dir)
 
 
-def _final_dtype(plan: Optional[StrategyPlan], model: nn.Module) -> Optional[torch.dtype]:
+def _final_dtype(
+    plan: Optional[StrategyPlan], model: nn.Module, decision: Optional[PrecisionDecision]
+) -> Optional[torch.dtype]:
     """The one dtype to save a final model in, or ``None`` to save it as it is.
 
     Only for a ``PreTrainedModel`` whose parameters the plan cast into more than one dtype:
     then the dtype the model was loaded in (most of its parameters, before the plan).
     """
-    if plan is None or not isinstance(model, PreTrainedModel):
+    if plan is None or decision is None or not isinstance(model, PreTrainedModel):
         return None
     if len({p.dtype for p in model.parameters() if p.is_floating_point()}) <= 1:
         return None
     if not any(d.dtype_reason for d in plan):
         return None  # the mix is the user's, not the plan's
-    loaded = (plan.settings.get("precision") or {}).get("model_dtype")
-    return torch_dtype(loaded) if loaded else None
+    return torch_dtype(decision.model_dtype) if decision.model_dtype else None
 
 
 class StrategyTrainer(StrategyTrainerMixin, Trainer):
