@@ -1,6 +1,7 @@
 """The package's imports, read from its source: the table of docs/architecture.md, and the rules it keeps.
 
     python tools/import_graph.py            # the Markdown table of docs/architecture.md
+    python tools/import_graph.py --write    # ... written into docs/architecture.md (its last section)
     python tools/import_graph.py --check    # the rules below; exit 1 with what breaks them
 
 Every import counts: at import time, inside a function, and under ``if TYPE_CHECKING:`` (a
@@ -157,9 +158,20 @@ def check() -> list[str]:
     return problems
 
 
+def write_doc() -> None:
+    """Replace the table at the end of docs/architecture.md with the code's."""
+    doc = PACKAGE.parent / "docs" / "architecture.md"
+    text = doc.read_text(encoding="utf-8")
+    start = text.index("| part | module | imports |")
+    doc.write_text(text[:start] + table() + "\n", encoding="utf-8")
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--check"]:
         broken = check()
         print("\n".join(broken) or "the package keeps its rules")
         sys.exit(1 if broken else 0)
-    print(table())
+    if sys.argv[1:] == ["--write"]:
+        write_doc()
+    else:
+        print(table())
