@@ -1,106 +1,25 @@
-"""Shared fixtures: tiny datasets and TrainingArguments for CPU runs."""
+"""Shared fixtures: tiny datasets, a tiny model config, demo data files, the demo tokenizer.
+
+What tests share that is not a fixture lives in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import csv
+import json
 import os
 import sys
-import types
 
 import pytest
-import torch
-from transformers import TrainingArguments
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from hf_llama_strategies import hookimpl  # noqa: E402  (after the offline settings above)
+from helpers import TokenDataset  # noqa: E402  (after the offline settings above)
+from transformers import AutoTokenizer, LlamaConfig  # noqa: E402
 
-VOCAB = 128
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    """Random token sequences, as causal-LM examples or labelled classification examples."""
-
-    def __init__(self, n: int = 32, seq_len: int = 16, seed: int = 0, num_labels: int | None = None) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.input_ids = torch.randint(3, VOCAB, (n, seq_len), generator=g)
-        self.labels = None if num_labels is None else torch.randint(0, num_labels, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.input_ids[i]
-        labels = ids.clone() if self.labels is None else self.labels[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-def losses(trainer) -> list[float]:
-    """The training losses a Trainer logged, in order."""
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
-    """Every parameter's bytes (any dtype), to compare runs bit for bit."""
-    return {n: p.detach().cpu().flatten().view(torch.uint8).numpy().tobytes() for n, p in model.named_parameters()}
-
-
-def described(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:
-    """(name, lr, weight_decay, parameter names) of every optimizer group."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [
-        (g.get("name"), g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups
-    ]
-
-
-class ProbeIs:
-    """A plugin that describes ``probe``'s hardware (the ``hfls_hardware_probe`` hook), for machines we lack."""
-
-    def __init__(self, probe) -> None:
-        self.probe = probe
-
-    @hookimpl
-    def hfls_hardware_probe(self, training_args):
-        return self.probe
-
-
-def strategy(**options):
-    """StrategyArguments that print no plan table (keeps test output short)."""
-    from hf_llama_strategies import StrategyArguments
-
-    return StrategyArguments(print_plan=False, **options)
-
-
-def load_benchmark(name: str) -> types.ModuleType:
-    """``benchmarks/<name>.py`` as a fresh module (the benchmarks are scripts, not a package)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_training_args(output_dir, **overrides) -> TrainingArguments:
-    """Deterministic CPU TrainingArguments for short runs."""
-    values = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to="none",
-        seed=0,
-        max_steps=6,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        weight_decay=0.01,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
+from hf_llama_strategies.cli.demo import DEMO_DIR  # noqa: E402
 
 
 @pytest.fixture
@@ -111,3 +30,40 @@ def lm_dataset() -> TokenDataset:
 @pytest.fixture
 def cls_dataset() -> TokenDataset:
     return TokenDataset(num_labels=3)
+
+
+@pytest.fixture
+def tiny_config_dir(tmp_path) -> str:
+    """A saved config (no weights) of a 3-layer Llama over the demo tokenizer's vocabulary."""
+    path = tmp_path / "tiny-llama"
+    LlamaConfig(
+        vocab_size=106, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False,
+    ).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def cls_files(tmp_path) -> tuple[str, str]:
+    """Train (40 rows) and validation (16 rows) CSV files cut from the demo's classification data."""
+    rows = list(csv.reader(open(os.path.join(DEMO_DIR, "train.csv"), encoding="utf-8")))
+    train, valid = tmp_path / "train.csv", tmp_path / "valid.csv"
+    for path, part in ((train, rows[1:41]), (valid, rows[41:57])):
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows([rows[0], *part])
+    return str(train), str(valid)
+
+
+@pytest.fixture
+def lm_file(tmp_path) -> str:
+    """A JSON-lines corpus (``{"text": ...}``) of 59 demo texts."""
+    path = tmp_path / "corpus.jsonl"
+    rows = list(csv.reader(open(os.path.join(DEMO_DIR, "train.csv"), encoding="utf-8")))[1:60]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text, _ in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The demo tokenizer (the TRL tests use it; ``test_sft.py`` has its own)."""
+    return AutoTokenizer.from_pretrained(DEMO_DIR)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from conftest import TokenDataset, make_training_args  # noqa: E402
+from helpers import TokenDataset, make_training_args  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import TokenDataset, make_training_args  # noqa: E402
+from helpers import TokenDataset, make_training_args  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer  # noqa: E402
 

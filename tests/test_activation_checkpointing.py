@@ -12,7 +12,7 @@ from typing import Optional
 
 import pytest
 import torch
-from conftest import TokenDataset, losses, make_training_args, snapshot
+from helpers import TokenDataset, losses, make_training_args, snapshot
 from tiny_models import tiny_model, tiny_peft_lora_model
 from transformers import Trainer, TrainerCallback
 

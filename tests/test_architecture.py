@@ -7,7 +7,7 @@ import os
 import pathlib
 
 import pytest
-from conftest import ProbeIs, TokenDataset, make_training_args
+from helpers import ProbeIs, TokenDataset, make_training_args
 from tiny_models import tiny_model
 
 from hf_llama_strategies import (

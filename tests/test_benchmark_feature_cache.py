@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 
 def test_smoke_run(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -10,59 +9,13 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, TrainerCallback
+from helpers import base_config, make_training_args, write_yaml
+from transformers import TrainerCallback
 
+from hf_llama_strategies import StrategyArguments, StrategyTrainer, cli
 from hf_llama_strategies.cli.config import given
 from hf_llama_strategies.errors import CheckpointError
-from hf_llama_strategies import StrategyArguments, StrategyTrainer, cli
 from hf_llama_strategies.memory.static import estimate_memory
-
-DEMO = cli.DEMO_DIR
-
-
-@pytest.fixture
-def tiny_config_dir(tmp_path):
-    path = tmp_path / "tiny-llama"
-    LlamaConfig(
-        vocab_size=106, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False,
-    ).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture
-def cls_files(tmp_path):
-    rows = list(csv.reader(open(os.path.join(DEMO, "train.csv"), encoding="utf-8")))
-    train, valid = tmp_path / "train.csv", tmp_path / "valid.csv"
-    for path, part in ((train, rows[1:41]), (valid, rows[41:57])):
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerows([rows[0], *part])
-    return str(train), str(valid)
-
-
-@pytest.fixture
-def lm_file(tmp_path):
-    path = tmp_path / "corpus.jsonl"
-    rows = list(csv.reader(open(os.path.join(DEMO, "train.csv"), encoding="utf-8")))[1:60]
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for text, _ in rows), encoding="utf-8")
-    return str(path)
-
-
-def base_config(tiny_config_dir, output_dir, **extra):
-    config = {
-        "model_config": tiny_config_dir, "tokenizer_name_or_path": DEMO, "output_dir": str(output_dir),
-        "max_steps": 3, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "logging_steps": 1,
-        "use_cpu": True, "save_strategy": "no", "disable_tqdm": True, "max_seq_length": 24, "seed": 0,
-    }
-    config.update(extra)
-    return config
-
-
-def write_yaml(path, config):
-    import yaml
-
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return str(path)
 
 
 def test_train_classification_from_yaml_leaves_model_plan_metrics_and_logs(tmp_path, tiny_config_dir, cls_files):
@@ -182,8 +135,6 @@ def test_memory_estimate_within_ten_percent_of_a_real_run(tmp_path, lm_dataset):
             from hf_llama_strategies.training.optimizer import optimizer_state_bytes
 
             measured["state"] = optimizer_state_bytes(optimizer)
-
-    from conftest import make_training_args
 
     model = tiny_model("llama").train()
     trainer = StrategyTrainer(

@@ -6,12 +6,20 @@ Every test here compares against a plain ``Trainer`` run (or what it does) on CP
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import safetensors.torch
 import torch
-from conftest import TokenDataset, described, losses, make_training_args, snapshot, strategy
+from helpers import (
+    TokenDataset,
+    callback_types,
+    described,
+    files,
+    losses,
+    make_training_args,
+    snapshot,
+    strategy,
+)
 from tiny_models import tiny_model
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
@@ -116,14 +124,6 @@ def dataset_for(name: str) -> torch.utils.data.Dataset:
     if name in LM:
         return TokenDataset(n=16)
     return RegressionData(width=1 if name == "regression" else 4)
-
-
-def files(directory) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(root, f), directory) for root, _, fs in os.walk(directory) for f in fs)
-
-
-def callback_types(trainer: Trainer) -> list[type]:
-    return [type(c) for c in trainer.callback_handler.callbacks]
 
 
 # -- the rule: no option, no difference -----------------------------------------------------

@@ -11,9 +11,10 @@ import json
 
 import pytest
 import torch
-from conftest import TokenDataset, make_training_args, snapshot
+from helpers import TokenDataset, make_training_args, snapshot
 from tiny_models import tiny_model
 from transformers import HfArgumentParser, Trainer, TrainerCallback
+
 from hf_llama_strategies.core.plugins import default_plugin_manager  # noqa: E402
 
 #: The manager of the built-in plugins, which answers the built-in schedules.

@@ -12,8 +12,7 @@ import random
 
 import pytest
 import torch
-from conftest import TokenDataset, losses, make_training_args, snapshot, strategy
-from test_cli import cls_files, tiny_config_dir  # noqa: F401 (fixtures)
+from helpers import TokenDataset, base_config, losses, make_training_args, snapshot, strategy, write_yaml
 from tiny_models import tiny_model
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer
 
@@ -349,8 +348,6 @@ def test_bad_options(options, option):
 
 
 def test_cli_train_with_the_cache_matches_without(tmp_path, tiny_config_dir, cls_files):
-    from test_cli import base_config, write_yaml
-
     from hf_llama_strategies import cli
 
     results = {}

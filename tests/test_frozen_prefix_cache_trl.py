@@ -20,9 +20,8 @@ import pytest
 pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'hf-llama-strategies[trl]'")
 
 import torch  # noqa: E402
-from conftest import losses, snapshot, strategy
 from datasets import Dataset  # noqa: E402
-from test_integration_trl import StrategySFTTrainer, tokenizer  # noqa: E402,F401 (a fixture)
+from helpers import StrategySFTTrainer, losses, snapshot, strategy  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 

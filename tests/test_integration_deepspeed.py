@@ -19,8 +19,8 @@ import pytest
 pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'hf-llama-strategies[deepspeed]'")
 
 import torch  # noqa: E402
-from conftest import make_training_args  # noqa: E402
 from distributed_integration import check_matches_reference, launch, reference, save_model  # noqa: E402
+from helpers import make_training_args  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 from transformers import Trainer  # noqa: E402
 

@@ -21,8 +21,8 @@ import types
 
 import pytest
 import torch
-from conftest import TokenDataset, load_benchmark, make_training_args, strategy
 from distributed_integration import check_matches_reference, launch, reference
+from helpers import TokenDataset, load_benchmark, make_training_args, strategy
 from tiny_models import tiny_model
 from transformers import TrainerControl, TrainerState
 

@@ -14,7 +14,7 @@ pytest.importorskip("peft", reason="PEFT is an optional extra: pip install 'hf-l
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from conftest import TokenDataset, described, losses, make_training_args, snapshot, strategy  # noqa: E402
+from helpers import TokenDataset, described, losses, make_training_args, snapshot, strategy  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from tiny_models import tiny_model, tiny_peft_lora_model  # noqa: E402
 from transformers import Trainer  # noqa: E402

@@ -17,10 +17,10 @@ import pytest
 pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'hf-llama-strategies[trl]'")
 
 import torch  # noqa: E402
-from conftest import described, losses, snapshot, strategy
 from datasets import Dataset  # noqa: E402
+from helpers import StrategySFTTrainer, callback_types, described, files, losses, snapshot, strategy  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
-from transformers import AutoTokenizer, set_seed  # noqa: E402
+from transformers import set_seed  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from hf_llama_strategies import (  # noqa: E402
@@ -28,7 +28,6 @@ from hf_llama_strategies import (  # noqa: E402
     PlanError,
     StrategyArguments,
     StrategyCallback,
-    StrategyTrainerMixin,
     build_plan,
 )
 from hf_llama_strategies.cli.demo import DEMO_DIR  # noqa: E402
@@ -36,15 +35,6 @@ from hf_llama_strategies.cli.demo import DEMO_DIR  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE, HEAD_LR, WD = 1e-3, 5e-3, 0.01
 STEPS = 4
-
-
-class StrategySFTTrainer(StrategyTrainerMixin, SFTTrainer):
-    pass
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(DEMO_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +209,6 @@ def test_a_model_id_loaded_by_sft_trainer_is_planned(tmp_path, tokenizer, texts)
 
 def test_no_option_mixin_is_sft_trainer_bit_for_bit(tmp_path, tokenizer, texts):
     """Losses, weights, every file of output_dir and checkpoints, callbacks, optimizer, args identity."""
-    from test_dropin import callback_types, files
-
     overrides = dict(save_strategy="steps", save_steps=2)
     ours_model, plain_model = tiny_model("llama").train(), tiny_model("llama").train()
     ours_args, plain_args = sft_config(tmp_path / "ours", **overrides), sft_config(tmp_path / "plain", **overrides)

@@ -13,7 +13,7 @@ import types
 
 import pytest
 import torch
-from conftest import TokenDataset, described, losses, make_training_args, snapshot, strategy
+from helpers import TokenDataset, described, losses, make_training_args, snapshot, strategy
 from tiny_models import tiny_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.optimization import Adafactor

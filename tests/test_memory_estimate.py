@@ -14,12 +14,12 @@ import os
 
 import pytest
 import torch
-from conftest import load_benchmark
+from helpers import load_benchmark
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_llama_strategies import StrategyArguments, build_plan, cli, estimate_training_memory
-from hf_llama_strategies.errors import InvalidArgumentError
 from hf_llama_strategies.core.plugins import default_plugin_manager
+from hf_llama_strategies.errors import InvalidArgumentError
 from hf_llama_strategies.memory.dry_run import heaviest_step
 from hf_llama_strategies.memory.fit import parse_size
 from hf_llama_strategies.memory.static import estimate_memory
@@ -96,7 +96,7 @@ def tiny_llama(meta: bool = False, **overrides) -> LlamaForCausalLM:
 
 
 def args(tmp_path, **overrides):
-    from conftest import make_training_args
+    from helpers import make_training_args
 
     return make_training_args(tmp_path, **overrides)
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ProbeIs, TokenDataset, load_benchmark, losses, make_training_args
+from helpers import ProbeIs, TokenDataset, load_benchmark, losses, make_training_args
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
 

@@ -16,9 +16,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TokenDataset, make_training_args, strategy
+from helpers import TokenDataset, base_config, make_training_args, snapshot, strategy, write_yaml
 from safetensors.torch import load_file
-from test_cli import base_config, cls_files, lm_file, tiny_config_dir, write_yaml  # noqa: F401  (fixtures)
 
 from hf_llama_strategies import StrategyArguments, StrategyTrainer, cli
 from hf_llama_strategies.core.hookspecs import hookimpl
@@ -661,8 +660,6 @@ def test_strategy_trainer_resume_true_takes_the_newest_complete_checkpoint(tmp_p
     shutil.copytree(tmp_path / "ref" / "checkpoint-4", out / "checkpoint-4")
     os.remove(out / "checkpoint-4" / "trainer_state.json")
     resumed = run(out, resume=True)
-    from conftest import snapshot
-
     assert snapshot(resumed.model) == snapshot(ref.model)
     with pytest.raises(StrategyError, match="no trainer_state.json"):
         run(tmp_path / "other", resume=str(out / "incomplete-checkpoint-4"))

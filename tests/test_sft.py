@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'hf-llama-strategies[trl]'")
 
 import torch  # noqa: E402
-from conftest import snapshot  # noqa: E402
+from helpers import snapshot  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments  # noqa: E402

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import TokenDataset, losses, make_training_args, snapshot
+from helpers import TokenDataset, losses, make_training_args, snapshot
 from tiny_models import tiny_model
 from transformers import Trainer, TrainerCallback
 

@@ -1,0 +1,158 @@
+"""What the tests share that is not a fixture: tiny datasets, run settings, comparisons, config files.
+
+Test modules import from here (``from helpers import ...``; ``conftest.py`` puts this directory
+on ``sys.path``), never from one another. Fixtures live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+import types
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_llama_strategies import hookimpl
+from hf_llama_strategies.cli.demo import DEMO_DIR
+
+VOCAB = 128
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random token sequences, as causal-LM examples or labelled classification examples."""
+
+    def __init__(self, n: int = 32, seq_len: int = 16, seed: int = 0, num_labels: int | None = None) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(3, VOCAB, (n, seq_len), generator=g)
+        self.labels = None if num_labels is None else torch.randint(0, num_labels, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[i]
+        labels = ids.clone() if self.labels is None else self.labels[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def losses(trainer) -> list[float]:
+    """The training losses a Trainer logged, in order."""
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
+    """Every parameter's bytes (any dtype), to compare runs bit for bit."""
+    return {n: p.detach().cpu().flatten().view(torch.uint8).numpy().tobytes() for n, p in model.named_parameters()}
+
+
+def described(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:
+    """(name, lr, weight_decay, parameter names) of every optimizer group."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        (g.get("name"), g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups
+    ]
+
+
+def files(directory) -> list[str]:
+    """Every file under ``directory``, as sorted relative paths."""
+    return sorted(os.path.relpath(os.path.join(root, f), directory) for root, _, fs in os.walk(directory) for f in fs)
+
+
+def callback_types(trainer: Trainer) -> list[type]:
+    """The types of a Trainer's callbacks, in order."""
+    return [type(c) for c in trainer.callback_handler.callbacks]
+
+
+class ProbeIs:
+    """A plugin that describes ``probe``'s hardware (the ``hfls_hardware_probe`` hook), for machines we lack."""
+
+    def __init__(self, probe) -> None:
+        self.probe = probe
+
+    @hookimpl
+    def hfls_hardware_probe(self, training_args):
+        return self.probe
+
+
+def strategy(**options):
+    """StrategyArguments that print no plan table (keeps test output short)."""
+    from hf_llama_strategies import StrategyArguments
+
+    return StrategyArguments(print_plan=False, **options)
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """``benchmarks/<name>.py`` as a fresh module (the benchmarks are scripts, not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_training_args(output_dir, **overrides) -> TrainingArguments:
+    """Deterministic CPU TrainingArguments for short runs."""
+    values = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        seed=0,
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+# -- the command line: a config for a tiny CPU run, written as YAML ---------------------------
+
+
+def base_config(tiny_config_dir, output_dir, **extra):
+    """A CLI config training the ``tiny_config_dir`` model with the demo tokenizer, 3 steps on CPU."""
+    config = {
+        "model_config": tiny_config_dir, "tokenizer_name_or_path": DEMO_DIR, "output_dir": str(output_dir),
+        "max_steps": 3, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "logging_steps": 1,
+        "use_cpu": True, "save_strategy": "no", "disable_tqdm": True, "max_seq_length": 24, "seed": 0,
+    }
+    config.update(extra)
+    return config
+
+
+def write_yaml(path, config):
+    """Write ``config`` to ``path`` as YAML; return the path as a string."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return str(path)
+
+
+# -- TRL (an optional extra: imported only when a test asks for it) ---------------------------
+
+
+@functools.cache
+def _strategy_sft_trainer() -> type:
+    from trl import SFTTrainer
+
+    from hf_llama_strategies import StrategyTrainerMixin
+
+    class StrategySFTTrainer(StrategyTrainerMixin, SFTTrainer):
+        pass
+
+    return StrategySFTTrainer
+
+
+def __getattr__(name: str):
+    # ``from helpers import StrategySFTTrainer`` imports TRL; nothing else here does.
+    if name == "StrategySFTTrainer":
+        return _strategy_sft_trainer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
