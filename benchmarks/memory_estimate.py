@@ -353,7 +353,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="3 configurations of a tiny model")
     parser.add_argument("--rss", action="store_true", help="also compare with the peak RSS growth of a larger model")
-    parser.add_argument("--rss_seq", type=int, default=None, help="sequence length of the RSS runs (default: each case's)")
+    parser.add_argument(
+        "--rss_seq", type=int, default=None, help="sequence length of the RSS runs (default: each case's)"
+    )
     parser.add_argument("--llama70b", action="store_true", help="also time `plan` of the 70B config (batch 1 x 4096)")
     parser.add_argument("--cases", default=None, help="comma list of configuration names (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

@@ -190,17 +190,39 @@ class Comparison:
 
 COMPARISONS = [
     Comparison("a", "StrategyTrainer / Trainer, full fine-tuning", "ours_full", "plain_full", 1.02),
-    Comparison("a", "StrategyTrainer / Trainer, full fine-tuning, checkpointing", "ours_full_ckpt", "plain_full_ckpt", 1.02),
+    Comparison(
+        "a", "StrategyTrainer / Trainer, full fine-tuning, checkpointing", "ours_full_ckpt", "plain_full_ckpt", 1.02
+    ),
     Comparison("b", "last 2 layers only (LLaMA-Factory) / full", "ours_lf", "ours_full", None, ("lf", None), "lf"),
-    Comparison("b", "last 2 layers only / full, checkpointing", "ours_lf_ckpt", "ours_full_ckpt", 0.46, ("lf", "non_reentrant"), "lf_ckpt"),
-    Comparison("b", "last 2 layers only / full, checkpointing, reentrant", "ours_lf_ckpt_r", "ours_full_ckpt_r", 0.46, ("lf", "reentrant"), "lf_ckpt"),
+    Comparison(
+        "b", "last 2 layers only / full, checkpointing", "ours_lf_ckpt", "ours_full_ckpt",
+        0.46, ("lf", "non_reentrant"), "lf_ckpt",
+    ),
+    Comparison(
+        "b", "last 2 layers only / full, checkpointing, reentrant", "ours_lf_ckpt_r", "ours_full_ckpt_r",
+        0.46, ("lf", "reentrant"), "lf_ckpt",
+    ),
     Comparison("b", "last 2 layers + norm + head / full", "ours_l2nh", "ours_full", 0.60, ("l2nh", None), "l2nh"),
-    Comparison("b", "last 2 layers + norm + head / full, checkpointing", "ours_l2nh_ckpt", "ours_full_ckpt", 0.52, ("l2nh", "non_reentrant"), "l2nh_ckpt"),
-    Comparison("b", "last 2 layers + norm + head / full, checkpointing, reentrant", "ours_l2nh_ckpt_r", "ours_full_ckpt_r", 0.52, ("l2nh", "reentrant"), "l2nh_ckpt"),
-    Comparison("c", "transformers' default: last 2 layers only / full, checkpointing", "plain_lf_ckpt", "plain_full_ckpt", None, ("lf", "non_reentrant")),
-    Comparison("c", "transformers' default: last 2 + norm + head / full, checkpointing", "plain_l2nh_ckpt", "plain_full_ckpt", None, ("l2nh", "non_reentrant")),
+    Comparison(
+        "b", "last 2 layers + norm + head / full, checkpointing", "ours_l2nh_ckpt", "ours_full_ckpt",
+        0.52, ("l2nh", "non_reentrant"), "l2nh_ckpt",
+    ),
+    Comparison(
+        "b", "last 2 layers + norm + head / full, checkpointing, reentrant", "ours_l2nh_ckpt_r", "ours_full_ckpt_r",
+        0.52, ("l2nh", "reentrant"), "l2nh_ckpt",
+    ),
+    Comparison(
+        "c", "transformers' default: last 2 layers only / full, checkpointing", "plain_lf_ckpt", "plain_full_ckpt",
+        None, ("lf", "non_reentrant"),
+    ),
+    Comparison(
+        "c", "transformers' default: last 2 + norm + head / full, checkpointing", "plain_l2nh_ckpt", "plain_full_ckpt",
+        None, ("l2nh", "non_reentrant"),
+    ),
     Comparison("c", "ours / transformers' default, last 2 layers only, checkpointing", "ours_lf_ckpt", "plain_lf_ckpt"),
-    Comparison("c", "ours / transformers' default, last 2 + norm + head, checkpointing", "ours_l2nh_ckpt", "plain_l2nh_ckpt"),
+    Comparison(
+        "c", "ours / transformers' default, last 2 + norm + head, checkpointing", "ours_l2nh_ckpt", "plain_l2nh_ckpt"
+    ),
 ]
 
 
@@ -454,7 +476,10 @@ def spread(values: list[float]) -> dict[str, float]:
         q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
     else:
         q1, q3 = ordered[0], ordered[-1]
-    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "q1": q1, "q3": q3, "n": len(ordered)}
+    return {
+        "median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
+        "q1": q1, "q3": q3, "n": len(ordered),
+    }
 
 
 def machine_info() -> dict[str, Any]:
@@ -482,7 +507,11 @@ def summarise(results: list[RunResult], shape: ModelShape) -> dict[str, Any]:
         by_round.setdefault(r.round, {})[r.variant] = r
     comparisons = []
     for c in COMPARISONS:
-        pairs = [(rows[c.numerator], rows[c.denominator]) for rows in by_round.values() if c.numerator in rows and c.denominator in rows]
+        pairs = [
+            (rows[c.numerator], rows[c.denominator])
+            for rows in by_round.values()
+            if c.numerator in rows and c.denominator in rows
+        ]
         if not pairs:
             continue
         ratios = [num.step_time / den.step_time for num, den in pairs]
@@ -556,11 +585,14 @@ def _num(value: Optional[float], fmt: str) -> str:
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     """The comparisons and the per-variant figures as Markdown tables, with the machine."""
     lines = [
-        "| | figure | step time: median [IQR] | fastest steps | CPU time | target | FLOPs counted | FLOP floor (model / issue) |",
+        "| | figure | step time: median [IQR] | fastest steps | CPU time | target | FLOPs counted "
+        "| FLOP floor (model / issue) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in summary["comparisons"]:
-        target = "" if c["target"] is None else f"<= {c['target']:.2f}" + (" ok" if c["meets_target"] else " **missed**")
+        target = ""
+        if c["target"] is not None:
+            target = f"<= {c['target']:.2f}" + (" ok" if c["meets_target"] else " **missed**")
         floor = _num(c["flop_floor"], ".3f")
         if c["issue_flop_floor"] is not None:
             floor += f" / {c['issue_flop_floor']:.2f}"
@@ -649,7 +681,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         for name in order:
             result = run_variant(BY_NAME[name], shape, opts.warmup, opts.steps, round_index, round_index == 0)
             results.append(result)
-            print(f"round {round_index + 1}/{opts.rounds}  {name:18s} {result.step_time * 1000:8.1f} ms/step", flush=True)
+            step_ms = result.step_time * 1000
+            print(f"round {round_index + 1}/{opts.rounds}  {name:18s} {step_ms:8.1f} ms/step", flush=True)
     meta["load_average_after"] = load_average()
     meta["wall_s"] = time.perf_counter() - started
     return _report(results, shape, meta, opts.out)

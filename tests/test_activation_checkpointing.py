@@ -24,7 +24,9 @@ PLANS = {
     "last_two_norm_head": (dict(trainable_layers="-2:"), 1),
     "last_two_only": (dict(trainable_layers="-2:", train_norm=False, train_head=False), 1),
     "mlp_of_last_layer": (dict(trainable_layers="-1:", trainable_modules="mlp"), 2),
-    "middle_layer_attention_out": (dict(trainable_layers="1", trainable_modules="self_attn.o_proj", train_head=False), 1),
+    "middle_layer_attention_out": (
+        dict(trainable_layers="1", trainable_modules="self_attn.o_proj", train_head=False), 1
+    ),
     "gap_between_trainable_layers": (dict(trainable_layers="0,2", train_norm=False, train_head=False), 0),
     "head_only": (dict(trainable_layers="none"), 3),
     "full": (dict(), 0),
@@ -53,7 +55,9 @@ def prepared_model(
     return model
 
 
-def gradients(model: torch.nn.Module, inputs: Optional[dict] = None, seed: int = 0) -> dict[str, Optional[torch.Tensor]]:
+def gradients(
+    model: torch.nn.Module, inputs: Optional[dict] = None, seed: int = 0
+) -> dict[str, Optional[torch.Tensor]]:
     torch.manual_seed(seed)
     model(**(inputs or batch())).loss.backward()
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
@@ -188,18 +192,24 @@ def test_transformers_default_recomputes_and_backpropagates_the_frozen_prefix(ch
     assert probe.outputs_requiring_grad[0] == 1
 
 
+def backward_calls(strategy, checkpointing, layer_index) -> dict[str, int]:
+    """How many times backward entered the attention and the MLP of one layer, in one backward pass."""
+    model = prepared_model(strategy, checkpointing)
+    calls = {"self_attn": 0, "mlp": 0}
+    layer = model.model.layers[layer_index]
+    layer.self_attn.register_full_backward_hook(lambda *_: calls.__setitem__("self_attn", calls["self_attn"] + 1))
+    layer.mlp.register_full_backward_hook(lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gradients(model)
+    return calls
+
+
 def test_backward_stops_at_the_lowest_trainable_module_inside_a_layer():
     # Only the MLP of the last layer trains: its attention must not enter backward.
     strategy, lowest = PLANS["mlp_of_last_layer"]
     for checkpointing in ("reentrant", "non_reentrant"):
-        model = prepared_model(strategy, checkpointing)
-        calls = {"self_attn": 0, "mlp": 0}
-        layer = model.model.layers[lowest]
-        layer.self_attn.register_full_backward_hook(lambda *_: calls.__setitem__("self_attn", calls["self_attn"] + 1))
-        layer.mlp.register_full_backward_hook(lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gradients(model)
+        calls = backward_calls(strategy, checkpointing, lowest)
         assert calls == {"self_attn": 0, "mlp": 1}, checkpointing
 
 
@@ -249,7 +259,12 @@ def train(tmp_path, name: str, strategy: Optional[dict], plain: bool = False, ca
         dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}),
         dict(gradient_checkpointing=True),
     ],
-    ids=["activation_checkpointing", "reentrant", "deprecated_gradient_checkpointing_reentrant", "deprecated_gradient_checkpointing"],
+    ids=[
+        "activation_checkpointing",
+        "reentrant",
+        "deprecated_gradient_checkpointing_reentrant",
+        "deprecated_gradient_checkpointing",
+    ],
 )
 def test_trainer_switches_train_bit_identically_and_skip_the_frozen_prefix(tmp_path, switch):
     strategy = dict(trainable_layers="-2:")

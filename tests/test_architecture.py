@@ -45,8 +45,12 @@ def test_only_arguments_imports_the_strategies_and_only_their_option_groups():
                  if t.startswith("strategies") and not m.startswith("strategies")}
     assert importers == {"arguments"}
     tree = ast.parse((PACKAGE / "arguments.py").read_text(encoding="utf-8"))
-    names = {alias.name for node in tree.body if isinstance(node, ast.ImportFrom) and "strategies" in (node.module or "")
-             for alias in node.names}
+    names = {
+        alias.name
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and "strategies" in (node.module or "")
+        for alias in node.names
+    }
     assert names == {"FreezingArguments", "LayerwiseLrArguments", "GradualUnfreezingArguments", "LisaArguments",
                      "FrozenPrefixCacheArguments", "check_schedules"}
     # The built-in plugin list names them, as strings: the one place the core knows a strategy.
@@ -194,8 +198,10 @@ def test_strategy_arguments_are_validated_by_installed_plugins_once_and_by_code_
 
 def test_the_import_table_of_the_architecture_doc_is_the_code_s():
     table = _import_graph().table()
-    assert "| core | `core.plan` | core.anatomy, core.decisions, core.dtypes, core.options, core.plan_table, core.units, errors |" \
-        in table  # the data model, as the test above says
+    assert (
+        "| core | `core.plan` | core.anatomy, core.decisions, core.dtypes, core.options, core.plan_table, core.units, "
+        "errors |" in table
+    )  # the data model, as the test above says
     assert table in (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8"), (
         "docs/architecture.md is out of date: paste the output of `python tools/import_graph.py`"
     )

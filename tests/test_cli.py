@@ -204,7 +204,9 @@ def test_resume_true_means_the_last_checkpoint(tmp_path, tiny_config_dir):
     assert training.resume_from_checkpoint == str(out / "checkpoint-4")
     assert cli.parse_config(dict(base), ["--resume_from_checkpoint", "false"])[2].resume_from_checkpoint is None
     # A run killed before it wrote anything left no output_dir: resuming it trains from the start.
-    _, _, training, _, run = cli.parse_config(dict(base, output_dir=str(tmp_path / "empty"), resume_from_checkpoint="true"))
+    _, _, training, _, run = cli.parse_config(
+        dict(base, output_dir=str(tmp_path / "empty"), resume_from_checkpoint="true")
+    )
     assert training.resume_from_checkpoint is None and run.restart_interrupted
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine", encoding="utf-8")

@@ -15,11 +15,6 @@ from helpers import TokenDataset, make_training_args, snapshot
 from tiny_models import tiny_model
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
-from hf_llama_strategies.core.plugins import default_plugin_manager  # noqa: E402
-
-#: The manager of the built-in plugins, which answers the built-in schedules.
-PM = default_plugin_manager()
-
 from hf_llama_strategies import (
     PLAN_FILE_NAME,
     InvalidArgumentError,
@@ -30,8 +25,11 @@ from hf_llama_strategies import (
     StrategyTrainer,
     build_plan,
 )
+from hf_llama_strategies.core.plugins import default_plugin_manager
 from hf_llama_strategies.strategies.lisa import draw_layers
 
+#: The manager of the built-in plugins, which answers the built-in schedules.
+PM = default_plugin_manager()
 NUM_LAYERS = 4
 
 
@@ -219,8 +217,8 @@ def test_gradual_unfreezing_equals_plain_trainer_toggled_by_hand(tmp_path):
     recorder = Recorder()
     ours, a = train_strategy(tmp_path, "ours", strategy, [recorder], max_steps=8)
     starts = {3: 2, 2: 4, 1: 6, 0: 8}
-    theirs, b = train_by_hand(tmp_path, "hand", ByHand(lambda step: [l for l, s in starts.items() if step >= s]),
-                              max_steps=8)
+    by_hand = ByHand(lambda step: [layer for layer, start in starts.items() if step >= start])
+    theirs, b = train_by_hand(tmp_path, "hand", by_hand, max_steps=8)
     assert losses_by_step(ours) == losses_by_step(theirs)
     assert len(losses_by_step(ours)) == 8
     assert snapshot(a) == snapshot(b)

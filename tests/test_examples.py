@@ -62,7 +62,9 @@ def test_example_plugin_strategy_works_through_options():
     plain = build_plan(model)
     no_bias = build_plan(model, StrategyArguments(strategy_options={"freeze_bias": True}))
     biases = [n for n in plain.decisions if n.endswith(".bias")]
-    assert biases and all(not no_bias[n].trainable and no_bias[n].reason.startswith("freeze_bias plugin") for n in biases)
+    assert biases and all(
+        not no_bias[n].trainable and no_bias[n].reason.startswith("freeze_bias plugin") for n in biases
+    )
     assert [n for n in plain.trainable_names() if not n.endswith(".bias")] == no_bias.trainable_names()
     # The installed plugin checks its option when a run starts (StrategyArguments loads no plugin).
     with pytest.raises(ValueError, match=r"strategy_options.freeze_bias='yes'"):

@@ -37,7 +37,9 @@ def test_llama_factory_freeze_configuration_layers_only():
 
 
 def test_trainable_modules_match_whole_path_components():
-    plan = build_plan(tiny_model("llama"), StrategyArguments(trainable_layers="0", trainable_modules="q_proj,mlp.down_proj"))
+    plan = build_plan(
+        tiny_model("llama"), StrategyArguments(trainable_layers="0", trainable_modules="q_proj,mlp.down_proj")
+    )
     layer_trained = {d.name for d in plan if d.trainable and d.kind == "layer"}
     assert layer_trained == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"}
 
@@ -110,7 +112,9 @@ def test_untying_removes_the_conflict():
 
 
 def test_plan_json_round_trip(tmp_path):
-    plan = build_plan(tiny_model("qwen2", "seq_cls"), StrategyArguments(trainable_layers="-1:", trainable_modules="mlp"))
+    plan = build_plan(
+        tiny_model("qwen2", "seq_cls"), StrategyArguments(trainable_layers="-1:", trainable_modules="mlp")
+    )
     plan.save(str(tmp_path))
     again = StrategyPlan.load(str(tmp_path))
     assert again.to_dict() == plan.to_dict()

@@ -263,7 +263,9 @@ def test_group_layout_is_deterministic_and_resumes_from_a_checkpoint(tmp_path, l
     layouts = []
     for run in ("x", "y"):
         model = tiny_model("llama")
-        trainer = StrategyTrainer(model=model, args=make_training_args(tmp_path / run), strategy_args=strategy(**options))
+        trainer = StrategyTrainer(
+            model=model, args=make_training_args(tmp_path / run), strategy_args=strategy(**options)
+        )
         layouts.append(described(trainer.create_optimizer(), model))
     assert layouts[0] == layouts[1]
 
@@ -476,13 +478,17 @@ def test_later_rule_wins_and_a_shadowed_rule_is_noted():
     plan = build_plan(tiny_model("llama"), strategy(lr_rules=[r"mlp\.up=x2", "mlp=x3"]))
     up = plan["model.layers.1.mlp.up_proj.weight"]
     assert (up.lr_scale, up.group, up.lr_reason) == (3.0, "rule:mlp", "lr_rules[1]='mlp=x3'")
-    assert plan.notes == ["lr_rules[0]='mlp\\\\.up=x2' has no effect: later lr_rules override it for every parameter it names."]
+    assert plan.notes == [
+        "lr_rules[0]='mlp\\\\.up=x2' has no effect: later lr_rules override it for every parameter it names."
+    ]
 
 
 def test_rates_for_frozen_parameters_ride_along_and_only_trainable_ones_reach_the_optimizer(tmp_path):
     model = tiny_model("llama")
     trainer = StrategyTrainer(
-        model=model, args=make_training_args(tmp_path), strategy_args=strategy(trainable_layers="-1:", lr_rules=["mlp=x2"])
+        model=model,
+        args=make_training_args(tmp_path),
+        strategy_args=strategy(trainable_layers="-1:", lr_rules=["mlp=x2"]),
     )
     assert trainer.strategy_plan["model.layers.0.mlp.up_proj.weight"].lr == 2 * BASE  # frozen, rate kept
     groups = described(trainer.create_optimizer(), model)
@@ -546,12 +552,31 @@ def test_bad_option_values_raise_when_the_arguments_are_built(options, fragment)
 @pytest.mark.parametrize(
     "arch, options, fragment",
     [
-        ("llama", dict(lr_rules=["mlp=x2", "experts=1e-5"]), "lr_rules[1]='experts=1e-5': the pattern 'experts' matches no parameter"),
-        ("llama", dict(head_lr=5e-5, train_head=False), "head_lr=5e-05 sets a learning rate for the head (lm_head.weight), but the plan freezes it (train_head=false)"),
-        ("llama", dict(trainable_layers="-1:", embedding_lr=1e-6), "embedding_lr=1e-06 sets a learning rate for the embeddings"),
-        ("llama", dict(trainable_layers="-1:", lr_rules=[r"layers\.0\.=x2"]), "but the plan freezes all of them (trainable_layers='-1:')"),
-        ("llama", dict(frozen_params=["lm_head"], lr_rules=["lm_head=1e-4"]), "lr_rules[0]='lm_head=1e-4' sets a learning rate"),
-        ("gemma", dict(head_lr=5e-5, embedding_lr=1e-6), "one tied tensor, but embedding_lr=1e-06 and head_lr=5e-05 disagree"),
+        (
+            "llama", dict(lr_rules=["mlp=x2", "experts=1e-5"]),
+            "lr_rules[1]='experts=1e-5': the pattern 'experts' matches no parameter",
+        ),
+        (
+            "llama", dict(head_lr=5e-5, train_head=False),
+            "head_lr=5e-05 sets a learning rate for the head (lm_head.weight), "
+            "but the plan freezes it (train_head=false)",
+        ),
+        (
+            "llama", dict(trainable_layers="-1:", embedding_lr=1e-6),
+            "embedding_lr=1e-06 sets a learning rate for the embeddings",
+        ),
+        (
+            "llama", dict(trainable_layers="-1:", lr_rules=[r"layers\.0\.=x2"]),
+            "but the plan freezes all of them (trainable_layers='-1:')",
+        ),
+        (
+            "llama", dict(frozen_params=["lm_head"], lr_rules=["lm_head=1e-4"]),
+            "lr_rules[0]='lm_head=1e-4' sets a learning rate",
+        ),
+        (
+            "gemma", dict(head_lr=5e-5, embedding_lr=1e-6),
+            "one tied tensor, but embedding_lr=1e-06 and head_lr=5e-05 disagree",
+        ),
         ("gemma", dict(trainable_layers="-1:", head_lr=5e-5), "Train them (for example train_head: true"),
     ],
 )

@@ -207,7 +207,8 @@ def plan_yaml(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({
         "model_config": str(config_dir), "trainable_layers": "-1:", "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1, "max_seq_length": 32, "optim": "adamw_torch", "output_dir": str(tmp_path / "o"),
+        "gradient_accumulation_steps": 1, "max_seq_length": 32, "optim": "adamw_torch",
+        "output_dir": str(tmp_path / "o"),
     }), encoding="utf-8")
     return str(path)
 

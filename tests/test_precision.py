@@ -134,12 +134,14 @@ def test_decision_table(tmp_path, hardware, precision, loaded):
 
 def test_auto_reasons_say_why():
     reasons = {
-        name: decide_precision(StrategyArguments(precision="auto"), probe=probe).reason for name, probe in HARDWARE.items()
+        name: decide_precision(StrategyArguments(precision="auto"), probe=probe).reason
+        for name, probe in HARDWARE.items()
     }
     assert reasons["a100"] == "auto: NVIDIA A100 (cuda, compute capability 8.0) supports bf16"
     assert reasons["t4"].startswith("auto: Tesla T4 (cuda, compute capability 7.5) has no native bf16, so fp16")
     assert reasons["cpu"].startswith("auto: CPU, where autocast pays only with AMX")
-    other = decide_precision(StrategyArguments(precision="auto"), probe=HardwareProbe("mps", "mps", bf16_supported=False))
+    mps = HardwareProbe("mps", "mps", bf16_supported=False)
+    other = decide_precision(StrategyArguments(precision="auto"), probe=mps)
     assert other.mode == "fp32"
 
 
@@ -150,7 +152,9 @@ def test_explicit_flags_win_under_auto(tmp_path):
     assert decision_of(resolved, StrategyArguments(precision="auto"), probe=A100).reason == (
         "auto: TrainingArguments.bf16=true"
     )
-    fp16 = resolve_training_arguments(make_training_args(tmp_path, fp16=True), StrategyArguments(precision="auto"), probe=A100)
+    fp16 = resolve_training_arguments(
+        make_training_args(tmp_path, fp16=True), StrategyArguments(precision="auto"), probe=A100
+    )
     assert fp16.fp16 and not fp16.bf16
 
 

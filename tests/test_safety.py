@@ -443,8 +443,13 @@ BAD_PROBED = [
     ({"tokenizer_name_or_path": True}, "tokenizer_name_or_path=True"),
     ({"model_config": True}, "model_config=True"),
     ({"model_config": ["a"]}, "model_config=['a']"),
-    ({"task": "sft", "train_file": os.path.join(cli.DEMO_SFT_DIR, "validation.jsonl"), "chat_template": "{% for x in %}"},
-     "chat_template='{% for x in %}' is not valid: expected a valid Jinja chat template"),
+    (
+        {
+            "task": "sft", "train_file": os.path.join(cli.DEMO_SFT_DIR, "validation.jsonl"),
+            "chat_template": "{% for x in %}",
+        },
+        "chat_template='{% for x in %}' is not valid: expected a valid Jinja chat template",
+    ),
     ({"trainable_layers": "-1:", "frozen_prefix_cache": "disk", "frozen_prefix_cache_dir": "/proc/no-such-dir"},
      "frozen_prefix_cache_dir='/proc/no-such-dir'"),
     ({"trainable_layers": "none", "train_head": False, "train_embeddings": False, "train_norm": False},

@@ -191,7 +191,9 @@ def test_unknown_architecture_raises_at_construction_for_a_layer_option(tmp_path
         def forward(self, x, labels=None):
             return {"loss": self.b(self.a(x)).sum()}
 
-    with pytest.raises(UnknownArchitectureError, match="trainable_layers='-1:' needs the decoder layers.*hfls_model_anatomy"):
+    with pytest.raises(
+        UnknownArchitectureError, match="trainable_layers='-1:' needs the decoder layers.*hfls_model_anatomy"
+    ):
         StrategyTrainer(model=Opaque(), args=make_training_args(tmp_path / "o"),
                         strategy_args=StrategyArguments(trainable_layers="-1:"))
     assert not (tmp_path / "o").exists()

@@ -25,4 +25,5 @@ def hfls_validate_arguments(strategy_args) -> None:
 @hookimpl
 def hfls_plan_parameters(plan, anatomy, strategy_args, training_args) -> None:
     if _enabled(strategy_args):
-        plan.set(plan.select(lambda d: d.name.endswith(".bias")), "freeze_bias plugin (hfls-plugin-example)", trainable=False)
+        biases = plan.select(lambda d: d.name.endswith(".bias"))
+        plan.set(biases, "freeze_bias plugin (hfls-plugin-example)", trainable=False)
