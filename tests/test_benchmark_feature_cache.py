@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import load_benchmark
 
 
+@pytest.mark.slow
 def test_smoke_run(tmp_path):
     bench = load_benchmark("feature_cache")
     out = tmp_path / "feature_cache.json"

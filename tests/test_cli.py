@@ -107,6 +107,7 @@ def test_plan_prints_table_and_memory_with_no_weights(tmp_path, tiny_config_dir,
     assert not (tmp_path / "trainer_output").exists()
 
 
+@pytest.mark.slow
 def test_plan_of_shipped_llama3_70b_config_runs_on_meta_device():
     code = (
         "import resource, time; t = time.time();"
@@ -155,6 +156,7 @@ def test_plugins_command_lists_builtins(capsys):
     assert "hfls_plan_parameters" in out
 
 
+@pytest.mark.slow
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "hf_llama_strategies", "train", "--help"],
                             capture_output=True, text=True, timeout=120)

@@ -17,6 +17,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+pytestmark = pytest.mark.multiprocess  # every test reads what one torchrun launch dumped
+
 
 def as_bytes(tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
     return {n: t.numpy().tobytes() for n, t in tensors.items()}

@@ -32,6 +32,7 @@ def test_example_yaml_trains_a_few_steps(tmp_path, path):
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_transformers_style_script(tmp_path):
     demo = cli.DEMO_DIR
     result = subprocess.run(
@@ -71,6 +72,7 @@ def test_example_plugin_strategy_works_through_options():
         build_plan(model, StrategyArguments(strategy_options={"freeze_bias": "yes"}))
 
 
+@pytest.mark.slow
 def test_python_api_example(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "python_api.py"), "--output_dir", str(tmp_path),

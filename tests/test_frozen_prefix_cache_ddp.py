@@ -23,6 +23,8 @@ import torch
 from distributed_integration import CACHE_DIR, DATA_SIZE, GLOBAL_BATCH, MAX_STEPS, launch, reference
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.multiprocess  # every test reads what one torchrun launch dumped
+
 DATA = DATA_SIZE["cache_disk"]
 
 

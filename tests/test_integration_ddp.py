@@ -39,6 +39,7 @@ def launched(request, tmp_path_factory) -> tuple[str, dict[str, list[dict]]]:
     return request.param, launch(request.param, out, SCENARIOS)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_two_processes_match_one_process_with_the_same_global_batch(launched, references, scenario):
     launcher, dumps = launched
@@ -63,6 +64,7 @@ def test_each_scenario_trains_what_its_plan_says(references):
     assert 1 <= len([b for b in trained_blocks(references["dynamic"]) if b.isdigit()]) <= 3
 
 
+@pytest.mark.multiprocess
 def test_control_a_different_learning_rate_falls_outside_the_tolerance(launched, tmp_path):
     _, dumps = launched
     rank0, _ = dumps["static"]

@@ -67,6 +67,7 @@ def launched(tmp_path_factory) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     return dumps, {s: reference(s, out) for s in ("zero2", "zero3", "zero2_dynamic_unchecked")}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("scenario", ["zero2", "zero3"])
 def test_zero_two_processes_match_one_process_without_deepspeed(launched, scenario):
     dumps, references = launched
@@ -80,6 +81,7 @@ def test_zero_two_processes_match_one_process_without_deepspeed(launched, scenar
     check_matches_reference(rank0, rank1, references[scenario])
 
 
+@pytest.mark.multiprocess
 def test_zero3_bf16_keeps_parameters_as_loaded_and_deepspeed_keeps_fp32_masters(launched):
     dumps, references = launched
     rank0, rank1 = dumps["zero3_bf16"]
@@ -174,6 +176,7 @@ def test_dynamic_plans_are_refused_under_deepspeed_before_anything_is_written(tm
                     strategy_args=StrategyArguments(trainable_layers="-1:"))
 
 
+@pytest.mark.multiprocess
 def test_control_without_the_refusal_deepspeed_moves_layers_the_schedule_left_inactive(launched):
     dumps, references = launched
     rank0, _ = dumps["zero2_dynamic_unchecked"]

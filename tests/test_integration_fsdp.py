@@ -62,6 +62,7 @@ def fsdp2(tmp_path_factory) -> dict[str, tuple[list[dict], dict]]:
     return {s: (dumps[s], reference(s, out)) for s in SCENARIOS}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_fsdp2_two_processes_shard_and_match_one_process(fsdp2, scenario):
     (rank0, rank1), ref = fsdp2[scenario]
@@ -75,6 +76,7 @@ def test_fsdp2_two_processes_shard_and_match_one_process(fsdp2, scenario):
     check_matches_reference(rank0, rank1, ref)
 
 
+@pytest.mark.multiprocess
 def test_fsdp2_frozen_parameters_stay_and_trainable_ones_move(fsdp2):
     (rank0, _), _ = fsdp2["fsdp2"]
     moved = {n for n in rank0["final"] if not torch.equal(rank0["final"][n], rank0["initial"][n])}

@@ -178,6 +178,7 @@ def test_peft_config_bad_strategy_fails_before_anything_is_written(tmp_path, tok
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_trl_example_script(tmp_path):
     pytest.importorskip("peft", reason="PEFT is an optional extra: pip install 'hf-llama-strategies[peft]'")
     for flags in ([], ["--lora"]):

@@ -496,6 +496,7 @@ def test_callback_auto_follows_the_trainer_flags(tmp_path, saved_llama, lm_datas
 # -- the GPU check script ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gpu_check_script_skips_cleanly_without_cuda():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
     result = subprocess.run(

@@ -167,6 +167,7 @@ def _kill_run(tmp_path, config, point, step):
     return out, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["optimizer"])  # "weights" (a truncated weights file) works alike; kept short
 def test_sigkill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_result(tmp_path, reference, point, capsys):
     config = lm_run_config(reference["config_dir"], reference["corpus"], tmp_path / "run")
@@ -182,6 +183,7 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_resu
     assert not any(n.startswith(".tmp-") for n in os.listdir(out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point, step, limit", [("step", 1, None), ("rotation", 6, 2), ("final", 6, None)])
 def test_sigkill_before_the_first_checkpoint_in_rotation_or_final_save_resumes_to_the_same_result(
     tmp_path, reference, point, step, limit, capsys
