@@ -2,13 +2,14 @@
 #   make demo   the main job: `hf-llama-strategies train` with no config runs the bundled offline demo
 #   make demo-sft  its instruction-tuning variant: `hf-llama-strategies train --task sft`
 #   make test   run the whole test suite
+#   make lint   ruff check . (CI runs it before the tests)
 #   make bench  speed and memory against a plain Trainer (benchmarks/speed_memory.py, ~10 min)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-sft test bench clean
+.PHONY: demo demo-sft test lint bench clean
 
 $(STAMP): pyproject.toml examples/hfls-plugin-example/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,9 @@ demo-sft: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed_memory.py
