@@ -39,11 +39,14 @@ commands:
                                           print the plan and the peak memory of a training step
                                           (dry run on fake tensors: loads no weights); --fit finds
                                           settings that fit, --json prints one JSON object
+  export CONFIG.yaml [--key value ...]   merge LoRA adapter(s) into their base model and save it (a
+                                          LLaMA-Factory merge YAML, or model_name_or_path,
+                                          adapter_name_or_path and export_dir)
   plugins                                 list installed and active plugins with their hooks
 
 `hf-llama-strategies train --help` lists every key a config file or the command line may set.
 """
-_COMMANDS = ("train", "plan", "plugins")
+_COMMANDS = ("train", "plan", "export", "plugins")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -88,6 +91,9 @@ def _run(command: str, rest: list[str]) -> None:
         print(_USAGE)
         ArgumentsParser().print_help()
         return
+    if command == "export":
+        _export(rest)
+        return
     # The config file is the first word that is not a --key or its value.
     config_path = rest[0] if rest and not rest[0].startswith("-") else None
     overrides = rest[1:] if config_path is not None else rest
@@ -101,6 +107,16 @@ def _run(command: str, rest: list[str]) -> None:
         run_train(config, overrides)
     else:
         run_plan(config, overrides, options=plan_options)
+
+
+def _export(rest: list[str]) -> None:
+    from .export import run_export
+
+    if not rest or rest[0].startswith("-"):
+        raise CliError("export needs a config file (LLaMA-Factory's examples/merge_lora/*.yaml, or model_name_or_path, "
+                       "adapter_name_or_path and export_dir)")
+    out = run_export(load_config_file(rest[0]), rest[1:])
+    print(f"hf-llama-strategies: merged model and tokenizer saved in {out}")
 
 
 def _config(path: Optional[str], overrides: list[str], echo: bool) -> dict[str, Any]:
