@@ -84,5 +84,3 @@ def load_tokenizer(model_args: ModelArguments) -> Any:
         # Llama tokenizers ship without a pad token; EOS padding is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
