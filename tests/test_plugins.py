@@ -464,7 +464,7 @@ class Around:
         self.seen.append("before")
         result = yield
         self.seen.append(plan["lm_head.weight"].trainable)
-        return result
+        return result  # noqa: B901 -- pluggy's new-style wrapper hands its result back by returning it
 
 
 def test_a_wrapper_plugin_runs_around_the_others_and_pluggy_lookups_take_the_plugin_as_given():
