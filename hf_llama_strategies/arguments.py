@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .core.options import check_bool
+from .core.options import OptionGroup, check_bool
 from .core.precision import PrecisionArguments
 from .errors import InvalidArgumentError
 from .strategies.freezing import FreezingArguments
@@ -34,11 +34,33 @@ from .strategies.lisa import LisaArguments
 from .strategies.schedules import check_schedules
 
 
+@dataclass
+class ResumeArguments(OptionGroup):
+    """How a resumed run treats a checkpoint trained by another plan (``training/resume.py``)."""
+
+    REFINING = frozenset({"allow_plan_change_on_resume"})
+
+    allow_plan_change_on_resume: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Resume from a checkpoint whose strategy_plan.json differs from the current plan (by default an "
+                "error that shows the difference): the resumed run then no longer equals an uninterrupted one."
+            ),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool("allow_plan_change_on_resume", self.allow_plan_change_on_resume)
+
+
 # The groups in reverse order of their fields (a dataclass collects its bases' fields from the last base up).
 @dataclass
 class StrategyArguments(
     FrozenPrefixCacheArguments,
     PrecisionArguments,
+    ResumeArguments,
     LisaArguments,
     GradualUnfreezingArguments,
     LayerwiseLrArguments,
@@ -50,17 +72,8 @@ class StrategyArguments(
     ``Trainer`` (see :meth:`options_set`), which is full fine-tuning.
     """
 
-    REFINING = frozenset({"print_plan", "allow_plan_change_on_resume"})
+    REFINING = frozenset({"print_plan"})
 
-    allow_plan_change_on_resume: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "Resume from a checkpoint whose strategy_plan.json differs from the current plan (by default an "
-                "error that shows the difference): the resumed run then no longer equals an uninterrupted one."
-            ),
-        },
-    )
     strategy_options: Optional[Union[dict, str]] = field(
         default=None,
         metadata={
@@ -78,8 +91,7 @@ class StrategyArguments(
     def __post_init__(self) -> None:
         super().__post_init__()
         self.strategy_options = _normalise_options(self.strategy_options)
-        for option in ("print_plan", "allow_plan_change_on_resume"):
-            check_bool(option, getattr(self, option))
+        check_bool("print_plan", self.print_plan)
         check_schedules(self.trainable_layers, self.gradual, self.unfreeze_schedule, self.lisa_layers)
 
 

@@ -70,7 +70,8 @@ class RunContext:
             strategy_args: the strategy; default: none (full fine-tuning).
             training_args: the arguments the run trains with, if known.
             model: the model, if loaded (its dtype guides ``precision: auto`` on a CPU).
-            plugins: plugins passed in code (then the run gets a manager of its own).
+            plugins: plugins passed in code (then the run gets a manager of its own; without them and
+                without any option set, the built-in plugins alone: installed ones act through options).
             plugin_manager: a ready manager (then ``plugins`` is ignored).
             probe: the hardware, standing in for the ``hfls_hardware_probe`` hook.
             fixed: see :attr:`fixed`.
@@ -81,7 +82,9 @@ class RunContext:
                 arguments refuse.
         """
         strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
-        pm = plugin_manager if plugin_manager is not None else plugin_manager_for(plugins)
+        if plugin_manager is None:
+            plugin_manager = plugin_manager_for(plugins, options_set=bool(strategy_args.options_set()))
+        pm = plugin_manager
         context = cls(plugin_manager=pm, strategy_args=strategy_args, fixed=fixed)
         pm.hook.hfls_validate_arguments(strategy_args=strategy_args)
         context.use_training_arguments(training_args, model=model, probe=probe)

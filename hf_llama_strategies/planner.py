@@ -135,5 +135,3 @@ def check_something_trains(plan: StrategyPlan, model: Optional[nn.Module] = None
             if param.requires_grad if decision is None else trains(decision, param):
                 return
     raise PlanError(_nothing_trains(plan) + " Evaluation and prediction work; training needs a parameter to train.")
-
-

@@ -366,3 +366,18 @@ def test_off_is_no_option():
     for value in ("off", "OFF", None):
         assert strategy(frozen_prefix_cache=value).options_set() == []
     assert strategy(frozen_prefix_cache="memory").options_set() == ["frozen_prefix_cache"]
+
+
+def test_a_model_trained_with_the_cache_is_freed_once_dropped(tmp_path, lm_dataset):
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    trainer = StrategyTrainer(model=model, args=make_training_args(tmp_path, max_steps=2), train_dataset=lm_dataset,
+                              strategy_args=strategy(trainable_layers="-1:", frozen_prefix_cache="memory"))
+    trainer.train()
+    assert get_frozen_prefix_cache(model) is not None
+    alive = weakref.ref(model)
+    del model, trainer
+    gc.collect()
+    assert alive() is None, "the registry of installed caches kept the model (and its cached states) alive"

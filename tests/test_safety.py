@@ -405,7 +405,7 @@ BAD_TRAINING = [
     ({"metric": "f1"}, "metric='f1'"),
     ({"precision": "fp32", "bf16": True}, "bf16=True is not valid: expected unset (or false) with precision='fp32'"),
     ({"precision": "fp16", "bf16": True}, "bf16=True"),
-    ({"resume_from_checkpoint": "/no/such/checkpoint"}, "no such directory"),
+    ({"resume_from_checkpoint": "/no/such/checkpoint"}, "No such directory"),
     ({"train_file": 5}, "train_file='5' is not valid: expected an existing file"),
     ({"trainable_layers": "7:"}, "it has 3 layers"),
 ]

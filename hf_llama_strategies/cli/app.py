@@ -12,7 +12,12 @@ from ..data.local import SFT
 from ..errors import CliError, StrategyError
 from .config import ArgumentsParser, load_config_file
 from .demo import CONFIGS_DIR, DEMO_CONFIG, DEMO_SFT_CONFIG, demo_config, demo_task
-from .llamafactory import is_llamafactory_config, render_translation, translate_llamafactory
+from .llamafactory import (
+    is_llamafactory_config,
+    leave_idle_deepspeed_out,
+    render_translation,
+    translate_llamafactory,
+)
 from .plan import PlanOptions, run_plan, split_plan_options
 from .train import run_train
 
@@ -127,7 +132,8 @@ def _config(path: Optional[str], overrides: list[str], echo: bool) -> dict[str, 
     if not is_llamafactory_config(config):
         return config
     notes: list[str] = []
-    native = translate_llamafactory(config, os.path.dirname(os.path.abspath(path)), notes)
+    native = leave_idle_deepspeed_out(translate_llamafactory(config, os.path.dirname(os.path.abspath(path)), notes),
+                                      notes)
     if echo:
         print(render_translation(native, notes))
     return native
@@ -137,5 +143,3 @@ def one_line(message: str) -> str:
     """A multi-line message (a plan difference) as one line: its lines joined by ' | '."""
     parts = [re.sub(r"^-\s+", "", p.strip()) for p in message.splitlines()]
     return " | ".join(p for p in parts if p)
-
-

@@ -22,7 +22,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..arguments import StrategyArguments
 from ..core.dtypes import normalise_dtype_name
-from ..core.options import is_number, is_whole
+from ..core.options import TRUE_WORDS, is_number, is_whole
 from ..core.plugins import default_plugin_manager
 from ..data.local import TASKS, DataArguments, check_data_arguments
 from ..data.metrics import metric_path
@@ -90,8 +90,6 @@ class RunArguments:
     restart_interrupted: bool = field(default=False, init=False)
     #: What resolving `resume_from_checkpoint` decided that the user should hear (printed by `train`).
     resume_note: Optional[str] = field(default=None, init=False)
-    #: What the run left out of the config on this machine, and why (printed by `train`).
-    notes: list[str] = field(default_factory=list, init=False)
 
 
 @dataclass
@@ -217,7 +215,7 @@ def _raw_value(key: str, config: dict[str, Any], overrides: Sequence[str]) -> An
 
 
 def _truthy(value: Any) -> bool:
-    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "y", "on"))
+    return value is True or (isinstance(value, str) and value.strip().lower() in TRUE_WORDS)
 
 
 def _check_precision_flags(config: dict[str, Any], overrides: Sequence[str]) -> None:
@@ -250,9 +248,7 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> Parse
     overrides = _join_dash_values(overrides)
     _check_precision_flags(config, overrides)
     _check_lora_keys(config, overrides)
-    config, notes = _without_idle_deepspeed(config, overrides)
     parsed = ParsedConfig(*_parse(config, overrides))
-    parsed.run.notes = notes
     _check_model_keys(parsed.model)
     check_run_arguments(parsed.training)
     check_data_arguments(parsed.data)
@@ -262,7 +258,7 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> Parse
     default_plugin_manager().hook.hfls_validate_arguments(strategy_args=parsed.strategy)
     training = parsed.training
     point = resolve_resume(training.resume_from_checkpoint, training.output_dir,
-                           require_optimizer=not training.save_only_model, allow_restart=True)
+                           require_optimizer=not training.save_only_model, from_config=True)
     training.resume_from_checkpoint = point.checkpoint
     parsed.run.restart_interrupted = point.restart
     parsed.run.resume_note = point.note
@@ -306,26 +302,6 @@ def _check_lora_keys(config: dict[str, Any], overrides: Sequence[str]) -> None:
         value = _raw_value(key, config, overrides)
         if value is not None and value is not False:
             raise InvalidArgumentError(key, value, "unset without use_peft: true (it configures the LoRA adapters)")
-
-
-def _without_idle_deepspeed(config: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """A DeepSpeed config for one process on a machine without a GPU is left out, with a note.
-
-    ZeRO partitions across processes: one CPU process gains nothing from it (DeepSpeed on a CPU
-    needs its own launcher setup). Launched on several processes, or with a GPU, it is used.
-    """
-    path = _raw_value("deepspeed", config, overrides)
-    if not path:
-        return config, []
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.cuda.is_available():
-        if isinstance(path, str) and path.strip().endswith(".json") and not os.path.isfile(path):
-            raise InvalidArgumentError("deepspeed", path, "a DeepSpeed JSON config file", "No such file.")
-        return config, []
-    return {k: v for k, v in config.items() if k != "deepspeed"}, [
-        f"deepspeed {path}: not used (one process, no GPU: ZeRO has nothing to partition across)"
-    ]
 
 
 def _check_model_keys(model_args: ModelArguments) -> None:

@@ -83,5 +83,3 @@ def demo_task(overrides: Sequence[str]) -> Optional[str]:
         if token == "--task" and i + 1 < len(tokens):
             return tokens[i + 1]
     return None
-
-

@@ -113,5 +113,3 @@ def fit_embeddings(model: Any, tokenizer: Any) -> Optional[str]:
             weight[rows:] = mean + noise
     return (f"embeddings resized from {rows} to {new_rows} rows for the {len(tokenizer) - rows} token(s) added to the "
             f"vocabulary ({added} new rows: their mean plus noise, as LLaMA-Factory's resize_vocab)")
-
-

@@ -101,5 +101,3 @@ def missing_dirs(path: str) -> list[str]:
             break
         path = parent
     return missing
-
-

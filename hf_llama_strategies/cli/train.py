@@ -26,8 +26,8 @@ class _TaskData:
 def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str, float]:
     """Fine-tune as ``config`` says; returns the final metrics. Everything is checked before writing."""
     parsed = parse_config(config, overrides)
-    for note in [*parsed.run.notes, *filter(None, [parsed.run.resume_note])]:
-        print(f"hf-llama-strategies: {note}")
+    if parsed.run.resume_note:
+        print(f"hf-llama-strategies: {parsed.run.resume_note}")
     check_output_dir(parsed.training, parsed.run)
     with created_output_dir(parsed.training.output_dir):
         task_data = _load_data(parsed)

@@ -103,7 +103,7 @@ def hfls_model_anatomy(model: "torch.nn.Module") -> Optional["ModelAnatomy"]:
 
     Return ``None`` to let the next plugin (and finally the built-in structural finder)
     answer. The first non-``None`` answer is used. A plugin that teaches a new
-    architecture returns a :class:`~hf_llama_strategies.anatomy.ModelAnatomy`, usually
+    architecture returns a :class:`~hf_llama_strategies.core.anatomy.ModelAnatomy`, usually
     built with :meth:`ModelAnatomy.from_paths`.
     """
 

@@ -383,5 +383,3 @@ def _cast_parameter(name: str, param: nn.Parameter, dtype_name: str) -> None:
         # Assigning .data keeps the Parameter object: tied modules and hooks keep seeing it.
         param.data = param.data.to(target)
     param.grad = None
-
-

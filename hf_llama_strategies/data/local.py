@@ -72,7 +72,6 @@ def check_data_arguments(data_args: Any) -> None:
             raise InvalidArgumentError(option, value, "a path to a .txt, .json, .jsonl or .csv file")
 
 
-
 @dataclass
 class TaskData:
     """Tokenised datasets ready for the Trainer."""

@@ -591,5 +591,3 @@ def load_sft_data(data_args: Any, sft_args: SFTArguments, tokenizer: Any, seed: 
 def _trl_form(messages: list[dict]) -> dict[str, list]:
     """TRL's conversational prompt/completion form: the loss on the last reply only."""
     return {"prompt": messages[:-1], "completion": messages[-1:]}
-
-

@@ -1,6 +1,6 @@
 """``plan --fit 80GiB``: the settings that trade speed for memory, searched until the step fits.
 
-Every candidate is one dry run of :func:`~hf_llama_strategies.memory.estimate_training_memory`.
+Every candidate is one dry run of :func:`~hf_llama_strategies.memory.dry_run.estimate_training_memory`.
 What is searched, with the batch each device sees per optimizer step kept
 (``per_device_train_batch_size x gradient_accumulation_steps``):
 

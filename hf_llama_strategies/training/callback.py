@@ -59,7 +59,6 @@ from .schedule_runner import ScheduleRunner
 logger = logging.get_logger(__name__)
 
 
-
 class _StandardOutput(std_logging.Handler):
     """Writes records to the ``sys.stdout`` of the moment (a redirected or captured one too)."""
 
@@ -67,9 +66,10 @@ class _StandardOutput(std_logging.Handler):
         sys.stdout.write(self.format(record) + "\n")
 
 
-#: Where the plan table goes at the start of training: standard output, beside the Trainer's progress
-#: and metrics lines, unless the application configures this logger (``print_plan: false`` turns it off).
-plan_report = logging.get_logger("hf_llama_strategies.plan")
+#: Where the plan table goes at the start of training: standard output, beside the Trainer's progress and
+#: metrics lines (as the Trainer's own PrinterCallback writes them). An application routes it elsewhere by
+#: configuring this logger (its handlers, ``propagate``); ``print_plan: false`` turns it off.
+plan_report = logging.get_logger("hf_llama_strategies.plan_table")
 if not plan_report.handlers:
     plan_report.addHandler(_StandardOutput())
     plan_report.setLevel(std_logging.INFO)
@@ -139,11 +139,11 @@ class StrategyCallback(TrainerCallback):
 
     @property
     def plugin_manager(self) -> pluggy.PluginManager:
-        """The plugin manager of this run: built-in, installed and ``plugins``."""
+        """The plugin manager of this run: built-in, installed and ``plugins`` (see ``RunContext.create``)."""
         if self.context is not None:
             return self.context.plugin_manager
         if self._plugin_manager is None:
-            self._plugin_manager = plugin_manager_for(self.plugins)
+            self._plugin_manager = plugin_manager_for(self.plugins, bool(self.strategy_args.options_set()))
         return self._plugin_manager
 
     def prepare(self, model: nn.Module, training_args: Optional[TrainingArguments] = None) -> StrategyPlan:

@@ -114,15 +114,3 @@ def check_run_arguments(args: Any) -> None:
                                    f"{parent} is a file.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InvalidArgumentError("output_dir", out, "a writable directory", f"{parent} is not writable.")
-
-
-# -- YAML types -----------------------------------------------------------------------------
-
-
-# Text options outside StrategyArguments that take a YAML list or mapping as well (sft.py).
-_STRUCTURED_TEXT_OPTIONS = frozenset({"sft_datasets", "sft_eval_datasets"})
-# Text options whose value may be a YAML boolean (`resume_from_checkpoint: true`).
-_FLAG_TEXT_OPTIONS = frozenset({"resume_from_checkpoint"})
-
-
-# -- resume -----------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ class FrozenPrefixCacheArguments(OptionGroup):
             )
         },
     )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         value = self.frozen_prefix_cache

@@ -276,5 +276,3 @@ def _prefix_names(plan: StrategyPlan, boundary: Boundary) -> list[str]:
         return d.kind == NORM and boundary.kind == HEAD
 
     return [d.name for d in plan if in_prefix(d)]
-
-

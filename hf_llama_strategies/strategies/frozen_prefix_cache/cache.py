@@ -57,7 +57,8 @@ class FrozenPrefixCache:
 
     def __init__(self, model: nn.Module, boundary: Boundary, digest: str, store: Optional[ShardStore],
                  max_bytes: Optional[int]) -> None:
-        self.model = model
+        # Weak: the registry of installed caches is keyed by the model, and must not keep it alive.
+        self._model = weakref.ref(model)
         self.boundary = boundary
         self.digest = digest
         self.store = store
@@ -80,6 +81,14 @@ class FrozenPrefixCache:
         self._patched: list[tuple[nn.Module, Any]] = []
         pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         self._pad_token_id = pad if isinstance(pad, int) else None
+
+    @property
+    def model(self) -> nn.Module:
+        """The model the cache serves."""
+        model = self._model()
+        if model is None:
+            raise RuntimeError("frozen_prefix_cache: the model this cache served no longer exists.")
+        return model
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -331,6 +340,7 @@ class FrozenPrefixCache:
         for r, value in enumerate(values):
             out[r, : value.shape[0]] = value
         return out.to(ids.device, non_blocking=True)
+
 
 def _skippable_backbone(model: nn.Module, boundary: Boundary) -> Optional[nn.Module]:
     """The backbone a head-only cache can skip whole: a transformers base model whose output the head reads.

@@ -68,7 +68,6 @@ def prepare(cache: FrozenPrefixCache, dataset: Any, collate: Callable[[list], An
     return len(seen), estimate
 
 
-
 def _prepass(cache: FrozenPrefixCache, dataset: Any, collate: Callable[[list], Any], chunks: list[list[int]],
              show_progress: bool,
              option: str) -> None:
@@ -91,7 +90,6 @@ def _prepass(cache: FrozenPrefixCache, dataset: Any, collate: Callable[[list], A
         "frozen_prefix_cache: pre-pass computed %d samples in %.2f s; the cache holds %d samples, %s.",
         cache.prepass_samples, cache.prepass_seconds, len(cache.entries), format_bytes(cache.nbytes),
     )
-
 
 
 class _preserved_rng:
@@ -158,5 +156,3 @@ def _check_deterministic(dataset: Any, collate: Callable[[list], Any], chunk: li
             f"cropping or augmentation in {type(user).__name__} or the dataset): their frozen prefix's output changes "
             "between epochs and cannot be cached. Make the data deterministic or set frozen_prefix_cache: off."
         )
-
-

@@ -71,5 +71,3 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 def _write_json(path: str, data: Any) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2, sort_keys=True, default=str)
-
-
