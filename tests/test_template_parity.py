@@ -72,6 +72,7 @@ def as_ours(rows: list) -> list:
     return [row if isinstance(row, list) else None for row in rows]
 
 
+@pytest.mark.slow  # 29 templates x 3 datasets x 5 settings: seconds per tokenizer
 @pytest.mark.parametrize("tokenizer_name", sorted(JOBS["tokenizers"]))
 def test_every_record_is_llamafactorys_own(tokenizer_name, monkeypatch):
     # The llama3 tool prompt holds the day LLaMA-Factory ran.
@@ -116,6 +117,7 @@ def test_the_fixture_covers_what_the_issue_names():
     assert "<tool_call>" in glaive_like and "film_rating" in glaive_like and "<tool_response>" in glaive_like
 
 
+@pytest.mark.slow  # builds TRL's SFTTrainer
 def test_through_the_cli_translation_the_trl_dataset_holds_the_same_rows(tmp_path, monkeypatch):
     pytest.importorskip("trl")
     from tiny_models import tiny_model

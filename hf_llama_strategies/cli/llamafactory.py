@@ -1,4 +1,4 @@
-"""LLaMA-Factory training YAMLs (``stage: sft``, ``finetuning_type: freeze`` or ``full``), translated.
+"""LLaMA-Factory training YAMLs (``stage: sft``, ``finetuning_type: lora``, ``freeze`` or ``full``), translated.
 
 ``hf-llama-strategies train lf.yaml`` reads a LLaMA-Factory 0.9.5 config, prints the
 equivalent native YAML (with a note for every key that is renamed, dropped or means
@@ -149,7 +149,7 @@ def is_llamafactory_config(config: dict[str, Any]) -> bool:
 def _refuse(key: str, value: Any, why: str) -> UnsupportedKeyError:
     return UnsupportedKeyError(
         f"LLaMA-Factory key {key}={value!r} has no meaning here: {why}. Remove it to train the rest "
-        "(hf-llama-strategies translates stage: sft with finetuning_type: freeze or full)."
+        "(hf-llama-strategies translates stage: sft with finetuning_type: lora, freeze or full)."
     )
 
 
@@ -377,7 +377,7 @@ def translate_llamafactory(
 
     Raises:
         UnsupportedKeyError: a key with no meaning here (named), a stage other than ``sft``,
-            a ``finetuning_type`` other than ``freeze``/``full``.
+            a ``finetuning_type`` other than ``lora``/``freeze``/``full``.
         CliError: an unknown key (with a "did you mean").
         InvalidArgumentError: a dataset not in ``dataset_info.json``, a missing file.
     """
