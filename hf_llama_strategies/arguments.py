@@ -74,11 +74,30 @@ class StrategyArguments(
         default=True,
         metadata={"help": "Print the plan table at the start of training (main process only)."},
     )
+    checkpoint_on_signal: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "On SIGTERM or SIGUSR1 (a scheduler's preemption), finish the optimizer step, save a complete "
+                "checkpoint and stop: train() raises TrainingStopped, exit code 128 + the signal (143 for "
+                "SIGTERM); resume with resume_from_checkpoint: true. The CLI sets it unless told otherwise."
+            ),
+        },
+    )
+    lock_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Hold an exclusive lock on output_dir while the trainer exists: a second run into it is refused, "
+                "naming the first (process, host, start time). The CLI sets it unless told otherwise."
+            ),
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.strategy_options = _normalise_options(self.strategy_options)
-        for option in ("print_plan", "allow_plan_change_on_resume"):
+        for option in ("print_plan", "allow_plan_change_on_resume", "checkpoint_on_signal", "lock_output_dir"):
             check_bool(option, getattr(self, option))
         check_schedules(self.trainable_layers, self.gradual, self.unfreeze_schedule, self.lisa_layers)
 

@@ -40,6 +40,7 @@ from .checkpoints import (
     latest_complete_checkpoint,
     list_checkpoints,
 )
+from .run_lock import LOCK_FILE_NAME
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -141,7 +142,7 @@ def nothing_to_lose(output_dir: str) -> bool:
     if not os.path.isdir(output_dir):
         return not os.path.exists(output_dir)
     for name in os.listdir(output_dir):
-        if name in (PLAN_FILE_NAME, "runs") or name.startswith((STAGING_PREFIX, INCOMPLETE_PREFIX)):
+        if name in (PLAN_FILE_NAME, "runs", LOCK_FILE_NAME) or name.startswith((STAGING_PREFIX, INCOMPLETE_PREFIX)):
             continue
         if CHECKPOINT_RE.match(name) and checkpoint_problem(os.path.join(output_dir, name)) is not None:
             continue
@@ -211,12 +212,25 @@ def check_resumed_plan(
         "allow_plan_change_on_resume: true to resume with the new plan anyway."
     )
 
+def set_aside_incomplete_once(folder: str, trainer: Any) -> list[str]:
+    """:func:`set_aside_incomplete` by the main process only; every other process waits for it at a barrier.
+
+    Under DDP/FSDP/DeepSpeed every process runs the resume: two renaming one folder at once
+    fail (the second finds it gone). The main process is the one that saves
+    (``TrainingArguments.should_save``).
+    """
+    moved = set_aside_incomplete(folder) if trainer.args.should_save else []
+    if getattr(trainer.args, "world_size", 1) > 1:
+        trainer.accelerator.wait_for_everyone()
+    return moved
+
+
 def set_aside_incomplete(folder: str) -> list[str]:
     """Rename every incomplete ``checkpoint-N`` of ``folder`` to ``incomplete-checkpoint-N`` (kept, never deleted).
 
-    The Trainer rotates checkpoints by modification time: a partial directory a kill left
-    behind (or one half deleted by an interrupted rotation) would otherwise count as a recent
-    checkpoint and make rotation delete complete ones.
+    A partial directory a kill left behind (or one half deleted by an interrupted rotation)
+    would otherwise count as a checkpoint for rotation and for ``resume_from_checkpoint``. One
+    process only (see :func:`set_aside_incomplete_once`).
 
     Returns:
         The new paths.
