@@ -396,6 +396,19 @@ def test_a_full_disk_at_the_final_save_leaves_a_rerun_or_a_resume_possible(tmp_p
     assert_same_weights(out, reference["out"])
 
 
+def test_a_full_disk_when_training_begins_is_one_line_and_leaves_nothing(tmp_path, reference, capsys, monkeypatch):
+    from hf_llama_strategies.core.plan import StrategyPlan
+
+    def full(self, directory):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(StrategyPlan, "save", full)
+    out = tmp_path / "run"
+    assert cli.main(["train", write_yaml(tmp_path / "c.yaml", run_config(reference, out))]) == EXIT_STORAGE
+    assert f"saving strategy_plan.json failed: No space left on device ({out})" in fault_line(capsys)
+    assert not out.exists()
+
+
 def test_a_full_disk_while_writing_the_cache_keeps_it_in_memory(tmp_path, caplog, monkeypatch):
     import safetensors.torch
 

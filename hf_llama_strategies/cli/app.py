@@ -69,8 +69,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fault = machine_fault(exc)
         if fault is not None:
             # The machine's, not ours nor the user's input: one line, its own exit code.
-            where = exc if isinstance(exc, StorageError) else f"{fault[0]}: {getattr(exc, 'filename', None) or exc}"
-            print(f"hf-llama-strategies: error: {one_line(str(where))}", file=sys.stderr)
+            filename = getattr(exc, "filename", None)
+            where = str(exc) if isinstance(exc, StorageError) else (
+                f"{argv[0]} failed: {fault[0]}" + (f" ({filename})" if filename else ""))
+            print(f"hf-llama-strategies: error: {one_line(where)}", file=sys.stderr)
             return EXIT_STORAGE
         # Bad input is refused above with one line; anything else is ours to fix.
         import traceback
