@@ -15,7 +15,7 @@ from .output_dir import check_output_dir, created_output_dir
 
 
 @dataclass
-class _TaskData:
+class TaskData:
     """What the trainer is built from: the task, the tokenizer and the datasets."""
 
     task: str
@@ -30,8 +30,9 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
         print(f"hf-llama-strategies: {note}")
     check_output_dir(parsed.training, parsed.run)
     with created_output_dir(parsed.training.output_dir):
-        task_data = _load_data(parsed)
-        trainer = _build_trainer(parsed, task_data, config, overrides)
+        task_data = load_task_data(parsed)
+        model = build_task_model(parsed, task_data)
+        trainer = build_trainer(parsed, task_data, model, config, overrides)
         metrics = _train_or_finish(trainer, parsed.training)
         if task_data.data.eval is not None:
             metrics.update(_evaluate(trainer, task_data.task))
@@ -40,7 +41,7 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     return metrics
 
 
-def _load_data(parsed: ParsedConfig) -> _TaskData:
+def load_task_data(parsed: ParsedConfig) -> TaskData:
     """The task (``auto`` inferred from the data), the tokenizer and the tokenised or converted datasets."""
     import datasets
 
@@ -58,15 +59,32 @@ def _load_data(parsed: ParsedConfig) -> _TaskData:
         data = load_sft_data(data_args, data_args, tokenizer, seed=parsed.training.seed)
         for split, count in data.skipped.items():
             print(f"hf-llama-strategies: skipped {count} bad {split} record(s) (bad_records: skip)")
-        return _TaskData(SFT, tokenizer, data)
+        return TaskData(SFT, tokenizer, data)
     raw = load_raw(data_args)
     task = detect_task(raw, data_args) if task == "auto" else task
     tokenizer = load_tokenizer(model_args)
-    return _TaskData(task, tokenizer, prepare(raw, task, tokenizer, data_args))
+    return TaskData(task, tokenizer, prepare(raw, task, tokenizer, data_args))
 
 
-def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str, Any], overrides: Sequence[str]) -> Any:
-    """The model, then the trainer: ``StrategyTrainer``, or TRL's SFT trainer with the plan for ``task: sft``."""
+def build_task_model(parsed: ParsedConfig, task_data: TaskData, meta: bool = False) -> Any:
+    """The model ``train`` trains: its config fitted to the task (a classifier's labels), loaded or built.
+
+    ``meta``: built on the meta device, with no weights (for a plan or a memory estimate).
+    """
+    model_config = load_model_config(parsed.model)
+    if task_data.task == SEQ_CLS:
+        labels = task_data.data.label_names
+        model_config.num_labels = len(labels)
+        model_config.id2label = dict(enumerate(labels))
+        model_config.label2id = {name: i for i, name in enumerate(labels)}
+        model_config.pad_token_id = task_data.tokenizer.pad_token_id
+    return build_model(parsed.model, model_config, task_data.task, meta=meta)
+
+
+def build_trainer(
+    parsed: ParsedConfig, task_data: TaskData, model: Any, config: dict[str, Any], overrides: Sequence[str]
+) -> Any:
+    """The trainer of ``model``: ``StrategyTrainer``, or TRL's SFT trainer with the plan for ``task: sft``."""
     from transformers import DataCollatorWithPadding, default_data_collator
 
     from ..data.metrics import compute_metrics_for
@@ -75,15 +93,6 @@ def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str,
 
     model_args, data_args, training_args, strategy_args, run_args = parsed
     task, tokenizer, data = task_data.task, task_data.tokenizer, task_data.data
-    model_config = load_model_config(model_args)
-    compute_metrics = None
-    if task == SEQ_CLS:
-        model_config.num_labels = len(data.label_names)
-        model_config.id2label = dict(enumerate(data.label_names))
-        model_config.label2id = {name: i for i, name in enumerate(data.label_names)}
-        model_config.pad_token_id = tokenizer.pad_token_id
-        compute_metrics = compute_metrics_for(run_args.metric)
-    model = build_model(model_args, model_config, task)
     if training_args.eval_strategy != "no" and data.eval is None:
         raise InvalidArgumentError(
             "eval_strategy", getattr(training_args.eval_strategy, "value", training_args.eval_strategy),
@@ -96,7 +105,8 @@ def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str,
     collator = DataCollatorWithPadding(tokenizer) if task == SEQ_CLS else default_data_collator
     return StrategyTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
-        processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
+        processing_class=tokenizer, data_collator=collator,
+        compute_metrics=compute_metrics_for(run_args.metric) if task == SEQ_CLS else None,
         strategy_args=strategy_args,
     )
 
