@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -436,3 +437,9 @@ def _accepts_str(hint: Any) -> bool:
 _STRUCTURED_TEXT_OPTIONS = frozenset({"sft_datasets", "sft_eval_datasets"})
 # Text options whose value may be a YAML boolean (`resume_from_checkpoint: true`).
 _FLAG_TEXT_OPTIONS = frozenset({"resume_from_checkpoint"})
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a plan difference) as one line: its lines joined by ' | '."""
+    parts = [re.sub(r"^-\s+", "", p.strip()) for p in message.splitlines()]
+    return " | ".join(p for p in parts if p)

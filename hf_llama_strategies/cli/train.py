@@ -69,7 +69,9 @@ def load_task_data(parsed: ParsedConfig) -> TaskData:
 def build_task_model(parsed: ParsedConfig, task_data: TaskData, meta: bool = False) -> Any:
     """The model ``train`` trains: its config fitted to the task (a classifier's labels), loaded or built.
 
-    ``meta``: built on the meta device, with no weights (for a plan or a memory estimate).
+    ``meta``: built on the meta device, with no weights (for a plan or a memory estimate). A real one
+    is built after ``set_seed(seed)``, as transformers' example scripts do: weights the checkpoint
+    lacks (a new classification head) start the same in every run of the config.
     """
     model_config = load_model_config(parsed.model)
     if task_data.task == SEQ_CLS:
@@ -78,6 +80,10 @@ def build_task_model(parsed: ParsedConfig, task_data: TaskData, meta: bool = Fal
         model_config.id2label = dict(enumerate(labels))
         model_config.label2id = {name: i for i, name in enumerate(labels)}
         model_config.pad_token_id = task_data.tokenizer.pad_token_id
+    if not meta:
+        from transformers import set_seed
+
+        set_seed(parsed.training.seed)
     return build_model(parsed.model, model_config, task_data.task, meta=meta)
 
 

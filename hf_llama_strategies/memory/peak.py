@@ -76,8 +76,8 @@ class PeakMemory:
         """What the figure counts, in words."""
         if self.device_type == "cuda":
             return "peak GPU memory allocated by torch"
-        since = "" if self._reset else " since the process started"
-        return f"peak resident memory of this process{since}"
+        since = " during the run" if self._reset else " since the process started"
+        return f"peak resident memory of this process{since} (the model's pristine copy and data included)"
 
     def read(self) -> Optional[int]:
         """The peak in bytes since :meth:`start`; ``None`` where it cannot be read."""
