@@ -249,3 +249,12 @@ def test_durations_and_override_filtering():
             parse_duration(bad)
     overrides = ["--trainable_layers", "-2:", "--learning_rate=1e-3", "--bf16", "--max_steps", "5"]
     assert without_keys(overrides, {"trainable_layers": 1, "learning_rate": 1, "bf16": 1}) == ["--max_steps", "5"]
+
+
+def test_a_multi_process_launch_is_refused(tmp_path, tiny_config_dir, lm_file, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = lm_config(tiny_config_dir, lm_file, tmp_path / "out")
+    code, _ = compare(tmp_path, config)
+    assert code == 2
+    assert "compare trains its candidates one after another in one process" in capsys.readouterr().err
+    assert not os.path.exists(config["output_dir"])

@@ -123,6 +123,11 @@ def parse_duration(text: str, option: str = "--budget") -> float:
 
 def run_compare(config: dict[str, Any], overrides: Sequence[str], options: CompareOptions) -> dict[str, Any]:
     """Train every candidate as ``options`` say; print the table (or ``--json``); return the JSON object."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CliError(
+            "compare trains its candidates one after another in one process: run it without torchrun or "
+            "accelerate launch (it uses the process's GPU), then train the chosen candidate as you launch `train`."
+        )
     config = dict(config)
     source = options.candidates if options.candidates is not None else config.pop("candidates", None)
     config.pop("candidates", None)
