@@ -258,3 +258,14 @@ def test_a_multi_process_launch_is_refused(tmp_path, tiny_config_dir, lm_file, c
     assert code == 2
     assert "compare trains its candidates one after another in one process" in capsys.readouterr().err
     assert not os.path.exists(config["output_dir"])
+
+
+def test_an_earlier_compare_is_never_overwritten(tmp_path, tiny_config_dir, lm_file, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "compare.json").write_text("{}", encoding="utf-8")
+    config = lm_config(tiny_config_dir, lm_file, out, overwrite_output_dir=True)
+    code, _ = compare(tmp_path, config)
+    assert code == 2
+    assert "holds an earlier compare (compare.json)" in capsys.readouterr().err
+    assert os.listdir(out) == ["compare.json"] and (out / "compare.json").read_text() == "{}"

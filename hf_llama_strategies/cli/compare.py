@@ -28,7 +28,6 @@ from .candidates import (
     build_run,
     build_runs,
     default_candidates,
-    describe_keys,
     expand,
     parse_lr_grid,
     read_candidates,
@@ -142,6 +141,7 @@ def run_compare(config: dict[str, Any], overrides: Sequence[str], options: Compa
         origin = "--candidates" if options.candidates is not None else "candidates"
         user = build_runs(expand(read_candidates(source, origin), options.lr_grid), config, overrides, settings)
     check_output_dir(base.training, base.run)
+    _check_earlier_compare(out, options)
     emit = _printer(options)
     stdout = sys.stdout
     # With --json, standard output holds the JSON object alone: whatever a library prints goes to stderr.
@@ -170,6 +170,19 @@ def _check_base(base: ParsedConfig) -> None:
         )
     if base.training.push_to_hub:
         raise InvalidArgumentError("push_to_hub", True, "false for compare", "Its candidates are trial runs.")
+
+
+def _check_earlier_compare(out: str, options: CompareOptions) -> None:
+    """``overwrite_output_dir`` adds files beside others, never over an earlier compare's."""
+    names = [RESULTS_FILE, RUNS_FOLDER, CACHE_FOLDER]
+    if options.plot and not os.path.isabs(options.plot):
+        names.append(options.plot)
+    held = [name for name in names if os.path.exists(os.path.join(out, name))]
+    if held:
+        raise CliError(
+            f"output_dir={out!r} holds an earlier compare ({', '.join(held)}), which this one would overwrite; nothing "
+            "was written. Choose another output_dir or move those files away."
+        )
 
 
 def _no_eval_data() -> CliError:
@@ -447,4 +460,4 @@ def _load_average() -> Optional[list[float]]:
         return None
 
 
-__all__ = ["CompareOptions", "describe_keys", "parse_duration", "run_compare", "split_compare_options"]
+__all__ = ["CompareOptions", "parse_duration", "run_compare", "split_compare_options"]
