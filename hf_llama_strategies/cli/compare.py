@@ -413,7 +413,8 @@ class _Session:
                     self.options.device_memory))
         chosen = report["recommendation"]
         if chosen is not None:
-            print(f"recommended: {chosen['index']}. {chosen['name']}: {chosen['rule']}. Paste into your config:")
+            print(f"recommended: candidate {chosen['index']} ({chosen['name']}), {chosen['rule']}. Paste into your "
+                  "config:")
             print("\n".join(f"  {line}" for line in chosen["yaml"].splitlines()))
         else:
             print("no recommendation: no candidate finished with an eval loss")
