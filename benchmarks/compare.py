@@ -199,10 +199,10 @@ def one_round(config: dict[str, Any], candidates: list[dict], steps: int, points
     return {
         "compare_first": compare_first, "compare_wall_seconds": wall, "alone_wall_seconds_sum": alone_wall,
         "alone_loop_seconds_sum": sum(a["loop_seconds"] for a in alone.values()),
-        "shared_compute_seconds": shared.get("compute_seconds", 0.0),
+        "shared_cost_seconds": shared.get("cost_seconds", 0.0),
         "shared_saved_seconds": shared.get("saved_seconds"),
         "shared_runs": shared.get("runs"), "shared_boundary": shared.get("boundary"),
-        "below_alone_by_at_least_the_shared_cost": wall <= alone_wall - shared.get("compute_seconds", 0.0),
+        "below_alone_by_at_least_the_shared_cost": wall <= alone_wall - shared.get("cost_seconds", 0.0),
         "candidates": rows, "load_average": load_average(),
     }
 
@@ -215,7 +215,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {i} ({'compare first' if r['compare_first'] else 'train first'}) | {r['compare_wall_seconds']:.1f} | "
             f"{r['alone_wall_seconds_sum']:.1f} | {r['alone_loop_seconds_sum']:.1f} | "
-            f"{r['shared_compute_seconds']:.2f} ({r['shared_saved_seconds'] or 0:.2f}) | "
+            f"{r['shared_cost_seconds']:.2f} ({r['shared_saved_seconds'] or 0:.2f}) | "
             f"{r['below_alone_by_at_least_the_shared_cost']} | {equal} |"
         )
     lines += ["", "| candidate | shared prefix | compare: time as if alone s | train: loop s | ratio |",

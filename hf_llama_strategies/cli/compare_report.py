@@ -85,7 +85,8 @@ def _shared_json(shared: SharedPrefix) -> dict[str, Any]:
     return {
         "boundary": shared.boundary, "prefix": shared.prefix, "frozen_prefix_cache_boundary": shared.option,
         "runs": shared.runs, "rows_computed": shared.rows_computed, "rows_read": shared.rows_read,
-        "compute_seconds": round(shared.compute_seconds, 4), "seconds_per_row": shared.per_row(),
+        "cost_seconds": round(shared.cost_seconds, 4), "compute_seconds": round(shared.compute_seconds, 4),
+        "store_seconds": round(shared.store_seconds, 4), "seconds_per_row": shared.per_row(),
         "saved_seconds": round(shared.rows_read * shared.per_row(), 4), "bytes": shared.bytes,
     }
 
@@ -144,7 +145,8 @@ def shared_line(shared: SharedPrefix) -> str:
     runs = ", ".join(str(i) for i in shared.runs)
     return (
         f"shared: {shared.prefix} (frozen in candidates {runs}) computed once, at {shared.boundary}: "
-        f"{shared.rows_computed} rows in {shared.compute_seconds:.2f} s ({format_bytes(shared.bytes)} cached), "
+        f"{shared.rows_computed} rows in {shared.cost_seconds:.2f} s (the prefix's forward {shared.compute_seconds:.2f}"
+        f" s, storing {shared.store_seconds:.2f} s; {format_bytes(shared.bytes)}), "
         f"then read {shared.rows_read} times: saved ~{shared.rows_read * shared.per_row():.2f} s; each candidate's "
         "time counts its own rows' share, as trained alone"
     )

@@ -93,27 +93,36 @@ class SharedPrefix:
     prefix: str = ""
     runs: list[int] = field(default_factory=list)
     compute_seconds: float = 0.0
+    store_seconds: float = 0.0
     rows_computed: int = 0
     rows_read: int = 0
     loaded: int = 0
     bytes: int = 0
-    #: Rows computed during training steps and their seconds: the cost per row a run alone would pay
-    #: (the first evaluation's rows also pay the process's first forward, which is no cost of the prefix).
+    #: The prefix's forward for rows computed during training steps, and those rows: the cost per row a
+    #: run alone pays (the first evaluation's rows also pay the process's first forward; storing is
+    #: compare's own work).
     train_seconds: float = 0.0
     train_rows: int = 0
 
+    @property
+    def cost_seconds(self) -> float:
+        """What computing the prefix once cost ``compare``: the forward and storing the rows."""
+        return self.compute_seconds + self.store_seconds
+
     def per_row(self, seconds: float = 0.0, rows: int = 0) -> float:
-        """Seconds per row computed in training steps (counting ``seconds`` and ``rows`` of a run still training)."""
+        """The prefix's forward per row computed in training steps (with ``seconds``, ``rows`` of a run training)."""
         seconds, rows = self.train_seconds + seconds, self.train_rows + rows
         if rows:
             return seconds / rows
         return self.compute_seconds / self.rows_computed if self.rows_computed else 0.0
 
     def add(self, cache: Any, train_seconds: float, train_rows: int) -> dict[str, float]:
-        """Count one finished run's cache (and its rows computed in training steps) in; its own figures."""
+        """Count one finished run's cache (and its forward of rows computed in training steps) in; its figures."""
         own = {"rows_computed": int(cache.misses), "rows_read": int(cache.hits),
-               "compute_seconds": float(cache.compute_seconds), "loaded": int(cache.loaded_entries)}
+               "compute_seconds": float(cache.compute_seconds), "store_seconds": float(cache.store_seconds),
+               "loaded": int(cache.loaded_entries)}
         self.compute_seconds += own["compute_seconds"]
+        self.store_seconds += own["store_seconds"]
         self.rows_computed += own["rows_computed"]
         self.rows_read += own["rows_read"]
         self.loaded += own["loaded"]
@@ -163,11 +172,13 @@ class RunMeter(TrainerCallback):
         self.cache_of = cache_of
         self.cache: Any = None
         self.started = self.mark = 0.0
-        self.eval_seconds = self.prefix_seconds = 0.0
+        self.eval_seconds = 0.0
+        self.prefix_seconds = 0.0  # computing and storing rows for the others, in training steps
+        self.forward_seconds = 0.0  # of which the prefix's forward
         self.computed = 0  # rows computed in training steps
         self.steps_due: set[int] = set()
         self.next_point = 1
-        self.before = (0.0, 0, 0)
+        self.before = (0.0, 0.0, 0, 0)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.cache = self.cache_of() if self.result.served else None
@@ -177,26 +188,28 @@ class RunMeter(TrainerCallback):
         if self.progress is not None:
             self.progress.start(self.result, state.max_steps)
 
-    def _counters(self) -> tuple[float, int, int]:
-        """The cache's seconds computing, rows met and rows computed so far."""
+    def _counters(self) -> tuple[float, float, int, int]:
+        """The cache's seconds computing and storing, rows met and rows computed so far."""
         cache = self.cache
         if cache is None:
-            return 0.0, 0, 0
-        return float(cache.compute_seconds), int(cache.hits + cache.misses), int(cache.misses)
+            return 0.0, 0.0, 0, 0
+        return (float(cache.compute_seconds), float(cache.store_seconds), int(cache.hits + cache.misses),
+                int(cache.misses))
 
     def clock(self) -> float:
-        """Training time so far as if alone: its own, plus the shared prefix's cost for its rows."""
-        return self.result.own_seconds + self.result.rows * self.shared.per_row(self.prefix_seconds, self.computed)
+        """Training time so far as if alone: its own, plus the prefix's forward for its rows."""
+        return self.result.own_seconds + self.result.rows * self.shared.per_row(self.forward_seconds, self.computed)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.before = self._counters()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         now = time.perf_counter()
-        seconds, rows, computed = self._counters()
-        self.prefix_seconds += seconds - self.before[0]
-        self.result.rows += rows - self.before[1]
-        self.computed += computed - self.before[2]
+        forward, store, rows, computed = self._counters()
+        self.forward_seconds += forward - self.before[0]
+        self.prefix_seconds += forward - self.before[0] + store - self.before[1]
+        self.result.rows += rows - self.before[2]
+        self.computed += computed - self.before[3]
         before = self.clock()
         self.result.own_seconds = now - self.started - self.eval_seconds - self.prefix_seconds
         self.result.steps = state.global_step
@@ -266,7 +279,7 @@ def train_run(result: RunResult, pristine: Any, task_data: TaskData, shared: Sha
         result.train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         result.peak_bytes, result.peak_what = peak.read(), peak.what
         if meter.cache is not None:
-            result.cache = shared.add(meter.cache, meter.prefix_seconds, meter.computed)
+            result.cache = shared.add(meter.cache, meter.forward_seconds, meter.computed)
     if keep:
         trainer.save_model()
         trainer.save_state()

@@ -179,7 +179,7 @@ def hfls_on_train_begin(
     """Install the cache (reusing a compatible one), size it from the training data, schedule the pre-pass.
 
     The installed cache is published as ``context.reports["frozen_prefix_cache"]`` (its counters:
-    ``hits``, ``misses``, ``compute_seconds``...) for the caller that runs the training.
+    ``hits``, ``misses``, ``compute_seconds``, ``store_seconds``...) for the caller that runs the training.
     """
     settings = CacheSettings.read_from(plan)
     if settings is None or settings.mode == OFF or settings.boundary is None:
