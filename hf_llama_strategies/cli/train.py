@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 from ..data.local import CAUSAL_LM, SEQ_CLS, SFT
 from ..errors import InvalidArgumentError
 from .config import ParsedConfig, given, parse_config
-from .models import build_model, load_model_config, load_tokenizer
+from .models import build_model, load_model_config, load_tokenizer, weights_source
 from .output_dir import check_output_dir, created_output_dir
 
 
@@ -29,6 +29,8 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     for note in [*parsed.run.notes, *filter(None, [parsed.run.resume_note])]:
         print(f"hf-llama-strategies: {note}")
     check_output_dir(parsed.training, parsed.run)
+    if parsed.model.gguf_file:
+        weights_source(parsed.model)  # a GGUF model converted (once) before output_dir is made
     with created_output_dir(parsed.training.output_dir):
         task_data = _load_data(parsed)
         trainer = _build_trainer(parsed, task_data, config, overrides)
