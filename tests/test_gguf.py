@@ -107,7 +107,7 @@ def test_the_keys_name_the_file_as_transformers_does(tmp_path):
 
 
 @pytest.mark.parametrize("keys", ["gguf_file", "model_name_or_path"])
-def test_train_from_gguf_saves_a_model_plain_transformers_loads(
+def test_train_from_gguf_saves_a_model_plain_transformers_loads_and_answers_the_same(
     tmp_path, tiny_gguf, keys, capsys
 ):
     directory, name = os.path.split(tiny_gguf)
@@ -125,6 +125,13 @@ def test_train_from_gguf_saves_a_model_plain_transformers_loads(
     assert all(torch.equal(trained[k], base[k]) for k in trained if ".layers.0." in k or "embed" in k)
     assert not torch.equal(trained["model.layers.1.mlp.up_proj.weight"], base["model.layers.1.mlp.up_proj.weight"])
     assert tokenizer.chat_template
+    capsys.readouterr()
+    assert cli.main(["chat", str(out), "--prompt", "Say yes.", "--max_new_tokens", "6"]) == 0
+    answer = capsys.readouterr().out.strip()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Say yes."}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    greedy = model.generate(**ids, max_new_tokens=6, do_sample=False)
+    assert answer == tokenizer.decode(greedy[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def test_plan_reads_a_gguf_config_without_converting_the_weights(tmp_path, tiny_gguf, gguf_cache, capsys):

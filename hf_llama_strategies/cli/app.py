@@ -1,4 +1,4 @@
-"""The ``hf-llama-strategies`` command: ``train``, ``plan`` and ``plugins``; bad input is one line and exit code 2."""
+"""The ``hf-llama-strategies`` command: ``train``, ``plan``, ``chat`` and ``plugins``; bad input is one line, exit 2."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 from ..data.local import SFT
 from ..errors import CliError, StrategyError
+from .chat import run_chat
 from .config import ArgumentsParser, load_config_file
 from .demo import CONFIGS_DIR, DEMO_CONFIG, DEMO_SFT_CONFIG, demo_config, demo_task
 from .llamafactory import is_llamafactory_config, render_translation, translate_llamafactory
@@ -39,11 +40,15 @@ commands:
                                           print the plan and the peak memory of a training step
                                           (dry run on fake tensors: loads no weights); --fit finds
                                           settings that fit, --json prints one JSON object
+  chat MODEL [--prompt TEXT | --prompts FILE] [--system TEXT] [--max_new_tokens N] [--compare BASE]
+                                          greedy answers of a model folder or .gguf file through its
+                                          chat template (no --prompt: type prompts, an empty line ends);
+                                          --compare prints BASE's answer beside each one
   plugins                                 list installed and active plugins with their hooks
 
 `hf-llama-strategies train --help` lists every key a config file or the command line may set.
 """
-_COMMANDS = ("train", "plan", "plugins")
+_COMMANDS = ("train", "plan", "chat", "plugins")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -83,6 +88,12 @@ def _run(command: str, rest: list[str]) -> None:
         if rest:
             raise CliError(f"plugins takes no arguments, got {' '.join(rest)!r}.")
         run_plugins()
+        return
+    if command == "chat":
+        if "-h" in rest or "--help" in rest:
+            print(_USAGE, end="")
+            return
+        run_chat(rest)
         return
     if "-h" in rest or "--help" in rest:
         print(_USAGE)
