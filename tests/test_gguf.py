@@ -77,6 +77,21 @@ def test_a_converted_file_is_not_read_again_and_a_changed_one_converts_anew(tiny
     assert second != first and os.path.isfile(os.path.join(second, "model.safetensors"))
 
 
+def test_a_cached_folder_cut_short_later_converts_again(tiny_gguf):
+    folder = gguf_model_folder(tiny_gguf, announce=lambda _: None)
+    weights = os.path.join(folder, "model.safetensors")
+    whole = open(weights, "rb").read()
+    with open(weights, "r+b") as fh:  # as a disk fault would leave it
+        fh.truncate(len(whole) // 2)
+    said = []
+    assert gguf_model_folder(tiny_gguf, announce=said.append) == folder
+    assert said and open(weights, "rb").read() == whole
+    umask = os.umask(0)
+    os.umask(umask)
+    # As the user's umask makes folders, not mkdtemp's private 0700 (HF_HOME may be shared).
+    assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_a_failed_conversion_leaves_no_folder_and_says_the_disk_is_full(tiny_gguf, gguf_cache, monkeypatch):
     def full_disk(path, out, option="gguf_file"):
         open(os.path.join(out, "model.safetensors"), "wb").write(b"half")

@@ -134,14 +134,28 @@ def cache_folder(path: str, root: Optional[str] = None) -> str:
 
 
 def cached_model_folder(path: str, root: Optional[str] = None) -> Optional[str]:
-    """The converted folder of ``path`` when a complete one is cached, else None."""
+    """The converted folder of ``path`` when a whole one is cached, else None."""
     try:
         folder = cache_folder(path, root)
-        with open(os.path.join(folder, SOURCE_FILE), encoding="utf-8") as fh:
-            source = json.load(fh)
-    except (OSError, ValueError):
+        return folder if _whole(folder, _identity(path)) else None
+    except OSError:  # no such file: nothing cached for it
         return None
-    return folder if source.get("source") == _identity(path) else None
+
+
+def _whole(folder: str, identity: Optional[dict[str, Any]] = None) -> bool:
+    """Whether ``folder`` holds a finished conversion (of ``identity``), every file at its recorded size.
+
+    A file cut short later (a disk fault) makes the folder count as absent: it converts again.
+    """
+    try:
+        with open(os.path.join(folder, SOURCE_FILE), encoding="utf-8") as fh:
+            record = json.load(fh)
+        sizes = record["files"]
+        if identity is not None and record["source"] != identity:
+            return False
+        return all(os.path.getsize(os.path.join(folder, name)) == size for name, size in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def gguf_model_folder(
@@ -176,15 +190,26 @@ def gguf_model_folder(
 
 
 def _publish(staging: str, folder: str) -> None:
-    """Rename the finished folder into place; another process that got there first wins."""
+    """Rename the finished folder into place; a whole one another process put there first wins."""
+    _readable(staging)
     try:
         os.rename(staging, folder)
     except OSError:
-        if not os.path.isfile(os.path.join(folder, SOURCE_FILE)):
-            # What a conversion killed before this rename could not leave (it renames last): a
-            # folder put there by hand. It is ours to replace, under our cache root.
-            shutil.rmtree(folder, ignore_errors=True)
-            os.rename(staging, folder)
+        if _whole(folder):
+            return
+        # A damaged conversion of this same file (a conversion killed before its rename leaves
+        # none): ours, under our cache root, replaced.
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(staging, folder)
+
+
+def _readable(folder: str) -> None:
+    """Folder and files as the user's umask makes new ones (``mkdtemp`` gives 0700), for a shared HF_HOME."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
 def _cache_error(path: str, where: str, exc: OSError) -> GgufCacheError:
@@ -204,8 +229,10 @@ def convert_gguf(path: str, out: str, option: str = "gguf_file") -> None:
         quantizer.remove_quantization_config(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    sizes = {name: os.path.getsize(os.path.join(out, name)) for name in sorted(os.listdir(out))}
+    # Written last, with every file's size: what `_whole` reads to trust the folder.
     with open(os.path.join(out, SOURCE_FILE), "w", encoding="utf-8") as fh:
-        json.dump({"source": _identity(path), "architecture": model.config.model_type}, fh, indent=2)
+        json.dump({"source": _identity(path), "architecture": model.config.model_type, "files": sizes}, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
 
