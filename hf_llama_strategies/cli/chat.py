@@ -248,6 +248,8 @@ def run_chat(
         return [_answer_and_print(models, options, [options.prompt], echo=bool(options.compare), out=out)[0]]
     if items is not None:
         return _answer_file(models, options, items, out)
+    if read_line is input and sys.stdin.isatty():
+        print("type a prompt; an empty line or Ctrl-D ends", file=sys.stderr)
     results = []
     for prompt in _interactive(read_line):
         results.extend(_answer_and_print(models, options, [prompt], echo=False, out=out))
@@ -256,17 +258,25 @@ def run_chat(
 
 
 def _answer_file(models: list[ChatModel], options: ChatOptions, items: list[tuple[str, str]], out: Any) -> list:
-    prompts = [text for kind, text in items if kind == "prompt"]
-    answers = {m.label: generate_answers(m, prompts, options.system, options.max_new_tokens) for m in models}
-    results, i = [], 0
-    for kind, text in items:
-        if kind == "header":
-            print(f"# {text}", file=out)
-            continue
-        pairs = [(m.label if len(models) > 1 else None, answers[m.label][i]) for m in models]
-        _print_answers(text, pairs, echo=True, out=out)
-        results.append((text, [answers[m.label][i] for m in models]))
-        i += 1
+    """Answer a prompts file a batch at a time, printing each batch (headings in place) as it is done."""
+    results: list[tuple[str, list[str]]] = []
+    pending: list[tuple[str, str]] = []
+    for index, item in enumerate(items):
+        pending.append(item)
+        prompts = [text for kind, text in pending if kind == "prompt"]
+        if len(prompts) == BATCH_SIZE or index == len(items) - 1:
+            answers = [generate_answers(m, prompts, options.system, options.max_new_tokens) for m in models]
+            done = iter(range(len(prompts)))
+            for kind, text in pending:
+                if kind == "header":
+                    print(f"# {text}", file=out)
+                    continue
+                i = next(done)
+                pairs = [(m.label if len(models) > 1 else None, a[i]) for m, a in zip(models, answers)]
+                _print_answers(text, pairs, echo=True, out=out)
+                results.append((text, [a[i] for a in answers]))
+            out.flush()
+            pending = []
     return results
 
 
