@@ -26,7 +26,7 @@ the load average is recorded with them.
 
 Usage::
 
-    python benchmarks/real_model.py                        # every variant, about 40 min on 2 CPU cores
+    python benchmarks/real_model.py                        # every variant (long: each trains 3 epochs)
     python benchmarks/real_model.py --only last6,last6_cache
     python benchmarks/real_model.py --smoke                # a tiny Llama, a few records: checks that it runs
 
@@ -208,7 +208,7 @@ def run_variant(variant: Variant, settings: Settings, work_dir: str) -> dict[str
     """Train one variant; its losses, answers, time, memory and parameter counts."""
     from hf_llama_strategies.cli.chat import ChatModel, generate_answers
     from hf_llama_strategies.cli.config import parse_config
-    from hf_llama_strategies.cli.train import _build_trainer, _load_data
+    from hf_llama_strategies.cli.train import build_task_model, build_trainer, load_task_data
 
     config = run_config(variant, settings, os.path.join(work_dir, variant.name))
     gc.collect()
@@ -216,8 +216,8 @@ def run_variant(variant: Variant, settings: Settings, work_dir: str) -> dict[str
     rss_before = rss_kib("VmRSS") or 0
     parsed = parse_config(config)
     with contextlib.redirect_stdout(io.StringIO()):  # the Trainer's per-step logs
-        task_data = _load_data(parsed)
-        trainer = _build_trainer(parsed, task_data, config, [])
+        task_data = load_task_data(parsed)
+        trainer = build_trainer(parsed, task_data, build_task_model(parsed, task_data), config, [])
         clock = EvalClock()
         trainer.add_callback(clock)
         started, cpu_started = time.perf_counter(), time.process_time()
