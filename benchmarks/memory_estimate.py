@@ -8,7 +8,7 @@ bf16 autocast, gradient accumulation), one process:
    the meta device from its config;
 2. trains the same model for real with ``StrategyTrainer`` and measures, during a steady-state
    optimizer step (the optimizer already holds its state), the peak of live tensor bytes with
-   the same counter (:class:`~hf_llama_strategies.memory.LiveTensorCounter`) over the real
+   the same counter (:class:`~hf_llama_strategies.memory.counter.LiveTensorCounter`) over the real
    tensors: target ``estimate / measured`` within 1%;
 3. with ``--rss``, trains a larger model (a few hundred MB) in a child process per configuration
    and measures the growth of its peak resident set over the step (Linux ``VmHWM``, reset just

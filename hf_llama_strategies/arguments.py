@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .core.options import check_bool
+from .core.options import OptionGroup, check_bool
 from .core.precision import PrecisionArguments
 from .errors import InvalidArgumentError
 from .strategies.freezing import FreezingArguments
@@ -34,11 +34,56 @@ from .strategies.lisa import LisaArguments
 from .strategies.schedules import check_schedules
 
 
+@dataclass
+class ResumeArguments(OptionGroup):
+    """What survives a fault: a checkpoint on a stop signal, one run per ``output_dir``, and a resume's plan check.
+
+    Read by ``training/stop_signal.py``, ``training/run_lock.py`` and ``training/resume.py``.
+    """
+
+    REFINING = frozenset({"allow_plan_change_on_resume"})
+
+    allow_plan_change_on_resume: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Resume from a checkpoint whose strategy_plan.json differs from the current plan (by default an "
+                "error that shows the difference): the resumed run then no longer equals an uninterrupted one."
+            ),
+        },
+    )
+    checkpoint_on_signal: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "On SIGTERM or SIGUSR1 (a scheduler's preemption), finish the optimizer step, save a complete "
+                "checkpoint and stop: train() raises TrainingStopped, exit code 128 + the signal (143 for "
+                "SIGTERM); resume with resume_from_checkpoint: true. The CLI sets it unless told otherwise."
+            ),
+        },
+    )
+    lock_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Hold an exclusive lock on output_dir while the trainer exists: a second run into it is refused, "
+                "naming the first (process, host, start time). The CLI sets it unless told otherwise."
+            ),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for option in ("allow_plan_change_on_resume", "checkpoint_on_signal", "lock_output_dir"):
+            check_bool(option, getattr(self, option))
+
+
 # The groups in reverse order of their fields (a dataclass collects its bases' fields from the last base up).
 @dataclass
 class StrategyArguments(
     FrozenPrefixCacheArguments,
     PrecisionArguments,
+    ResumeArguments,
     LisaArguments,
     GradualUnfreezingArguments,
     LayerwiseLrArguments,
@@ -50,17 +95,8 @@ class StrategyArguments(
     ``Trainer`` (see :meth:`options_set`), which is full fine-tuning.
     """
 
-    REFINING = frozenset({"print_plan", "allow_plan_change_on_resume"})
+    REFINING = frozenset({"print_plan"})
 
-    allow_plan_change_on_resume: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "Resume from a checkpoint whose strategy_plan.json differs from the current plan (by default an "
-                "error that shows the difference): the resumed run then no longer equals an uninterrupted one."
-            ),
-        },
-    )
     strategy_options: Optional[Union[dict, str]] = field(
         default=None,
         metadata={
@@ -78,8 +114,7 @@ class StrategyArguments(
     def __post_init__(self) -> None:
         super().__post_init__()
         self.strategy_options = _normalise_options(self.strategy_options)
-        for option in ("print_plan", "allow_plan_change_on_resume"):
-            check_bool(option, getattr(self, option))
+        check_bool("print_plan", self.print_plan)
         check_schedules(self.trainable_layers, self.gradual, self.unfreeze_schedule, self.lisa_layers)
 
 

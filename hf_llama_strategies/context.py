@@ -42,6 +42,8 @@ class RunContext:
             ``precision`` must agree with them.
         hardware: the device the decision was made for (the ``hfls_hardware_probe`` hook's
             answer, or the ``probe`` given), once a precision option asked for it.
+        reports: what plugins publish of the run while it trains, by name, for the caller
+            that runs it (``"frozen_prefix_cache"``: the installed cache and its counters).
     """
 
     plugin_manager: PluginManager
@@ -51,6 +53,7 @@ class RunContext:
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     fixed: bool = False
     hardware: Optional[HardwareProbe] = None
+    reports: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -70,7 +73,8 @@ class RunContext:
             strategy_args: the strategy; default: none (full fine-tuning).
             training_args: the arguments the run trains with, if known.
             model: the model, if loaded (its dtype guides ``precision: auto`` on a CPU).
-            plugins: plugins passed in code (then the run gets a manager of its own).
+            plugins: plugins passed in code (then the run gets a manager of its own; without them and
+                without any option set, the built-in plugins alone: installed ones act through options).
             plugin_manager: a ready manager (then ``plugins`` is ignored).
             probe: the hardware, standing in for the ``hfls_hardware_probe`` hook.
             fixed: see :attr:`fixed`.
@@ -81,7 +85,9 @@ class RunContext:
                 arguments refuse.
         """
         strategy_args = strategy_args if strategy_args is not None else StrategyArguments()
-        pm = plugin_manager if plugin_manager is not None else plugin_manager_for(plugins)
+        if plugin_manager is None:
+            plugin_manager = plugin_manager_for(plugins, options_set=bool(strategy_args.options_set()))
+        pm = plugin_manager
         context = cls(plugin_manager=pm, strategy_args=strategy_args, fixed=fixed)
         pm.hook.hfls_validate_arguments(strategy_args=strategy_args)
         context.use_training_arguments(training_args, model=model, probe=probe)

@@ -216,8 +216,6 @@ def test_backward_stops_at_the_lowest_trainable_module_inside_a_layer():
 # -- through the Trainer ------------------------------------------------------------------------
 
 
-
-
 class GradientRecorder(TrainerCallback):
     """Before every optimizer step: which parameters hold a gradient tensor."""
 

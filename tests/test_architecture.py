@@ -12,11 +12,14 @@ from tiny_models import tiny_model
 
 from hf_llama_strategies import (
     HardwareProbe,
+    InvalidArgumentError,
     RunContext,
     StrategyArguments,
+    StrategyCallback,
     StrategyTrainer,
     build_plan,
     cli,
+    estimate_training_memory,
     hookimpl,
 )
 from hf_llama_strategies.core import plugins
@@ -251,6 +254,13 @@ def test_a_broken_installed_plugin_breaks_no_run_without_options_and_is_named_by
     trainer = StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path, max_steps=1),
                               train_dataset=TokenDataset(n=4), strategy_args=StrategyArguments())
     trainer.train()  # the Trainer itself: no plan, no plugin
+    # Without an option, the callback, the plan and the memory estimate use the built-in plugins alone.
+    from transformers import Trainer
+
+    Trainer(model=tiny_model("llama"), args=make_training_args(tmp_path / "c", max_steps=1),
+            train_dataset=TokenDataset(n=4), callbacks=[StrategyCallback(StrategyArguments())]).train()
+    build_plan(tiny_model("llama"))
+    estimate_training_memory(tiny_model("llama"))
     with pytest.raises(PluginError, match="installed plugin 'broken' cannot be loaded .*half-installed"):
         StrategyTrainer(model=tiny_model("llama"), args=make_training_args(tmp_path / "b", max_steps=1),
                         train_dataset=TokenDataset(n=4), strategy_args=StrategyArguments(trainable_layers="-1:"))
@@ -266,5 +276,5 @@ def test_precision_half_with_fp16_is_one_precision_for_the_library_and_the_cli(t
     from hf_llama_strategies.cli.config import _check_precision_flags
 
     _check_precision_flags({"precision": "half", "fp16": True}, [])  # no refusal
-    with pytest.raises(Exception, match="bf16=True is not valid"):
+    with pytest.raises(InvalidArgumentError, match="bf16=True is not valid"):
         _check_precision_flags({"precision": "half", "bf16": True}, [])

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from hf_llama_strategies import StrategyArguments, StrategyTrainer, cli
 from hf_llama_strategies.cli.config import given
-from hf_llama_strategies.errors import CheckpointError
+from hf_llama_strategies.errors import InvalidArgumentError
 from hf_llama_strategies.memory.static import estimate_memory
 
 
@@ -212,9 +212,9 @@ def test_resume_true_means_the_last_checkpoint(tmp_path, tiny_config_dir):
     assert training.resume_from_checkpoint is None and run.restart_interrupted
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine", encoding="utf-8")
-    with pytest.raises(CheckpointError, match="no complete checkpoint-N folder"):
+    with pytest.raises(InvalidArgumentError, match="No complete checkpoint-"):
         cli.parse_config(dict(base, output_dir=str(tmp_path / "other"), resume_from_checkpoint="true"))
-    with pytest.raises(CheckpointError, match="no such directory"):
+    with pytest.raises(InvalidArgumentError, match="No such directory"):
         cli.parse_config(dict(base, resume_from_checkpoint=str(tmp_path / "nope")))
 
 

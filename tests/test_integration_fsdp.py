@@ -39,6 +39,7 @@ def check_fsdp_arguments(plan, args, can_set):
     """The run's one distributed check, on the settings of ``args``; what the run must set."""
     return check_distributed(plan, DistributedSettings.read(args), can_set=can_set)
 
+
 FSDP1_NO_ORIG = dict(fsdp=True, fsdp_config={"version": 1, "use_orig_params": False})
 
 

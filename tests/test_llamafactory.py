@@ -170,14 +170,17 @@ def test_the_translation_is_the_same_on_every_machine(workdir, monkeypatch, gpu,
 
 
 def test_deepspeed_for_one_process_without_a_gpu_is_left_out_when_the_run_starts(workdir, monkeypatch):
-    from hf_llama_strategies.cli.config import parse_config
+    from hf_llama_strategies.cli.llamafactory import leave_idle_deepspeed_out
 
+    translated = translate(workdir)
+    notes = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    parsed = parse_config(translate(workdir))
-    assert not parsed.training.deepspeed
-    assert parsed.run.notes == [f"deepspeed {workdir / 'examples' / 'deepspeed' / 'ds_z3_config.json'}: not used "
-                                "(one process, no GPU: ZeRO has nothing to partition across)"]
+    assert "deepspeed" not in leave_idle_deepspeed_out(translated, notes)
+    assert notes == [f"deepspeed {workdir / 'examples' / 'deepspeed' / 'ds_z3_config.json'}: not used "
+                     "(one process, no GPU: ZeRO has nothing to partition across)"]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched on two processes: kept
+    assert leave_idle_deepspeed_out(translated, []) == translated
 
 
 def test_dataset_dir_is_found_above_the_config_from_another_directory(workdir, monkeypatch):

@@ -451,3 +451,30 @@ def test_hookspec_has_docstring_and_annotations(name):
     for param in signature.parameters.values():
         assert param.annotation is not inspect.Parameter.empty, f"{name}({param.name})"
     assert signature.return_annotation is not inspect.Signature.empty, name
+
+
+class Around:
+    """A wrapper implementation: pluggy hands it the result of the others."""
+
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl(wrapper=True)
+    def hfls_plan_parameters(self, plan):
+        self.seen.append("before")
+        result = yield
+        self.seen.append(plan["lm_head.weight"].trainable)
+        return result  # noqa: B901 -- pluggy's new-style wrapper hands its result back by returning it
+
+
+def test_a_wrapper_plugin_runs_around_the_others_and_pluggy_lookups_take_the_plugin_as_given():
+    around = Around()
+    pm = get_plugin_manager(plugins=[around], load_entry_points=False)
+    build_plan(tiny_model("llama"), StrategyArguments(train_head=False), plugin_manager=pm)
+    assert around.seen == ["before", False]  # after freezing decided
+    assert pm.is_registered(around) and pm.get_plugin(pm.get_name(around)) is around
+    assert [c.name for c in pm.get_hookcallers(around)] == ["hfls_plan_parameters"]
+    assert around in pm.get_plugins() and (pm.get_name(around), around) in pm.list_name_plugin()
+    assert pm.unregister(around) is around and not pm.is_registered(around)
+    pm.add_plugin(around)  # registered again once unregistered
+    assert pm.is_registered(around)

@@ -37,6 +37,7 @@ def decision_of(training_args, strategy, model=None, probe=None, fixed=False):
     """The precision decision a run with these arguments makes (its context's)."""
     return RunContext.create(strategy, training_args, model=model, probe=probe, fixed=fixed).precision
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CPU = HardwareProbe("cpu", "test CPU", bf16_supported=True)
@@ -51,7 +52,6 @@ LAST = ("model.layers.2.", "model.norm.", "lm_head.")  # what trainable_layers="
 def tensor_bytes(model: torch.nn.Module, names) -> int:
     params = dict(model.named_parameters())
     return sum(params[n].numel() * params[n].element_size() for n in names)
-
 
 
 @pytest.fixture(scope="module")

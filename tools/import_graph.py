@@ -72,8 +72,13 @@ def imports(path: pathlib.Path, known: set[str]) -> set[str]:
             # "from . import x" names the module x; "from .plan import StrategyPlan" the module plan.
             submodules = {f"{module}.{alias.name}" if module else alias.name for alias in node.names} & known
             found.update(submodules or {module})
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_llama_strategies."):
-            found.add(node.module.removeprefix("hf_llama_strategies."))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "hf_llama_strategies":
+            module = node.module.removeprefix("hf_llama_strategies").lstrip(".")
+            submodules = {f"{module}.{alias.name}" if module else alias.name for alias in node.names} & known
+            found.update(submodules or {module or "__init__"})
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.removeprefix("hf_llama_strategies.") for alias in node.names
+                         if alias.name.startswith("hf_llama_strategies."))
     return {m for m in found if m in known and m != module_name(path)}
 
 

@@ -1,18 +1,25 @@
-"""The ``hf-llama-strategies`` command: ``train``, ``plan`` and ``plugins``; bad input is one line and exit code 2."""
+"""The ``hf-llama-strategies`` command: ``train``, ``plan``, ``compare`` and ``plugins``; bad input is one line and
+exit code 2."""
 
 from __future__ import annotations
 
 import difflib
 import os
-import re
 import sys
 from typing import Any, Optional, Sequence
 
+from ..core.faults import machine_fault
 from ..data.local import SFT
-from ..errors import CliError, StrategyError
-from .config import ArgumentsParser, load_config_file
+from ..errors import EXIT_STORAGE, CliError, StorageError, StrategyError, TrainingStopped
+from .compare import CompareOptions, run_compare, split_compare_options
+from .config import ArgumentsParser, load_config_file, one_line
 from .demo import CONFIGS_DIR, DEMO_CONFIG, DEMO_SFT_CONFIG, demo_config, demo_task
-from .llamafactory import is_llamafactory_config, render_translation, translate_llamafactory
+from .llamafactory import (
+    is_llamafactory_config,
+    leave_idle_deepspeed_out,
+    render_translation,
+    translate_llamafactory,
+)
 from .plan import PlanOptions, run_plan, split_plan_options
 from .train import run_train
 
@@ -39,11 +46,17 @@ commands:
                                           print the plan and the peak memory of a training step
                                           (dry run on fake tensors: loads no weights); --fit finds
                                           settings that fit, --json prints one JSON object
+  compare CONFIG.yaml [--candidates YAML] [--budget 10m | --max_steps N] [--device_memory 80GiB]
+          [--plot PNG] [--json] [--lr_grid 1e-4,3e-4] [--eval_points 4] [--keep_runs]
+          [--share_prefix false] [--key value ...]
+                                          train candidate strategies (default: head only, last 2, last 25%,
+                                          last 50%, full, layer-wise LR decay, LISA) on the same data and
+                                          budget; a table, a plot, a recommendation (docs/compare.md)
   plugins                                 list installed and active plugins with their hooks
 
 `hf-llama-strategies train --help` lists every key a config file or the command line may set.
 """
-_COMMANDS = ("train", "plan", "plugins")
+_COMMANDS = ("train", "plan", "compare", "plugins")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -58,10 +71,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except StrategyError as exc:
         print(f"hf-llama-strategies: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(f"hf-llama-strategies: {stopped_line(stopped)}", file=sys.stderr)
+        return int(stopped.code)
     except KeyboardInterrupt:
         print("hf-llama-strategies: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as exc:
+        fault = machine_fault(exc)
+        if fault is not None:
+            # The machine's, not ours nor the user's input: one line, its own exit code.
+            filename = getattr(exc, "filename", None)
+            where = str(exc) if isinstance(exc, StorageError) else (
+                f"{argv[0]} failed: {fault[0]}" + (f" ({filename})" if filename else ""))
+            print(f"hf-llama-strategies: error: {one_line(where)}", file=sys.stderr)
+            return EXIT_STORAGE
         # Bad input is refused above with one line; anything else is ours to fix.
         import traceback
 
@@ -92,13 +116,22 @@ def _run(command: str, rest: list[str]) -> None:
     config_path = rest[0] if rest and not rest[0].startswith("-") else None
     overrides = rest[1:] if config_path is not None else rest
     plan_options = PlanOptions()
+    compare_options = CompareOptions()
     if command == "plan":
         plan_options, overrides = split_plan_options(overrides)
         if config_path is None:
             raise CliError(f"plan needs a config file, e.g. {os.path.join(CONFIGS_DIR, 'llama3-8b.yaml')}")
-    config = _config(config_path, overrides, echo=not plan_options.json)  # `plan --json` prints JSON alone
+    if command == "compare":
+        compare_options, overrides = split_compare_options(overrides)
+        if config_path is None:
+            raise CliError("compare needs a config file (model, data with an eval split, training keys); "
+                           "see docs/compare.md")
+    # `plan --json` and `compare --json` print JSON alone.
+    config = _config(config_path, overrides, echo=not (plan_options.json or compare_options.json))
     if command == "train":
-        run_train(config, overrides)
+        run_train(config, overrides, config_file=config_path)
+    elif command == "compare":
+        run_compare(config, overrides, compare_options)
     else:
         run_plan(config, overrides, options=plan_options)
 
@@ -111,15 +144,17 @@ def _config(path: Optional[str], overrides: list[str], echo: bool) -> dict[str, 
     if not is_llamafactory_config(config):
         return config
     notes: list[str] = []
-    native = translate_llamafactory(config, os.path.dirname(os.path.abspath(path)), notes)
+    native = leave_idle_deepspeed_out(translate_llamafactory(config, os.path.dirname(os.path.abspath(path)), notes),
+                                      notes)
     if echo:
         print(render_translation(native, notes))
     return native
 
 
-def one_line(message: str) -> str:
-    """A multi-line message (a plan difference) as one line: its lines joined by ' | '."""
-    parts = [re.sub(r"^-\s+", "", p.strip()) for p in message.splitlines()]
-    return " | ".join(p for p in parts if p)
-
-
+def stopped_line(stopped: TrainingStopped) -> str:
+    """``stopped by SIGTERM at step 4; checkpoint-4 saved; resume with `--resume_from_checkpoint true```."""
+    if stopped.step == 0 and stopped.checkpoint is None:
+        return f"stopped by {stopped.signal_name} before training began; nothing of this run was kept"
+    saved = f"{os.path.basename(stopped.checkpoint)} saved" if stopped.checkpoint else "no checkpoint could be saved"
+    return (f"stopped by {stopped.signal_name} at step {stopped.step}; {saved}; resume with "
+            "`--resume_from_checkpoint true`")

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -22,15 +23,17 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..arguments import StrategyArguments
 from ..core.dtypes import normalise_dtype_name
-from ..core.options import is_number, is_whole
+from ..core.options import TRUE_WORDS, is_number, is_whole
 from ..core.plugins import default_plugin_manager
-from ..data.local import TASKS, DataArguments, check_data_arguments
+from ..data.local import TASKS, DataArguments, check_data_arguments, not_a_file
 from ..data.metrics import metric_path
 from ..data.sft import SFTArguments
 from ..errors import CliError, InvalidArgumentError, StrategyError
 from ..training.resume import resolve_resume
 from ..training.validation import check_run_arguments
 
+#: What the CLI sets unless the config or the command line says otherwise.
+_CLI_DEFAULTS = {"precision": "auto", "checkpoint_on_signal": True, "lock_output_dir": True}
 _MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _PATH_KEYS = ("model_name_or_path", "model_config", "tokenizer_name_or_path", "train_file", "validation_file")
 
@@ -76,9 +79,9 @@ class RunArguments:
         default=False,
         metadata={
             "help": (
-                "Write into an output_dir that already holds other files. Only new files are added: a run that "
-                "would overwrite or delete anything there (an earlier run's checkpoints, model, plan or results) "
-                "is refused before it starts; resume such a run with resume_from_checkpoint instead."
+                "Start afresh in an output_dir that already holds files: its contents are first moved, in one "
+                "rename, to a sibling folder (<output_dir>.earlier-<date>-<time>, named in one line); nothing is "
+                "deleted. Without it such a run is refused (resume it with resume_from_checkpoint instead)."
             )
         },
     )
@@ -89,8 +92,6 @@ class RunArguments:
     restart_interrupted: bool = field(default=False, init=False)
     #: What resolving `resume_from_checkpoint` decided that the user should hear (printed by `train`).
     resume_note: Optional[str] = field(default=None, init=False)
-    #: What the run left out of the config on this machine, and why (printed by `train`).
-    notes: list[str] = field(default_factory=list, init=False)
 
 
 @dataclass
@@ -130,8 +131,10 @@ def load_config_file(path: str) -> dict[str, Any]:
     """Read a flat YAML (or JSON) config file into a dict."""
     import yaml
 
-    if not os.path.isfile(path):
-        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+    problem = not_a_file(path)
+    if problem:
+        what = "is a directory, not a file" if os.path.isdir(path) else (
+            "does not exist" if problem == "No such file." else problem[0].lower() + problem[1:].rstrip("."))
         raise CliError(f"config file {path!r} {what}.")
     try:
         with open(path, "rb") as fh:
@@ -216,7 +219,7 @@ def _raw_value(key: str, config: dict[str, Any], overrides: Sequence[str]) -> An
 
 
 def _truthy(value: Any) -> bool:
-    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "y", "on"))
+    return value is True or (isinstance(value, str) and value.strip().lower() in TRUE_WORDS)
 
 
 def _check_precision_flags(config: dict[str, Any], overrides: Sequence[str]) -> None:
@@ -248,9 +251,7 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> Parse
     config = check_config_types(config, ARGUMENT_CLASSES)
     overrides = _join_dash_values(overrides)
     _check_precision_flags(config, overrides)
-    config, notes = _without_idle_deepspeed(config, overrides)
     parsed = ParsedConfig(*_parse(config, overrides))
-    parsed.run.notes = notes
     _check_model_keys(parsed.model)
     check_run_arguments(parsed.training)
     check_data_arguments(parsed.data)
@@ -260,7 +261,7 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> Parse
     default_plugin_manager().hook.hfls_validate_arguments(strategy_args=parsed.strategy)
     training = parsed.training
     point = resolve_resume(training.resume_from_checkpoint, training.output_dir,
-                           require_optimizer=not training.save_only_model, allow_restart=True)
+                           require_optimizer=not training.save_only_model, from_config=True)
     training.resume_from_checkpoint = point.checkpoint
     parsed.run.restart_interrupted = point.restart
     parsed.run.resume_note = point.note
@@ -271,8 +272,9 @@ def _parse(config: dict[str, Any], overrides: Sequence[str]) -> list[Any]:
     parser = ArgumentsParser()
     # The file's values become the parser's defaults: they keep their YAML types (lists, bools,
     # mappings), strings still go through each field's type, and the command line overrides them.
-    # The CLI picks the precision for the hardware unless told (the library leaves it unset).
-    parser.set_defaults(**{"precision": "auto", **config})
+    # The CLI picks the precision for the hardware, saves a checkpoint when a scheduler stops it and
+    # locks output_dir, unless told otherwise (the library leaves all three off).
+    parser.set_defaults(**{**_CLI_DEFAULTS, **config})
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=list(overrides), return_remaining_strings=True)
     except (CliError, StrategyError):
@@ -290,26 +292,6 @@ def _parse(config: dict[str, Any], overrides: Sequence[str]) -> list[Any]:
     if remaining:
         raise unknown_key_error(_override_keys(remaining))
     return parsed
-
-
-def _without_idle_deepspeed(config: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """A DeepSpeed config for one process on a machine without a GPU is left out, with a note.
-
-    ZeRO partitions across processes: one CPU process gains nothing from it (DeepSpeed on a CPU
-    needs its own launcher setup). Launched on several processes, or with a GPU, it is used.
-    """
-    path = _raw_value("deepspeed", config, overrides)
-    if not path:
-        return config, []
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.cuda.is_available():
-        if isinstance(path, str) and path.strip().endswith(".json") and not os.path.isfile(path):
-            raise InvalidArgumentError("deepspeed", path, "a DeepSpeed JSON config file", "No such file.")
-        return config, []
-    return {k: v for k, v in config.items() if k != "deepspeed"}, [
-        f"deepspeed {path}: not used (one process, no GPU: ZeRO has nothing to partition across)"
-    ]
 
 
 def _check_model_keys(model_args: ModelArguments) -> None:
@@ -436,3 +418,17 @@ def _accepts_str(hint: Any) -> bool:
 _STRUCTURED_TEXT_OPTIONS = frozenset({"sft_datasets", "sft_eval_datasets"})
 # Text options whose value may be a YAML boolean (`resume_from_checkpoint: true`).
 _FLAG_TEXT_OPTIONS = frozenset({"resume_from_checkpoint"})
+
+
+#: The longest error line printed: a value quoted from a file (a 64 MB CSV header) is cut.
+MAX_LINE = 1000
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a plan difference) as one line: its lines joined by ' | ', cut to :data:`MAX_LINE`."""
+    parts = [re.sub(r"^-\s+", "", p.strip()) for p in message.splitlines()]
+    line = " | ".join(p for p in parts if p)
+    if len(line) > MAX_LINE:
+        cut = len(line) - MAX_LINE
+        line = f"{line[:MAX_LINE // 2]} ... [{cut} characters cut] ... {line[-MAX_LINE // 2:]}"
+    return line

@@ -501,6 +501,24 @@ def _checkpointing_options(config: dict[str, Any], notes: list[str]) -> dict[str
     return out
 
 
+def leave_idle_deepspeed_out(native: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """``native`` without its DeepSpeed config when this run has one process and no GPU (said in ``notes``).
+
+    LLaMA-Factory's examples name a DeepSpeed config that ZeRO needs several processes to use: on one
+    CPU process it partitions nothing (and DeepSpeed on a CPU needs its own launcher setup). The
+    translation keeps it, the same on every machine; the run that starts here leaves it out.
+    """
+    path = native.get("deepspeed")
+    if not path or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return native
+    import torch
+
+    if torch.cuda.is_available():
+        return native
+    notes.append(f"deepspeed {path}: not used (one process, no GPU: ZeRO has nothing to partition across)")
+    return {key: value for key, value in native.items() if key != "deepspeed"}
+
+
 def render_translation(native: dict[str, Any], notes: list[str]) -> str:
     """The translation as a native YAML file, notes as comments."""
     import yaml

@@ -38,7 +38,7 @@ def run_plan(
     from ..planner import build_plan
 
     options = options or PlanOptions(plot=plot)
-    # parse_config has refused a batch size, accumulation or max_seq_length below 1 (validation.py).
+    # parse_config has refused a batch size, accumulation or max_seq_length below 1 (cli/config.py).
     model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
     model_config = load_model_config(model_args)
     task = task_from_config(model_config) if model_args.task == "auto" else model_args.task
@@ -114,5 +114,3 @@ def split_plan_options(overrides: list[str]) -> tuple[PlanOptions, list[str]]:
     if options.fit_optimizers and options.fit is None:
         raise CliError("--fit_optimizers needs --fit BUDGET (the optimizers are tried in the fit search).")
     return options, rest
-
-

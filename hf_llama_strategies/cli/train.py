@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from ..core.faults import writing
 from ..data.local import CAUSAL_LM, SEQ_CLS, SFT
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, TrainingStopped
+from ..training.checkpoints import checkpoint_problem
+from ..training.stop_signal import SignalReceived, SignalStop, signal_name
 from .config import ParsedConfig, given, parse_config
 from .models import build_model, load_model_config, load_tokenizer
-from .output_dir import check_output_dir, created_output_dir
+from .output_dir import OutputDir
+
+#: Keys whose values are input paths: an output_dir holding one is never moved aside.
+_INPUT_KEYS = ("model_name_or_path", "model_config", "tokenizer_name_or_path", "train_file", "validation_file",
+               "deepspeed")
 
 
 @dataclass
-class _TaskData:
+class TaskData:
     """What the trainer is built from: the task, the tokenizer and the datasets."""
 
     task: str
@@ -23,24 +32,76 @@ class _TaskData:
     data: Any
 
 
-def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str, float]:
-    """Fine-tune as ``config`` says; returns the final metrics. Everything is checked before writing."""
+def run_train(config: dict[str, Any], overrides: Sequence[str] = (), config_file: Optional[str] = None
+              ) -> dict[str, float]:
+    """Fine-tune as ``config`` says; returns the final metrics. Everything is checked before writing.
+
+    ``config_file``, where ``config`` was read from, is one of the run's inputs (never moved aside).
+
+    Raises:
+        TrainingStopped: SIGTERM or SIGUSR1 stopped the run (after a complete checkpoint, once
+            training began); no final model or results were written.
+        StorageError: the machine failed a write (disk full, ...); what the run had begun of its
+            final outputs is removed, its complete checkpoints stay.
+    """
     parsed = parse_config(config, overrides)
-    for note in [*parsed.run.notes, *filter(None, [parsed.run.resume_note])]:
-        print(f"hf-llama-strategies: {note}")
-    check_output_dir(parsed.training, parsed.run)
-    with created_output_dir(parsed.training.output_dir):
-        task_data = _load_data(parsed)
-        trainer = _build_trainer(parsed, task_data, config, overrides)
-        metrics = _train_or_finish(trainer, parsed.training)
-        if task_data.data.eval is not None:
-            metrics.update(_evaluate(trainer, task_data.task))
-        trainer.save_state()
+    if parsed.run.resume_note:
+        print(f"hf-llama-strategies: {parsed.run.resume_note}")
+    inputs = run_inputs(parsed, config_file)
+    # The CLI holds output_dir's lock itself, for the whole run (not for the trainer's lifetime).
+    lock, parsed.strategy.lock_output_dir = parsed.strategy.lock_output_dir, False
+    signals = SignalStop(defer=False) if parsed.strategy.checkpoint_on_signal else contextlib.nullcontext()
+    try:
+        with signals, OutputDir(parsed, inputs, lock=lock) as output:
+            for note in output.notes:
+                print(f"hf-llama-strategies: {note}")
+            metrics = _run(parsed, config, overrides)
+    except SignalReceived as received:  # before training began: nothing of this run is kept
+        raise TrainingStopped(received.signum, signal_name(received.signum), 0, None) from None
     print(f"model, tokenizer, strategy_plan.json, metrics and logs saved in {parsed.training.output_dir}")
     return metrics
 
 
-def _load_data(parsed: ParsedConfig) -> _TaskData:
+def run_inputs(parsed: ParsedConfig, config_file: Optional[str] = None) -> list[str]:
+    """The paths a run reads (model, tokenizer, data, DeepSpeed config, its config file): never moved aside."""
+    inputs = [str(v) for v in (getattr(a, k, None) for a in parsed for k in _INPUT_KEYS) if isinstance(v, str)]
+    return inputs + ([config_file] if config_file else [])
+
+
+def _run(parsed: ParsedConfig, config: dict[str, Any], overrides: Sequence[str]) -> dict[str, float]:
+    """Load, build, train, evaluate, save; a stop signal after training began ends at a complete checkpoint."""
+    trainer = None
+    try:
+        task_data = load_task_data(parsed)
+        model = build_task_model(parsed, task_data)
+        trainer = build_trainer(parsed, task_data, model, config, overrides)
+        metrics = _train_or_finish(trainer, parsed.training)
+        if task_data.data.eval is not None:
+            metrics.update(_evaluate(trainer, task_data.task))
+        with writing("saving trainer_state.json", parsed.training.output_dir):
+            trainer.save_state()
+        return metrics
+    except SignalReceived as received:
+        raise _stopped_after_training(trainer, received.signum) from None
+
+
+def _stopped_after_training(trainer: Any, signum: int) -> TrainingStopped:
+    """A signal outside the training loop: once steps were trained, make sure a checkpoint holds them."""
+    name = signal_name(signum)
+    step = trainer.state.global_step if trainer is not None else 0
+    if step == 0:
+        return TrainingStopped(signum, name, 0, None)
+    path = os.path.join(trainer.args.output_dir, f"checkpoint-{step}")
+    args = trainer.args
+    # After load_best_model_at_end the model holds another step's weights; several processes
+    # cannot meet at the save's barriers from wherever the signal found each: resume from the last one.
+    if checkpoint_problem(path) is not None and not args.load_best_model_at_end and args.world_size == 1:
+        with writing(f"saving checkpoint-{step}", path):
+            trainer._save_checkpoint(trainer.model, None)
+    return TrainingStopped(signum, name, step, path if checkpoint_problem(path) is None else None)
+
+
+def load_task_data(parsed: ParsedConfig) -> TaskData:
     """The task (``auto`` inferred from the data), the tokenizer and the tokenised or converted datasets."""
     import datasets
 
@@ -58,15 +119,38 @@ def _load_data(parsed: ParsedConfig) -> _TaskData:
         data = load_sft_data(data_args, data_args, tokenizer, seed=parsed.training.seed)
         for split, count in data.skipped.items():
             print(f"hf-llama-strategies: skipped {count} bad {split} record(s) (bad_records: skip)")
-        return _TaskData(SFT, tokenizer, data)
+        return TaskData(SFT, tokenizer, data)
     raw = load_raw(data_args)
     task = detect_task(raw, data_args) if task == "auto" else task
     tokenizer = load_tokenizer(model_args)
-    return _TaskData(task, tokenizer, prepare(raw, task, tokenizer, data_args))
+    return TaskData(task, tokenizer, prepare(raw, task, tokenizer, data_args))
 
 
-def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str, Any], overrides: Sequence[str]) -> Any:
-    """The model, then the trainer: ``StrategyTrainer``, or TRL's SFT trainer with the plan for ``task: sft``."""
+def build_task_model(parsed: ParsedConfig, task_data: TaskData, meta: bool = False) -> Any:
+    """The model ``train`` trains: its config fitted to the task (a classifier's labels), loaded or built.
+
+    ``meta``: built on the meta device, with no weights (for a plan or a memory estimate). A real one
+    is built after ``set_seed(seed)``, as transformers' example scripts do: weights the checkpoint
+    lacks (a new classification head) start the same in every run of the config.
+    """
+    model_config = load_model_config(parsed.model)
+    if task_data.task == SEQ_CLS:
+        labels = task_data.data.label_names
+        model_config.num_labels = len(labels)
+        model_config.id2label = dict(enumerate(labels))
+        model_config.label2id = {name: i for i, name in enumerate(labels)}
+        model_config.pad_token_id = task_data.tokenizer.pad_token_id
+    if not meta:
+        from transformers import set_seed
+
+        set_seed(parsed.training.seed)
+    return build_model(parsed.model, model_config, task_data.task, meta=meta)
+
+
+def build_trainer(
+    parsed: ParsedConfig, task_data: TaskData, model: Any, config: dict[str, Any], overrides: Sequence[str]
+) -> Any:
+    """The trainer of ``model``: ``StrategyTrainer``, or TRL's SFT trainer with the plan for ``task: sft``."""
     from transformers import DataCollatorWithPadding, default_data_collator
 
     from ..data.metrics import compute_metrics_for
@@ -75,15 +159,6 @@ def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str,
 
     model_args, data_args, training_args, strategy_args, run_args = parsed
     task, tokenizer, data = task_data.task, task_data.tokenizer, task_data.data
-    model_config = load_model_config(model_args)
-    compute_metrics = None
-    if task == SEQ_CLS:
-        model_config.num_labels = len(data.label_names)
-        model_config.id2label = dict(enumerate(data.label_names))
-        model_config.label2id = {name: i for i, name in enumerate(data.label_names)}
-        model_config.pad_token_id = tokenizer.pad_token_id
-        compute_metrics = compute_metrics_for(run_args.metric)
-    model = build_model(model_args, model_config, task)
     if training_args.eval_strategy != "no" and data.eval is None:
         raise InvalidArgumentError(
             "eval_strategy", getattr(training_args.eval_strategy, "value", training_args.eval_strategy),
@@ -96,7 +171,8 @@ def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str,
     collator = DataCollatorWithPadding(tokenizer) if task == SEQ_CLS else default_data_collator
     return StrategyTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
-        processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
+        processing_class=tokenizer, data_collator=collator,
+        compute_metrics=compute_metrics_for(run_args.metric) if task == SEQ_CLS else None,
         strategy_args=strategy_args,
     )
 
@@ -112,14 +188,15 @@ def _cli_defaults(training_args: Any, config: dict[str, Any], overrides: Sequenc
 
 def _train_or_finish(trainer: Any, training_args: Any) -> dict[str, float]:
     """Train (resuming where asked), save the model and the training metrics."""
-    from ..training.resume import checkpoint_finished, set_aside_incomplete
+    from ..training.resume import checkpoint_finished, set_aside_incomplete_once
 
+    out = training_args.output_dir
     resume: Optional[str] = training_args.resume_from_checkpoint
     if resume:
         # The plan check first: a refused resume changes nothing in output_dir.
         if trainer.strategy_callback.plan is not None:
             trainer.strategy_callback.check_resume(resume)
-        set_aside_incomplete(training_args.output_dir)
+        set_aside_incomplete_once(out, trainer)
     if resume and checkpoint_finished(resume, training_args):
         # Killed after its last checkpoint: its weights are the result (training again would add a step).
         from transformers import TrainerState
@@ -127,12 +204,19 @@ def _train_or_finish(trainer: Any, training_args: Any) -> dict[str, float]:
         print(f"hf-llama-strategies: {resume} is the end of this run; saving its final outputs")
         trainer._load_from_checkpoint(resume)
         trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
-        trainer.save_model()
+        with writing("saving the final model", out):
+            trainer.save_model()
         return {}
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
+    jit_step = getattr(trainer, "jit_checkpoint_step", None)
+    if jit_step is not None:
+        # transformers' enable_jit_checkpoint saved and stopped at SIGTERM: the run is not finished.
+        path = os.path.join(out, f"checkpoint-{jit_step}")
+        raise TrainingStopped(signal.SIGTERM, "SIGTERM", jit_step, path if os.path.isdir(path) else None)
+    with writing("saving the final model", out):
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
     return dict(result.metrics)
 
 
@@ -141,7 +225,8 @@ def _evaluate(trainer: Any, task: str) -> dict[str, float]:
     if task in (CAUSAL_LM, SFT) and "eval_loss" in metrics:
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
+    with writing("saving the evaluation results", trainer.args.output_dir):
+        trainer.save_metrics("eval", metrics)
     return dict(metrics)
 
 

@@ -96,7 +96,6 @@ class ParamDecision:
         return self.reason in (DEFAULT_REASON, FROZEN_BEFORE_REASON) and self.active_from == 0 and self.schedule is None
 
 
-
 def is_dynamic(decisions: Iterable[ParamDecision]) -> bool:
     """True when some trainable parameter does not train at every step (a schedule)."""
     return any(d.trainable and (d.active_from > 0 or d.schedule is not None) for d in decisions)

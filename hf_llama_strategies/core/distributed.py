@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from transformers.utils import logging
 
 from ..errors import InvalidArgumentError, PlanError
+from .options import TRUE_WORDS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from .plan import StrategyPlan
 
 logger = logging.get_logger(__name__)
-
-_TRUE = frozenset({"1", "true", "yes", "y", "on"})
 
 
 def read_deepspeed_config(training_args: Any) -> tuple[Optional[dict[str, Any]], str]:
@@ -89,9 +88,9 @@ def _fsdp_settings(training_args: Any, fsdp_plugin: Any) -> tuple[Optional[int],
     if training_args is not None and getattr(training_args, "fsdp", None):
         config = getattr(training_args, "fsdp_config", None) or {}
         return int(config.get("version", 2)), bool(config.get("use_orig_params", True)), "fsdp_config.use_orig_params"
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in _TRUE:
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in TRUE_WORDS:
         raw = os.environ.get("FSDP_USE_ORIG_PARAMS")
-        value = None if raw is None else raw.strip().lower() in _TRUE
+        value = None if raw is None else raw.strip().lower() in TRUE_WORDS
         return (int(os.environ.get("FSDP_VERSION", "1") or 1), value,
                 "FSDP_USE_ORIG_PARAMS (accelerate launch --fsdp_use_orig_params)")
     return None, None, ""

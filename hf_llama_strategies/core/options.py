@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Optional
 
 from ..errors import InvalidArgumentError
 
+#: How a config file, the command line or an environment variable spells "true".
+TRUE_WORDS = frozenset({"1", "true", "yes", "y", "on"})
 #: Step counts and batch sizes end up in torch/numpy int64 and ``itertools.islice``: a larger
 #: integer crashes deep in the loop or never finishes.
 INT_MAX = 2**63 - 1
@@ -33,7 +35,7 @@ class OptionGroup:
     UNSET_WORDS: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
-        """The end of the cooperative chain: each group checks its own fields, then calls ``super()``."""
+        """The end of the cooperative chain: each group calls ``super()`` first, then checks its own fields."""
 
     def options_set(self) -> list[str]:
         """Names of the options that ask for something, in field order; empty: nothing asked for.

@@ -64,7 +64,7 @@ class PluginManager(pluggy.PluginManager):
         self.sources: dict[str, str] = {}
         self.broken: dict[str, str] = {}
         self.code_plugins: tuple[object, ...] = ()
-        self._given: dict[int, object] = {}
+        self._registered: dict[int, object] = {}  # id(plugin as given) -> what is registered for it
         self._shared = False
 
     def register(self, plugin: object, name: Optional[str] = None) -> Optional[str]:
@@ -77,13 +77,38 @@ class PluginManager(pluggy.PluginManager):
             )
         return super().register(plugin, name)
 
+    # pluggy's lookups take and give the plugin as it was given, not the guard registered in its place.
+
     def get_plugin(self, name: str) -> Any:
-        """The plugin registered as ``name``, as it was given (not the guard registered in its place)."""
+        """The plugin registered as ``name``, as it was given."""
         return _given_plugin(super().get_plugin(name))
+
+    def get_plugins(self) -> set[Any]:
+        """Every registered plugin, as given."""
+        return {_given_plugin(p) for p in super().get_plugins()}
+
+    def list_name_plugin(self) -> list[tuple[str, Any]]:
+        """``(name, plugin as given)`` of every registered plugin."""
+        return [(name, _given_plugin(p)) for name, p in super().list_name_plugin()]
 
     def is_registered(self, plugin: object) -> bool:
         """Whether ``plugin`` (as given) is registered."""
-        return id(plugin) in self._given or super().is_registered(plugin)
+        return super().is_registered(self._registered.get(id(plugin), plugin))
+
+    def get_name(self, plugin: object) -> Optional[str]:
+        """The name ``plugin`` (as given) is registered under."""
+        return super().get_name(self._registered.get(id(plugin), plugin))
+
+    def get_hookcallers(self, plugin: object) -> Any:
+        """The hook callers ``plugin`` (as given) implements."""
+        return super().get_hookcallers(self._registered.get(id(plugin), plugin))
+
+    def unregister(self, plugin: Optional[object] = None, name: Optional[str] = None) -> Any:
+        """pluggy's ``unregister``, of the plugin as given."""
+        if plugin is None and name is not None:
+            plugin = self.get_plugin(name)
+        registered = self._registered.pop(id(plugin), plugin) if plugin is not None else None
+        return _given_plugin(super().unregister(registered, name))
 
     def add_plugin(self, plugin: object, name: Optional[str] = None, source: str = IN_CODE) -> None:
         """Register ``plugin`` once, refusing a misspelt hook name.
@@ -92,7 +117,7 @@ class PluginManager(pluggy.PluginManager):
         :class:`PluginError` that names it and the hook, and a wrong answer to a ``firstresult``
         hook is refused the same way.
         """
-        if id(plugin) in self._given or (name is not None and self.has_plugin(name)):
+        if self.is_registered(plugin) or (name is not None and self.has_plugin(name)):
             return
         display = _display_name(plugin, name)
         _check_hook_names(plugin, display)
@@ -101,7 +126,7 @@ class PluginManager(pluggy.PluginManager):
             name = self.register(registered, name=name)
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"plugin {display!r} cannot be registered: {exc}") from None
-        self._given[id(plugin)] = plugin
+        self._registered[id(plugin)] = registered
         self.sources[name or display] = source
 
     def load_installed(self) -> None:
@@ -128,7 +153,6 @@ class PluginManager(pluggy.PluginManager):
     def share(self) -> None:
         """From now on :meth:`register` refuses: this manager is shared by every run without plugins of its own."""
         self._shared = True
-
 
 
 def get_plugin_manager(
@@ -163,6 +187,7 @@ def get_plugin_manager(
 
 
 _default: Optional[tuple[tuple[tuple[str, str], ...], PluginManager]] = None
+_builtin: Optional[PluginManager] = None
 
 
 def _installed_key() -> tuple[tuple[str, str], ...]:
@@ -190,10 +215,26 @@ def default_plugin_manager() -> PluginManager:
     return _default[1]
 
 
-def plugin_manager_for(plugins: Iterable[object] = ()) -> PluginManager:
-    """The manager of a run given ``plugins`` in code: the default one without any, else a new one."""
+def builtin_plugin_manager() -> PluginManager:
+    """The shared manager of the built-in plugins alone (it refuses ``register``, as the default one does).
+
+    What a run with no option set and no plugin of its own uses: installed plugins act through the
+    options (``strategy_options``), so such a run needs none of them, and a broken one cannot break it.
+    """
+    global _builtin
+    if _builtin is None:
+        _builtin = get_plugin_manager(load_entry_points=False)
+        _builtin.share()
+    return _builtin
+
+
+def plugin_manager_for(plugins: Iterable[object] = (), options_set: bool = True) -> PluginManager:
+    """The manager of a run: one of its own given ``plugins`` in code, else the shared default one
+    (the built-in plugins alone when no option is set, see :func:`builtin_plugin_manager`)."""
     plugins = tuple(plugins)
-    return get_plugin_manager(plugins) if plugins else default_plugin_manager()
+    if plugins:
+        return get_plugin_manager(plugins)
+    return default_plugin_manager() if options_set else builtin_plugin_manager()
 
 
 def describe_plugins(pm: PluginManager) -> list[dict[str, Any]]:
@@ -230,7 +271,11 @@ def _check_hook_names(plugin: object, display: str) -> None:
 
 
 class _GuardedPlugin:
-    """What is registered for a plugin that is not built in: its hook functions, each wrapped by :func:`_guard`."""
+    """What is registered for a plugin that is not built in: its hook functions, each wrapped by :func:`_guard`.
+
+    A wrapper implementation (``wrapper=True`` / ``hookwrapper=True``, a generator) is registered as
+    it is: the other plugins' results and errors pass through it, so a failure there is not its own.
+    """
 
     def __init__(self, plugin: object, display: str) -> None:
         self.plugin = plugin
@@ -238,7 +283,8 @@ class _GuardedPlugin:
         for attr in dir(plugin):
             function = getattr(plugin, attr, None)
             if attr in _HOOK_NAMES and callable(function):
-                setattr(self, attr, _guard(function, attr, display))
+                wrapper = inspect.isgeneratorfunction(function)
+                setattr(self, attr, function if wrapper else _guard(function, attr, display))
 
 
 def _given_plugin(registered: Any) -> Any:
@@ -269,7 +315,11 @@ def _guard(function: Callable[..., Any], hook: str, display: str) -> Callable[..
 
 
 def _check_answer(hook: str, where: str, result: Any, kwargs: dict[str, Any]) -> None:
-    """Refuse an answer of the wrong type or about things that do not exist."""
+    """Refuse an answer of the wrong type or about things that do not exist, or a plan it left unusable."""
+    if hook in ("hfls_plan_parameters", "hfls_adjust_plan") and kwargs.get("plan") is not None:
+        problem = kwargs["plan"].bad_number()
+        if problem:
+            raise PluginError(f"{where} left a value no run survives in the plan: {problem}.")
     if result is None:
         return
     if hook == "hfls_model_anatomy":

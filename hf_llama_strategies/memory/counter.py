@@ -117,5 +117,3 @@ def _operator_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
     if packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
         return int(sdpa_backward_flop_count(args[0].shape, args[1].shape, args[2].shape, args[3].shape))
     return 0
-
-

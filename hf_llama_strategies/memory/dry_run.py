@@ -24,7 +24,7 @@ from ..arguments import StrategyArguments
 from ..context import RunContext
 from ..core.options import check_positive_int
 from ..core.plan import StrategyPlan
-from ..core.plugins import PluginManager, plugin_manager_for
+from ..core.plugins import PluginManager
 from ..planner import build_plan
 from ..training.optimizer import build_optimizer, plan_name
 from ..training.schedule_runner import ScheduleRunner
@@ -116,8 +116,7 @@ def estimate_training_memory(
     if context is not None:
         context = context.variant(strategy_args, training_args, model=model)
     else:
-        pm = plugin_manager if plugin_manager is not None else plugin_manager_for()
-        context = RunContext.create(strategy_args, training_args, model=model, plugin_manager=pm)
+        context = RunContext.create(strategy_args, training_args, model=model, plugin_manager=plugin_manager)
     plan = build_plan(model, context=context)
     autocast_dtype = _autocast_dtype(context, training_args)
     step = heaviest_step(plan, context.plugin_manager)
@@ -132,11 +131,11 @@ def estimate_training_memory(
     )
     try:
         estimate = _simulate(model, plan, context, training_args, autocast_dtype, shape)
-    except Exception as exc:  # noqa: BLE001 - any failure of foreign model code on fake tensors
+    except Exception as exc:  # any failure of foreign model code on fake tensors
         estimate = _static_fallback(plan, shape, exc)
     if plan.is_dynamic:
         estimate.notes.append(f"dynamic plan: simulated at step {step}, its largest active set")
-    apply_distributed(estimate, training_args, world_size)
+    apply_distributed(estimate, context.distributed, world_size)
     estimate.seconds = time.perf_counter() - started
     return estimate
 
@@ -472,5 +471,3 @@ def _block_rows(plan: StrategyPlan, params: list, optimizer: torch.optim.Optimiz
     order = {b: i for i, b in enumerate(["embeddings", *(f"layers.{i}" for i in range(plan.num_layers)), "norm",
                                          "head", "other"])}
     return sorted(rows, key=lambda r: order.get(r.block, len(order)))
-
-

@@ -146,5 +146,3 @@ def _blocks_table(blocks: list[BlockMemory]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     render = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([render(header), *(render(r) for r in rows)])
-
-

@@ -8,16 +8,14 @@ from ..core.distributed import DistributedSettings
 from .counter import GRADIENTS, OPTIMIZER_STATE, WEIGHTS
 
 if TYPE_CHECKING:
-    from transformers import TrainingArguments
-
     from .estimate import TrainingMemoryEstimate
 
 
-def apply_distributed(estimate: "TrainingMemoryEstimate", training_args: "TrainingArguments", world_size: int) -> None:
+def apply_distributed(estimate: "TrainingMemoryEstimate", settings: DistributedSettings, world_size: int) -> None:
     """Turn single-device figures into per-rank ones (a model of the wrapper, stated as such)."""
     if world_size <= 1:
         return
-    name, shards = DistributedSettings.read(training_args).sharding()
+    name, shards = settings.sharding()
     estimate.world_size = world_size
     estimate.distributed = name
     estimate.single_device_peak_bytes = estimate.peak_bytes

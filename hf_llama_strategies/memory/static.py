@@ -78,5 +78,3 @@ def estimate_memory(plan: StrategyPlan, optim: str = "adamw_torch") -> MemoryEst
         else:
             estimate.optimizer_state += decision.numel * (per_dtype * dtype_bytes(decision.dtype) + fixed)
     return estimate
-
-

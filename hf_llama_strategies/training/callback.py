@@ -41,6 +41,7 @@ from ..arguments import StrategyArguments
 from ..context import RunContext
 from ..core.decisions import DEFAULT_GROUP
 from ..core.distributed import check_distributed
+from ..core.faults import writing
 from ..core.plan import StrategyPlan
 from ..core.plugins import plugin_manager_for
 from ..errors import PlanError
@@ -59,7 +60,6 @@ from .schedule_runner import ScheduleRunner
 logger = logging.get_logger(__name__)
 
 
-
 class _StandardOutput(std_logging.Handler):
     """Writes records to the ``sys.stdout`` of the moment (a redirected or captured one too)."""
 
@@ -67,9 +67,10 @@ class _StandardOutput(std_logging.Handler):
         sys.stdout.write(self.format(record) + "\n")
 
 
-#: Where the plan table goes at the start of training: standard output, beside the Trainer's progress
-#: and metrics lines, unless the application configures this logger (``print_plan: false`` turns it off).
-plan_report = logging.get_logger("hf_llama_strategies.plan")
+#: Where the plan table goes at the start of training: standard output, beside the Trainer's progress and
+#: metrics lines (as the Trainer's own PrinterCallback writes them). An application routes it elsewhere by
+#: configuring this logger (its handlers, ``propagate``); ``print_plan: false`` turns it off.
+plan_report = logging.get_logger("hf_llama_strategies.plan_table")
 if not plan_report.handlers:
     plan_report.addHandler(_StandardOutput())
     plan_report.setLevel(std_logging.INFO)
@@ -139,11 +140,11 @@ class StrategyCallback(TrainerCallback):
 
     @property
     def plugin_manager(self) -> pluggy.PluginManager:
-        """The plugin manager of this run: built-in, installed and ``plugins``."""
+        """The plugin manager of this run: built-in, installed and ``plugins`` (see ``RunContext.create``)."""
         if self.context is not None:
             return self.context.plugin_manager
         if self._plugin_manager is None:
-            self._plugin_manager = plugin_manager_for(self.plugins)
+            self._plugin_manager = plugin_manager_for(self.plugins, bool(self.strategy_args.options_set()))
         return self._plugin_manager
 
     def prepare(self, model: nn.Module, training_args: Optional[TrainingArguments] = None) -> StrategyPlan:
@@ -293,7 +294,8 @@ class StrategyCallback(TrainerCallback):
         if state.is_world_process_zero and self.strategy_args.print_plan:
             plan_report.info(self.plan.table())
         if args.should_save:
-            self.plan.save(args.output_dir)
+            with writing("saving strategy_plan.json", args.output_dir):
+                self.plan.save(args.output_dir)
         # The optimizer (and its resumed state) exists now; the step about to run decides.
         self.runner.apply(model, state.global_step, kwargs.get("optimizer"))
 

@@ -30,7 +30,7 @@ import torch
 from transformers.utils import logging
 
 from ..core.plan import PLAN_FILE_NAME, StrategyPlan
-from ..errors import CheckpointError, PlanError
+from ..errors import CheckpointError, InvalidArgumentError, PlanError
 from .checkpoints import (
     CHECKPOINT_RE,
     INCOMPLETE_PREFIX,
@@ -40,6 +40,7 @@ from .checkpoints import (
     latest_complete_checkpoint,
     list_checkpoints,
 )
+from .run_lock import LOCK_FILE_NAME
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -49,8 +50,10 @@ logger = logging.get_logger(__name__)
 
 # Lines of a plan difference shown in an error; the rest is counted.
 _MAX_DIFF_LINES = 25
-_YES = ("true", "yes", "1", "y", "on")
-_NO = ("false", "no", "0", "n", "off", "")
+# How a config file or the command line spells resume_from_checkpoint (the library takes True or a path).
+_CONFIG_YES = ("true", "yes", "1")
+_CONFIG_NO = ("false", "no", "0", "")
+_CONFIG_EXPECTED = "a checkpoint directory, or true for the last checkpoint in output_dir"
 
 
 @dataclass(frozen=True)
@@ -70,60 +73,66 @@ class ResumePoint:
 
 
 def resolve_resume(value: Any, output_dir: Optional[str], *, require_optimizer: bool = True,
-                   allow_restart: bool = False) -> ResumePoint:
-    """The checkpoint ``resume_from_checkpoint`` (a bool, a path, or the text of a config) points at.
+                   from_config: bool = False) -> ResumePoint:
+    """The checkpoint ``resume_from_checkpoint`` points at: ``True`` is the newest *complete* one in ``output_dir``.
 
-    ``true`` means the newest *complete* ``checkpoint-N`` of ``output_dir``: an incomplete one
-    (a save interrupted by a kill) is skipped and named. An explicit checkpoint must be complete.
+    An incomplete checkpoint (a save interrupted by a kill) is skipped and named; an explicit one
+    must be complete. Asked by ``StrategyTrainer.train`` (``True`` or a path, as ``Trainer.train``
+    takes) and by the CLI (``from_config``: also the words of a config file, ``true``/``yes``/``1``
+    and ``false``/``no``/``0``, and "train from the start" when ``output_dir`` holds nothing to lose).
 
     Args:
         value: the option as given.
-        output_dir: where ``true`` looks.
+        output_dir: where ``True`` looks.
         require_optimizer: a checkpoint without optimizer and scheduler state is incomplete (it
             cannot resume exactly); ``False``: accepted with a warning.
-        allow_restart: with ``true``, an ``output_dir`` holding nothing to lose means "train from
-            the start" (the CLI's rerun of a killed job); otherwise the Trainer reports it.
+        from_config: the CLI's reading (see above); its errors name the option as the config does.
 
     Raises:
         CheckpointError: an explicit checkpoint that is missing, a file, incomplete or damaged;
-            ``true`` where every checkpoint is incomplete (or, with ``allow_restart``, where
-            ``output_dir`` holds an earlier run but no complete checkpoint).
+            ``True`` where every checkpoint is incomplete (the CLI: where none is complete and an
+            earlier run would be lost) — an ``InvalidArgumentError`` for the CLI.
     """
-    text = value.strip().lower() if isinstance(value, str) else None
-    if value is None or value is False or text in _NO:
+    text = value.strip().lower() if from_config and isinstance(value, str) else None
+    if value is None or value is False or text in _CONFIG_NO:
         return ResumePoint()
-    if value is True or text in _YES:
-        return _newest_complete(output_dir, require_optimizer, allow_restart)
-    return ResumePoint(_checked(os.fspath(value), require_optimizer))
+    if value is True or text in _CONFIG_YES:
+        return _newest_complete(output_dir, require_optimizer, from_config)
+    return ResumePoint(_checked(os.fspath(value), require_optimizer, from_config))
 
 
-def _newest_complete(output_dir: Optional[str], require_optimizer: bool, allow_restart: bool) -> ResumePoint:
+def _newest_complete(output_dir: Optional[str], require_optimizer: bool, from_config: bool) -> ResumePoint:
     found, skipped = latest_complete_checkpoint(output_dir, require_optimizer) if output_dir else (None, [])
-    incomplete = f" (incomplete: {describe_skipped(skipped)})" if skipped else ""
     if found is not None:
         note = f"skipped incomplete {describe_skipped(skipped)}; resuming from {found}" if skipped else None
         if note:
             logger.warning(f"resume_from_checkpoint: {note}.")
         return ResumePoint(found, note=note)
-    if allow_restart and output_dir and nothing_to_lose(output_dir):
-        held = os.path.isdir(output_dir) and os.listdir(output_dir)
-        why = "holds a run interrupted before its first complete checkpoint" if held else "holds no earlier run yet"
-        return ResumePoint(restart=True, note=f"{output_dir} {why}; training from the start")
-    if skipped or allow_restart:
+    if from_config and output_dir:
+        restart = _restart_note(output_dir)
+        if restart:
+            return ResumePoint(restart=True, note=restart)
+        why = f" Incomplete: {describe_skipped(skipped)}." if skipped else ""
+        raise InvalidArgumentError(
+            "resume_from_checkpoint", True, _CONFIG_EXPECTED, f"No complete checkpoint-* folder in {output_dir!r}.{why}"
+        )
+    if skipped:
         raise CheckpointError(
-            f"resume_from_checkpoint=true: no complete checkpoint-N folder in {output_dir!r}{incomplete}. Resume "
-            "from a checkpoint directory, or train from the start without resume_from_checkpoint."
+            f"resume_from_checkpoint=True: no complete checkpoint in {output_dir}; incomplete: "
+            f"{describe_skipped(skipped)}."
         )
     return ResumePoint()  # the Trainer says it in its own words
 
 
-def _checked(path: str, require_optimizer: bool) -> str:
+def _checked(path: str, require_optimizer: bool, from_config: bool) -> str:
     if not os.path.isdir(path):
+        if from_config:
+            raise InvalidArgumentError("resume_from_checkpoint", path, _CONFIG_EXPECTED, "No such directory.")
         # The Trainer's ValueError ("Can't find a valid checkpoint") came after the callbacks ran on_init.
         raise CheckpointError(
             f"resume_from_checkpoint={path!r} cannot be resumed from: "
             f"{'it is a file' if os.path.exists(path) else 'no such directory'}. Give a checkpoint directory, "
-            "or resume_from_checkpoint: true for the newest complete one in output_dir."
+            "or resume_from_checkpoint=True for the newest complete one in output_dir."
         )
     problem = checkpoint_problem(path, require_optimizer)
     if problem is not None:
@@ -136,24 +145,36 @@ def _checked(path: str, require_optimizer: bool) -> str:
     return path
 
 
-def nothing_to_lose(output_dir: str) -> bool:
-    """``output_dir`` is missing, empty, or holds only what a run writes before its first complete checkpoint."""
-    if not os.path.isdir(output_dir):
-        return not os.path.exists(output_dir)
-    for name in os.listdir(output_dir):
+def _restart_note(output_dir: str) -> Optional[str]:
+    """Why a CLI run asked to resume trains from the start, or ``None`` when an earlier run would be lost.
+
+    Nothing to lose: ``output_dir`` is missing or empty (killed while loading), or it holds only what
+    a run writes before its first complete checkpoint (its plan, logs, staged or incomplete checkpoints).
+    """
+    # This run's own lock (the CLI checks again once it holds it) is no earlier run.
+    names = [n for n in os.listdir(output_dir) if n != LOCK_FILE_NAME] if os.path.isdir(output_dir) else None
+    if not os.path.exists(output_dir) or names == []:
+        return f"{output_dir} holds no earlier run yet; training from the start."
+    names = names or []
+    if PLAN_FILE_NAME not in names:
+        return None
+    for name in names:
         if name in (PLAN_FILE_NAME, "runs") or name.startswith((STAGING_PREFIX, INCOMPLETE_PREFIX)):
             continue
         if CHECKPOINT_RE.match(name) and checkpoint_problem(os.path.join(output_dir, name)) is not None:
             continue
-        return False
-    return True
+        return None
+    return f"{output_dir} holds a run interrupted before its first complete checkpoint; training from the start."
+
+
+def nothing_to_lose(output_dir: str) -> bool:
+    """``output_dir`` is missing, empty, or holds only what a run writes before its first complete checkpoint."""
+    return _restart_note(output_dir) is not None
 
 
 def describe_skipped(skipped: list[tuple[str, str]]) -> str:
     """``checkpoint-8 (no trainer_state.json ...)`` for a message."""
     return "; ".join(f"{os.path.basename(p)} ({why})" for p, why in skipped)
-
-
 
 
 def check_resumed_plan(
@@ -166,13 +187,13 @@ def check_resumed_plan(
 
     Returns:
         ``None`` when the plans train alike (or the checkpoint holds no plan), else the
-        :class:`~hf_llama_strategies.resume.PlanChange` the resumed run must follow
+        :class:`~hf_llama_strategies.training.resume.PlanChange` the resumed run must follow
         (``allow_change`` only).
 
     Raises:
         PlanError: the plans differ and ``allow_change`` is false; the message lists the
             differences (checkpoint -> now) and how to resume anyway. Also a change that
-            ``allow_change`` cannot follow (see :func:`~hf_llama_strategies.resume.plan_change`).
+            ``allow_change`` cannot follow (see :func:`~hf_llama_strategies.training.resume.plan_change`).
     """
     path = os.path.join(checkpoint, PLAN_FILE_NAME)
     if not os.path.isdir(checkpoint):
@@ -211,12 +232,26 @@ def check_resumed_plan(
         "allow_plan_change_on_resume: true to resume with the new plan anyway."
     )
 
+
+def set_aside_incomplete_once(folder: str, trainer: Any) -> list[str]:
+    """:func:`set_aside_incomplete` by the main process only; every other process waits for it at a barrier.
+
+    Under DDP/FSDP/DeepSpeed every process runs the resume: two renaming one folder at once
+    fail (the second finds it gone). The main process is the one that saves
+    (``TrainingArguments.should_save``).
+    """
+    moved = set_aside_incomplete(folder) if trainer.args.should_save else []
+    if getattr(trainer.args, "world_size", 1) > 1:
+        trainer.accelerator.wait_for_everyone()
+    return moved
+
+
 def set_aside_incomplete(folder: str) -> list[str]:
     """Rename every incomplete ``checkpoint-N`` of ``folder`` to ``incomplete-checkpoint-N`` (kept, never deleted).
 
-    The Trainer rotates checkpoints by modification time: a partial directory a kill left
-    behind (or one half deleted by an interrupted rotation) would otherwise count as a recent
-    checkpoint and make rotation delete complete ones.
+    A partial directory a kill left behind (or one half deleted by an interrupted rotation)
+    would otherwise count as a checkpoint for rotation and for ``resume_from_checkpoint``. One
+    process only (see :func:`set_aside_incomplete_once`).
 
     Returns:
         The new paths.
@@ -237,7 +272,6 @@ def set_aside_incomplete(folder: str) -> list[str]:
     return moved
 
 
-
 def checkpoint_finished(checkpoint: str, training_args: Any) -> bool:
     """Whether ``checkpoint`` already holds the end of the run ``training_args`` describe.
 
@@ -253,6 +287,7 @@ def checkpoint_finished(checkpoint: str, training_args: Any) -> bool:
         step >= int(state.get("max_steps") or 0) > 0
         and state.get("num_train_epochs") == training_args.num_train_epochs
     )
+
 
 @dataclass
 class PlanChange:

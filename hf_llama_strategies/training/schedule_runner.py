@@ -115,5 +115,3 @@ class ScheduleRunner:
 def _blocks(plan: StrategyPlan, names: list[str]) -> str:
     blocks = list(dict.fromkeys(plan[n].block for n in names))
     return ", ".join(blocks) if blocks else "nothing"
-
-

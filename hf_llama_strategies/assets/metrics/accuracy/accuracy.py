@@ -1,7 +1,7 @@
 """Accuracy, as an `evaluate` metric module shipped with the package.
 
 `evaluate.load("accuracy")` needs the Hub; this module is loaded by path instead:
-``evaluate.load(hf_llama_strategies.metrics.metric_path("accuracy"))``.
+``evaluate.load(hf_llama_strategies.data.metrics.metric_path("accuracy"))``.
 """
 
 import datasets
