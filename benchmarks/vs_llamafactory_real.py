@@ -141,7 +141,7 @@ def make_model_folder(folder: str, gguf: Optional[str] = None) -> str:
     model.is_quantized = False
     for holder in (model, model.config):
         if hasattr(holder, "quantization_config"):
-            delattr(holder, "quantization_config")
+            del holder.quantization_config
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
