@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 from ..data.local import CAUSAL_LM, SEQ_CLS, SFT
 from ..errors import InvalidArgumentError
 from .config import ParsedConfig, given, parse_config
-from .models import build_model, load_model_config, load_tokenizer
+from .models import build_model, configure_for_task, load_model_config, load_tokenizer
 from .output_dir import check_output_dir, created_output_dir
 
 
@@ -77,11 +77,8 @@ def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str,
     task, tokenizer, data = task_data.task, task_data.tokenizer, task_data.data
     model_config = load_model_config(model_args)
     compute_metrics = None
+    configure_for_task(model_config, task, data.label_names, tokenizer)
     if task == SEQ_CLS:
-        model_config.num_labels = len(data.label_names)
-        model_config.id2label = dict(enumerate(data.label_names))
-        model_config.label2id = {name: i for i, name in enumerate(data.label_names)}
-        model_config.pad_token_id = tokenizer.pad_token_id
         compute_metrics = compute_metrics_for(run_args.metric)
     model = build_model(model_args, model_config, task)
     if training_args.eval_strategy != "no" and data.eval is None:
