@@ -12,6 +12,7 @@ from ..errors import InvalidArgumentError
 from .config import ParsedConfig, given, parse_config
 from .models import build_model, configure_for_task, load_model_config, load_tokenizer
 from .output_dir import check_output_dir, created_output_dir
+from .quiet import quiet_run
 
 
 @dataclass
@@ -29,6 +30,7 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
     if parsed.run.resume_note:
         print(f"hf-llama-strategies: {parsed.run.resume_note}")
     check_output_dir(parsed.training, parsed.run)
+    quiet_run(parsed.training)
     with created_output_dir(parsed.training.output_dir):
         task_data = _load_data(parsed)
         trainer = _build_trainer(parsed, task_data, config, overrides)
