@@ -26,7 +26,11 @@ class _TaskData:
 
 def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str, float]:
     """Fine-tune as ``config`` says; returns the final metrics. Everything is checked before writing."""
+    from ..training.loss_plot import plot_loss, require_matplotlib
+
     parsed = parse_config(config, overrides)
+    if parsed.run.plot_loss:
+        require_matplotlib()
     if parsed.run.resume_note:
         print(f"hf-llama-strategies: {parsed.run.resume_note}")
     check_output_dir(parsed.training, parsed.run)
@@ -38,8 +42,26 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str
         if task_data.data.eval is not None:
             metrics.update(_evaluate(trainer, task_data.task))
         trainer.save_state()
-    print(f"model, tokenizer, strategy_plan.json, metrics and logs saved in {parsed.training.output_dir}")
+        if parsed.run.plot_loss and trainer.is_world_process_zero():
+            plot_loss(trainer.state.log_history, parsed.training.output_dir)
+    if parsed.training.process_index == 0:
+        print(written_summary(parsed.training.output_dir))
     return metrics
+
+
+def written_summary(output_dir: str) -> str:
+    """What the run left in ``output_dir``, every file and folder named, and how to look at the logs."""
+    from ..training.loss_plot import LOSS_PLOT
+
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    lines = [f"written in {output_dir}:"]
+    lines += [f"  {name}{os.sep if os.path.isdir(os.path.join(output_dir, name)) else ''}" for name in names]
+    if LOSS_PLOT in names:
+        lines.append(f"the loss plot: open {os.path.join(output_dir, LOSS_PLOT)}")
+    if "runs" in names:
+        lines.append(f"TensorBoard logs: tensorboard --logdir {os.path.join(output_dir, 'runs')}  "
+                     "(then open http://localhost:6006)")
+    return "\n".join(lines)
 
 
 def _load_data(parsed: ParsedConfig) -> _TaskData:
@@ -136,7 +158,9 @@ def _train_or_finish(trainer: Any, training_args: Any) -> dict[str, float]:
 
 
 def _evaluate(trainer: Any, task: str) -> dict[str, float]:
-    metrics = trainer.evaluate()
+    # An evaluation at the last step (eval_strategy: epoch or steps) is the final one: not run twice.
+    last = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+    metrics = {k: v for k, v in last[-1].items() if k != "step"} if last else trainer.evaluate()
     if task in (CAUSAL_LM, SFT) and "eval_loss" in metrics:
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     trainer.log_metrics("eval", metrics)
