@@ -46,7 +46,8 @@ commands:
                                           settings that fit, --json prints one JSON object
   plugins                                 list installed and active plugins with their hooks
 
-`hf-llama-strategies train --help` lists every key a config file or the command line may set.
+`hf-llama-strategies train --help` lists the keys a config file or the command line may set, strategy keys
+first; `--help-all` (or docs/cli-reference.md) every key with its whole help.
 """
 _COMMANDS = ("train", "plan", "plugins")
 
@@ -89,9 +90,15 @@ def _run(command: str, rest: list[str]) -> None:
             raise CliError(f"plugins takes no arguments, got {' '.join(rest)!r}.")
         run_plugins()
         return
-    if "-h" in rest or "--help" in rest:
+    if "--help-all" in rest:
         print(_USAGE)
         ArgumentsParser().print_help()
+        return
+    if "-h" in rest or "--help" in rest:
+        from .reference import short_help
+
+        print(_USAGE)
+        print(short_help(), end="")
         return
     # The config file is the first word that is not a --key or its value.
     config_path = rest[0] if rest and not rest[0].startswith("-") else None

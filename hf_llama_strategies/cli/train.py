@@ -101,7 +101,7 @@ def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str,
     task, tokenizer, data = task_data.task, task_data.tokenizer, task_data.data
     model_config = load_model_config(model_args)
     compute_metrics = None
-    configure_for_task(model_config, task, data.label_names, tokenizer)
+    configure_for_task(model_config, task, getattr(data, "label_names", []), tokenizer)
     if task == SEQ_CLS:
         compute_metrics = compute_metrics_for(run_args.metric)
     model = build_model(model_args, model_config, task)
