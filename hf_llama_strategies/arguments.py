@@ -36,7 +36,10 @@ from .strategies.schedules import check_schedules
 
 @dataclass
 class ResumeArguments(OptionGroup):
-    """How a resumed run treats a checkpoint trained by another plan (``training/resume.py``)."""
+    """What survives a fault: a checkpoint on a stop signal, one run per ``output_dir``, and a resume's plan check.
+
+    Read by ``training/stop_signal.py``, ``training/run_lock.py`` and ``training/resume.py``.
+    """
 
     REFINING = frozenset({"allow_plan_change_on_resume"})
 
@@ -49,10 +52,30 @@ class ResumeArguments(OptionGroup):
             ),
         },
     )
+    checkpoint_on_signal: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "On SIGTERM or SIGUSR1 (a scheduler's preemption), finish the optimizer step, save a complete "
+                "checkpoint and stop: train() raises TrainingStopped, exit code 128 + the signal (143 for "
+                "SIGTERM); resume with resume_from_checkpoint: true. The CLI sets it unless told otherwise."
+            ),
+        },
+    )
+    lock_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Hold an exclusive lock on output_dir while the trainer exists: a second run into it is refused, "
+                "naming the first (process, host, start time). The CLI sets it unless told otherwise."
+            ),
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_bool("allow_plan_change_on_resume", self.allow_plan_change_on_resume)
+        for option in ("allow_plan_change_on_resume", "checkpoint_on_signal", "lock_output_dir"):
+            check_bool(option, getattr(self, option))
 
 
 # The groups in reverse order of their fields (a dataclass collects its bases' fields from the last base up).

@@ -5,11 +5,21 @@ catches ``ValueError`` around ``Trainer`` construction keeps working. Errors abo
 user's input (options, files, a config) are raised before anything is written; the few
 raised later (a plan that cannot resume, a damaged checkpoint met while training) name what
 to change. The CLI prints any of them as one line and exits with code 2.
+
+Two more are not the user's input and not a :class:`StrategyError`: :class:`StorageError`
+(an ``OSError``: the machine failed a write, such as a full disk; the CLI exits with
+:data:`EXIT_STORAGE`) and :class:`TrainingStopped` (a ``SystemExit``: a signal stopped the run
+after a complete checkpoint; the exit code is 128 + the signal's number, as a shell reports it).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import errno as _errno
+import os
+from typing import Any, Iterable, Optional
+
+#: Exit code of a run stopped by the machine (disk full, quota, read-only or failing disk): sysexits' EX_IOERR.
+EXIT_STORAGE = 74
 
 
 class StrategyError(ValueError):
@@ -62,6 +72,66 @@ class DataFileError(InvalidArgumentError):
 
     def __init__(self, option: str, path: str, problem: str) -> None:
         super().__init__(option, path, "a readable data file", problem)
+
+
+class OutputDirBusyError(StrategyError):
+    """Another live run holds ``output_dir`` (or a cache directory): the message names it (process, host, start)."""
+
+
+class StorageError(OSError):
+    """A write failed for a reason of the machine (disk full, quota, read-only file system, I/O error).
+
+    An ``OSError`` with the cause's ``errno`` (code that catches ``OSError`` keeps working); its
+    message names the operation and the path, in one line.
+
+    Attributes:
+        operation: what was being written ("saving checkpoint-4").
+        path: the file or folder being written.
+        cause: the cause in words ("No space left on device").
+    """
+
+    def __init__(self, operation: str, path: str, cause: str, code: Optional[int] = None) -> None:
+        self.operation = operation
+        self.path = path
+        self.cause = cause
+        super().__init__(code, f"{operation} failed: {cause} ({path})")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class TrainingStopped(SystemExit):
+    """A signal (SIGTERM, SIGUSR1) stopped training after a complete checkpoint was saved.
+
+    A ``SystemExit`` whose code is 128 + the signal's number: a script that does not catch it
+    exits as a process killed by that signal is reported, so a scheduler sees the preemption
+    and a requeued job resumes (``resume_from_checkpoint=True``). Nothing after ``train()`` in
+    the script runs (no final model is saved from a half-trained run).
+
+    Attributes:
+        signal_name: ``"SIGTERM"``, ``"SIGUSR1"``, ...
+        step: the optimizer step the run stopped after.
+        checkpoint: the checkpoint saved at ``step`` (``None`` when none could be: not the main process).
+    """
+
+    def __init__(self, signum: int, signal_name: str, step: int, checkpoint: Optional[str]) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.signal_name = signal_name
+        self.step = step
+        self.checkpoint = checkpoint
+
+    def __str__(self) -> str:
+        saved = f"{os.path.basename(self.checkpoint)} saved" if self.checkpoint else "no checkpoint saved"
+        return f"stopped by {self.signal_name} at step {self.step}; {saved}; resume with resume_from_checkpoint=True"
+
+
+#: errno values that are the machine's, never a bug: a write that failed for them is a StorageError.
+MACHINE_ERRNOS = frozenset(
+    getattr(_errno, name) for name in (
+        "ENOSPC", "EDQUOT", "EIO", "EROFS", "EFBIG", "EMFILE", "ENFILE", "ENOMEM", "ESTALE", "EACCES", "EPERM",
+    ) if hasattr(_errno, name)
+)
 
 
 def format_choices(choices: Iterable[str], limit: int = 40) -> str:

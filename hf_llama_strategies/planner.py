@@ -91,6 +91,9 @@ def build_plan(
     hook_kwargs = dict(plan=plan, anatomy=anatomy, **context.hook_kwargs())
     pm.hook.hfls_plan_parameters(**hook_kwargs)
     pm.hook.hfls_adjust_plan(**hook_kwargs)
+    problem = plan.bad_number()
+    if problem:  # a plugin's guard names it; this catches the rest (a decision edited by hand)
+        raise PlanError(f"The plan holds a value no run survives: {problem}.")
     pm.hook.hfls_validate_plan(**hook_kwargs, model=model)
     if plan.num_trainable == 0:
         # Not logged as a warning: training raises this same message, and a refused CLI run prints one line.

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import TokenDataset  # noqa: E402  (after the offline settings above)
+from helpers import TokenDataset, lm_run_config, write_yaml  # noqa: E402  (after the offline settings above)
 from transformers import AutoTokenizer, LlamaConfig  # noqa: E402
 
 from hf_llama_strategies.cli.demo import DEMO_DIR  # noqa: E402
@@ -67,3 +67,23 @@ def lm_file(tmp_path) -> str:
 def tokenizer():
     """The demo tokenizer (the TRL tests use it; ``test_sft.py`` has its own)."""
     return AutoTokenizer.from_pretrained(DEMO_DIR)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """One uninterrupted CLI run of 6 steps with checkpoints 2, 4, 6: the result every resume must reach."""
+    from hf_llama_strategies import cli
+
+    base = tmp_path_factory.mktemp("reference")
+    cfg_dir = base / "tiny"
+    LlamaConfig(
+        vocab_size=106, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False,
+    ).save_pretrained(cfg_dir)
+    rows = list(csv.reader(open(os.path.join(DEMO_DIR, "train.csv"), encoding="utf-8")))[1:60]
+    corpus = base / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t, _ in rows), encoding="utf-8")
+    out = base / "run"
+    config = lm_run_config(str(cfg_dir), str(corpus), out)
+    assert cli.main(["train", write_yaml(base / "c.yaml", config)]) == 0
+    return {"config_dir": str(cfg_dir), "corpus": str(corpus), "out": out, "config": config}

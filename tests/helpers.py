@@ -7,8 +7,10 @@ on ``sys.path``), never from one another. Fixtures live in ``conftest.py``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
+import shutil
 import sys
 import types
 
@@ -46,6 +48,42 @@ def losses(trainer) -> list[float]:
 def snapshot(model: torch.nn.Module) -> dict[str, bytes]:
     """Every parameter's bytes (any dtype), to compare runs bit for bit."""
     return {n: p.detach().cpu().flatten().view(torch.uint8).numpy().tobytes() for n, p in model.named_parameters()}
+
+
+# -- comparing runs whose frozen prefix ran at other batch shapes ----------------------------
+#
+# Bit for bit only where the shapes are the same by construction. The frozen-prefix cache's
+# pre-pass runs the prefix on rows batched and padded otherwise than in training; CPU matrix
+# kernels choose their blocking (the order of a dot product's sums) by shape, so the states it
+# serves differ from the uncached ones by fp32 rounding: about sqrt(K) * 2**-24 relative for a
+# K-term product, K <= 128 in the tiny models, so ~1e-6 after a few layers. Losses inherit that:
+# LOSS_RTOL = 1e-5 (measured: 2e-7). Trained weights: Adam divides each gradient element by its
+# running RMS, so an element whose gradient is within rounding of zero can take a visibly
+# different step (up to 2 * lr per step) while every other element differs at rounding level.
+# Hence, per tensor, at most OFF_SHARE of the elements may differ from the reference by more than
+# STEP_SHARE of the tensor's largest update. Measured on an AMD EPYC with 1 and 2 threads and
+# pre-pass batches of 2, 4 and 8 rows: none does (the largest difference is 0.4% of the largest
+# update, 1-6 elements per tensor above 1e-7). A row served from another sample, or misaligned
+# padding, moves most elements by a whole step and fails.
+LOSS_RTOL = 1e-5
+STEP_SHARE = 1e-2
+OFF_SHARE = 1e-3
+
+
+def assert_trained_alike(trained: torch.nn.Module, reference: torch.nn.Module, initial: torch.nn.Module) -> None:
+    """``trained`` took the steps ``reference`` took from ``initial``, up to fp32 rounding (see above)."""
+    moved = 0
+    for (name, a), b, c in zip(trained.named_parameters(), reference.parameters(), initial.parameters()):
+        if not b.requires_grad:
+            continue
+        update = (b.detach() - c.detach()).abs()
+        moved += bool(update.max() > 0)
+        off = (a.detach() - b.detach()).abs() > STEP_SHARE * update.max()
+        assert off.float().mean().item() <= OFF_SHARE, (
+            f"{name}: {int(off.sum())} of {off.numel()} elements differ by more than {STEP_SHARE:g} of the largest "
+            "update"
+        )
+    assert moved, "nothing trained"
 
 
 def described(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:
@@ -156,3 +194,59 @@ def __getattr__(name: str):
     if name == "StrategySFTTrainer":
         return _strategy_sft_trainer()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -- runs of the command line that must lose nothing (test_safety.py, test_faults.py) ---------
+
+
+def lm_run_config(tiny_config_dir, lm_file, out, **extra):
+    """A causal-LM CLI run that saves a checkpoint every 2 of its 6 steps (fp32, CPU, deterministic)."""
+    values = dict(
+        train_file=lm_file, max_steps=6, save_strategy="steps", save_steps=2, precision="fp32", report_to="none",
+        per_device_train_batch_size=2, learning_rate=1e-3, print_plan=False,
+    )
+    values.update(extra)
+    return base_config(tiny_config_dir, out, **values)
+
+
+def tree(path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``path`` (empty dict when absent)."""
+    out = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            with open(full, "rb") as fh:
+                out[os.path.relpath(full, path)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path/model.safetensors``."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def assert_same_weights(a, b) -> None:
+    """The models saved in folders ``a`` and ``b`` are bit-identical."""
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def one_line_error(capsys) -> str:
+    """The one ``hf-llama-strategies: error: ...`` line a refused CLI run printed (and nothing else on stderr)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hf-llama-strategies: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def copy_run(reference, dest, keep=("checkpoint-2", "checkpoint-4")):
+    """output_dir as a run killed after saving ``keep`` would have left it (``reference``: the conftest fixture)."""
+    dest.mkdir()
+    for name in keep:
+        shutil.copytree(reference["out"] / name, dest / name)
+    return dest

@@ -1,4 +1,4 @@
-"""The documentation site builds with ``mkdocs build --strict`` (a broken link or a page left out of nav fails)."""
+"""The documentation site builds with ``mkdocs build --strict`` (a broken link or anchor fails)."""
 
 from __future__ import annotations
 

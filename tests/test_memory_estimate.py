@@ -273,6 +273,7 @@ def test_fit_says_what_comes_closest_when_nothing_fits(plan_yaml, capsys):
     [
         (["--fit", "80 gigs"], "--fit='80 gigs' is not valid: expected a positive memory size"),
         (["--fit", "0GiB"], "--fit='0GiB' is not valid"),
+        (["--fit", "80"], "--fit='80' is not valid: expected a memory size with its unit"),
         (["--fit"], "--fit needs a memory size"),
         (["--world_size", "0"], "--world_size='0' is not valid: expected a positive integer"),
         (["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0 is not valid: expected "),
@@ -290,7 +291,14 @@ def test_bad_plan_input_exits_2_with_one_line(plan_yaml, capsys, extra, fragment
 
 def test_parse_size():
     assert parse_size("80GiB") == 80 * 2**30 == parse_size("80G") == parse_size("80 gib")
-    assert parse_size("80GB") == 80 * 10**9 and parse_size("1.5MiB") == 1536 * 1024 and parse_size("4096") == 4096
+    assert parse_size("80GB") == 80 * 10**9 and parse_size("1.5MiB") == 1536 * 1024 and parse_size("4096B") == 4096
+
+
+@pytest.mark.parametrize("value", ["80", 80, "0.5"])
+def test_parse_size_refuses_a_bare_number_saying_a_unit_is_needed(value):
+    # `--fit 80` was taken as 80 bytes: nothing fits, and exit 0 said so.
+    with pytest.raises(InvalidArgumentError, match=r"with its unit.*write .*GiB \(or B for bytes\)"):
+        parse_size(value)
 
 
 def test_benchmark_smoke_mode_runs_and_matches(bench, tmp_path):

@@ -6,7 +6,6 @@ output_dir and its earlier checkpoints byte-identical; bad input is exit 2 and o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -16,8 +15,20 @@ import textwrap
 
 import pytest
 import torch
-from helpers import TokenDataset, base_config, make_training_args, snapshot, strategy, write_yaml
-from safetensors.torch import load_file
+from helpers import (
+    TokenDataset,
+    assert_same_weights,
+    base_config,
+    copy_run,
+    lm_run_config,
+    make_training_args,
+    one_line_error,
+    snapshot,
+    strategy,
+    tree,
+    weights,
+    write_yaml,
+)
 
 from hf_llama_strategies import StrategyArguments, StrategyTrainer, cli
 from hf_llama_strategies.core.hookspecs import hookimpl
@@ -26,77 +37,6 @@ from hf_llama_strategies.errors import InvalidArgumentError, PluginError, Strate
 from hf_llama_strategies.training.checkpoints import checkpoint_problem, latest_complete_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tree(path) -> dict[str, str]:
-    """relative path -> sha256 of every file under ``path`` (empty dict when absent)."""
-    out = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            out[os.path.relpath(full, path)] = hashlib.sha256(open(full, "rb").read()).hexdigest()
-    return out
-
-
-def lm_run_config(tiny_config_dir, lm_file, out, **extra):
-    """A causal-LM CLI run that saves a checkpoint every 2 of its 6 steps (fp32, CPU, deterministic)."""
-    values = dict(
-        train_file=lm_file, max_steps=6, save_strategy="steps", save_steps=2, precision="fp32", report_to="none",
-        per_device_train_batch_size=2, learning_rate=1e-3, print_plan=False,
-    )
-    values.update(extra)
-    return base_config(tiny_config_dir, out, **values)
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(path, "model.safetensors"))
-
-
-def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("hf-llama-strategies: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted 6-step run with checkpoints 2, 4, 6: the result every resume must reach."""
-    base = tmp_path_factory.mktemp("reference")
-    cfg_dir = base / "tiny"
-    from transformers import LlamaConfig
-
-    LlamaConfig(
-        vocab_size=106, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False,
-    ).save_pretrained(cfg_dir)
-    import csv
-
-    rows = list(csv.reader(open(os.path.join(cli.DEMO_DIR, "train.csv"), encoding="utf-8")))[1:60]
-    corpus = base / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t, _ in rows), encoding="utf-8")
-    out = base / "run"
-    config = lm_run_config(str(cfg_dir), str(corpus), out)
-    assert cli.main(["train", write_yaml(base / "c.yaml", config)]) == 0
-    return {"config_dir": str(cfg_dir), "corpus": str(corpus), "out": out, "config": config}
-
-
-def copy_run(reference, dest, keep=("checkpoint-2", "checkpoint-4")):
-    """output_dir as a run killed after saving ``keep`` would have left it."""
-    import shutil
-
-    dest.mkdir()
-    for name in keep:
-        shutil.copytree(reference["out"] / name, dest / name)
-    return dest
 
 
 # -- kills --------------------------------------------------------------------------------------
@@ -172,11 +112,15 @@ def _kill_run(tmp_path, config, point, step):
 def test_sigkill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_result(tmp_path, reference, point, capsys):
     config = lm_run_config(reference["config_dir"], reference["corpus"], tmp_path / "run")
     out, path = _kill_run(tmp_path, config, point, step=4)
-    # The interrupted save never became a checkpoint-4: only its hidden staging folder is left.
-    assert sorted(os.listdir(out)) == [".tmp-checkpoint-4", "checkpoint-2", "strategy_plan.json"]
+    # The interrupted save never became a checkpoint-4: only its hidden staging folder is left, and
+    # the killed run's lock file (the kernel released the lock itself).
+    assert sorted(os.listdir(out)) == [".hf-llama-strategies.lock", ".tmp-checkpoint-4", "checkpoint-2",
+                                       "strategy_plan.json"]
     assert checkpoint_problem(str(out / "checkpoint-2")) is None
     before = tree(out / "checkpoint-2")
     assert cli.main(["train", path, "--resume_from_checkpoint", "true"]) == 0
+    assert "took over the lock of output_dir" in capsys.readouterr().out
+    assert not (out / ".hf-llama-strategies.lock").exists()
     assert_same_weights(out, reference["out"])
     assert_same_weights(out / "checkpoint-6", reference["out"] / "checkpoint-6")
     assert tree(out / "checkpoint-2") == before
@@ -311,25 +255,56 @@ def test_allow_plan_change_with_new_rates_and_trainable_set_takes_effect(tmp_pat
 # -- output_dir safety -------------------------------------------------------------------------
 
 
-def test_overwrite_output_dir_never_deletes_or_overwrites_an_earlier_run(tmp_path, reference, capsys):
+def test_overwrite_output_dir_moves_the_earlier_run_aside_whole_and_starts_fresh(tmp_path, reference, capsys):
     out = copy_run(reference, tmp_path / "run", keep=("checkpoint-2", "checkpoint-4", "checkpoint-6"))
+    (out / "notes.txt").write_text("mine", encoding="utf-8")  # one rule: unrelated files move with the run
     before = tree(out)
     config = lm_run_config(reference["config_dir"], reference["corpus"], out, overwrite_output_dir=True,
                            save_total_limit=1)
+    assert cli.main(["train", write_yaml(tmp_path / "c.yaml", config)]) == 0
+    printed = capsys.readouterr().out
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.earlier-")]
+    assert f"moved the earlier contents of {out} to {aside}" in printed
+    assert tree(aside) == before  # every file of the earlier run, byte for byte
+    # A fresh run: its own checkpoints only (rotation never saw the earlier ones), the same result.
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-6"]
+    assert_same_weights(out, reference["out"])
+
+
+def test_occupied_output_dir_is_refused_naming_the_options_that_work(tmp_path, reference, capsys):
+    out = copy_run(reference, tmp_path / "run")
+    before = tree(out)
+    config = lm_run_config(reference["config_dir"], reference["corpus"], out)
     assert cli.main(["train", write_yaml(tmp_path / "c.yaml", config)]) == 2
-    assert "holds an earlier run (checkpoint-2" in one_line_error(capsys)
+    line = one_line_error(capsys)
+    for fragment in ("already holds files (checkpoint-2, checkpoint-4)", "--resume_from_checkpoint true (from "
+                     "checkpoint-4)", "--overwrite_output_dir true", "run.earlier-", "nothing is deleted",
+                     "another --output_dir"):
+        assert fragment in line, line
     assert tree(out) == before
 
 
-def test_overwrite_output_dir_adds_files_beside_unrelated_ones(tmp_path, reference):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine", encoding="utf-8")
+def test_a_refused_run_with_overwrite_output_dir_puts_the_earlier_contents_back(tmp_path, reference, capsys):
+    out = copy_run(reference, tmp_path / "run")
+    before = tree(out)
+    # A plan error found once the model is built, after the move: the run keeps nothing.
     config = lm_run_config(reference["config_dir"], reference["corpus"], out, overwrite_output_dir=True,
-                           max_steps=2)
-    assert cli.main(["train", write_yaml(tmp_path / "c.yaml", config)]) == 0
-    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
-    assert (out / "checkpoint-2").is_dir() and (out / "model.safetensors").is_file()
+                           trainable_layers="7:")
+    assert cli.main(["train", write_yaml(tmp_path / "c.yaml", config)]) == 2
+    assert "it has 3 layers" in one_line_error(capsys)
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "run"]
+
+
+def test_overwrite_output_dir_never_moves_a_folder_holding_the_inputs(tmp_path, reference, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = lm_run_config(reference["config_dir"], reference["corpus"], ".", overwrite_output_dir=True)
+    path = write_yaml(tmp_path / "c.yaml", config)
+    before = tree(tmp_path)
+    assert cli.main(["train", path]) == 2
+    assert "holds the working directory" in one_line_error(capsys)
+    assert tree(tmp_path) == before
+    assert not [p for p in tmp_path.parent.iterdir() if ".earlier-" in p.name]
 
 
 def test_staged_checkpoint_holds_exactly_the_trainers_files(tmp_path, lm_dataset):

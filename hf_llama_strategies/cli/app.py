@@ -8,8 +8,9 @@ import re
 import sys
 from typing import Any, Optional, Sequence
 
+from ..core.faults import machine_fault
 from ..data.local import SFT
-from ..errors import CliError, StrategyError
+from ..errors import EXIT_STORAGE, CliError, StorageError, StrategyError, TrainingStopped
 from .config import ArgumentsParser, load_config_file
 from .demo import CONFIGS_DIR, DEMO_CONFIG, DEMO_SFT_CONFIG, demo_config, demo_task
 from .llamafactory import (
@@ -64,10 +65,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except StrategyError as exc:
         print(f"hf-llama-strategies: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(f"hf-llama-strategies: {stopped_line(stopped)}", file=sys.stderr)
+        return int(stopped.code)
     except KeyboardInterrupt:
         print("hf-llama-strategies: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as exc:
+        fault = machine_fault(exc)
+        if fault is not None:
+            # The machine's, not ours nor the user's input: one line, its own exit code.
+            filename = getattr(exc, "filename", None)
+            where = str(exc) if isinstance(exc, StorageError) else (
+                f"{argv[0]} failed: {fault[0]}" + (f" ({filename})" if filename else ""))
+            print(f"hf-llama-strategies: error: {one_line(where)}", file=sys.stderr)
+            return EXIT_STORAGE
         # Bad input is refused above with one line; anything else is ours to fix.
         import traceback
 
@@ -110,7 +122,7 @@ def _run(command: str, rest: list[str]) -> None:
             raise CliError(f"plan needs a config file, e.g. {os.path.join(CONFIGS_DIR, 'llama3-8b.yaml')}")
     config = _config(config_path, overrides, echo=not plan_options.json)  # `plan --json` prints JSON alone
     if command == "train":
-        run_train(config, overrides)
+        run_train(config, overrides, config_file=config_path)
     else:
         run_plan(config, overrides, options=plan_options)
 
@@ -130,7 +142,24 @@ def _config(path: Optional[str], overrides: list[str], echo: bool) -> dict[str, 
     return native
 
 
+#: The longest error line printed: a value quoted from a file (a 64 MB CSV header) is cut.
+MAX_LINE = 1000
+
+
 def one_line(message: str) -> str:
-    """A multi-line message (a plan difference) as one line: its lines joined by ' | '."""
+    """A multi-line message (a plan difference) as one line: its lines joined by ' | ', cut to :data:`MAX_LINE`."""
     parts = [re.sub(r"^-\s+", "", p.strip()) for p in message.splitlines()]
-    return " | ".join(p for p in parts if p)
+    line = " | ".join(p for p in parts if p)
+    if len(line) > MAX_LINE:
+        cut = len(line) - MAX_LINE
+        line = f"{line[:MAX_LINE // 2]} ... [{cut} characters cut] ... {line[-MAX_LINE // 2:]}"
+    return line
+
+
+def stopped_line(stopped: TrainingStopped) -> str:
+    """``stopped by SIGTERM at step 4; checkpoint-4 saved; resume with `--resume_from_checkpoint true```."""
+    if stopped.step == 0 and stopped.checkpoint is None:
+        return f"stopped by {stopped.signal_name} before training began; nothing of this run was kept"
+    saved = f"{os.path.basename(stopped.checkpoint)} saved" if stopped.checkpoint else "no checkpoint could be saved"
+    return (f"stopped by {stopped.signal_name} at step {stopped.step}; {saved}; resume with "
+            "`--resume_from_checkpoint true`")

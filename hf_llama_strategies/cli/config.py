@@ -24,13 +24,15 @@ from ..arguments import StrategyArguments
 from ..core.dtypes import normalise_dtype_name
 from ..core.options import TRUE_WORDS, is_number, is_whole
 from ..core.plugins import default_plugin_manager
-from ..data.local import TASKS, DataArguments, check_data_arguments
+from ..data.local import TASKS, DataArguments, check_data_arguments, not_a_file
 from ..data.metrics import metric_path
 from ..data.sft import SFTArguments
 from ..errors import CliError, InvalidArgumentError, StrategyError
 from ..training.resume import resolve_resume
 from ..training.validation import check_run_arguments
 
+#: What the CLI sets unless the config or the command line says otherwise.
+_CLI_DEFAULTS = {"precision": "auto", "checkpoint_on_signal": True, "lock_output_dir": True}
 _MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _PATH_KEYS = ("model_name_or_path", "model_config", "tokenizer_name_or_path", "train_file", "validation_file")
 
@@ -76,9 +78,9 @@ class RunArguments:
         default=False,
         metadata={
             "help": (
-                "Write into an output_dir that already holds other files. Only new files are added: a run that "
-                "would overwrite or delete anything there (an earlier run's checkpoints, model, plan or results) "
-                "is refused before it starts; resume such a run with resume_from_checkpoint instead."
+                "Start afresh in an output_dir that already holds files: its contents are first moved, in one "
+                "rename, to a sibling folder (<output_dir>.earlier-<date>-<time>, named in one line); nothing is "
+                "deleted. Without it such a run is refused (resume it with resume_from_checkpoint instead)."
             )
         },
     )
@@ -136,8 +138,10 @@ def load_config_file(path: str) -> dict[str, Any]:
     """Read a flat YAML (or JSON) config file into a dict."""
     import yaml
 
-    if not os.path.isfile(path):
-        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+    problem = not_a_file(path)
+    if problem:
+        what = "is a directory, not a file" if os.path.isdir(path) else (
+            "does not exist" if problem == "No such file." else problem[0].lower() + problem[1:].rstrip("."))
         raise CliError(f"config file {path!r} {what}.")
     try:
         with open(path, "rb") as fh:
@@ -275,8 +279,9 @@ def _parse(config: dict[str, Any], overrides: Sequence[str]) -> list[Any]:
     parser = ArgumentsParser()
     # The file's values become the parser's defaults: they keep their YAML types (lists, bools,
     # mappings), strings still go through each field's type, and the command line overrides them.
-    # The CLI picks the precision for the hardware unless told (the library leaves it unset).
-    parser.set_defaults(**{"precision": "auto", **config})
+    # The CLI picks the precision for the hardware, saves a checkpoint when a scheduler stops it and
+    # locks output_dir, unless told otherwise (the library leaves all three off).
+    parser.set_defaults(**{**_CLI_DEFAULTS, **config})
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=list(overrides), return_remaining_strings=True)
     except (CliError, StrategyError):

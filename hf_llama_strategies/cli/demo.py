@@ -6,7 +6,6 @@ import os
 from typing import Any, Optional, Sequence
 
 from ..data.local import SEQ_CLS, SFT
-from .config import given
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 DEMO_DIR = os.path.join(ASSETS, "demo")
@@ -67,14 +66,9 @@ DEMO_SFT_CONFIG: dict[str, Any] = {
 
 
 def demo_config(demo: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A demo, into a fresh ``outputs/demo[-N]`` each time (a run never writes over an earlier one)."""
-    config = dict(demo)
-    if not given("output_dir", {}, overrides):
-        base, n = config["output_dir"], 1
-        while os.path.exists(config["output_dir"]) and os.listdir(config["output_dir"]):
-            n += 1
-            config["output_dir"] = f"{base}-{n}"
-    return config
+    """A demo's config. Its ``output_dir`` (``outputs/demo``) follows the one rule of every run: an occupied
+    one is refused, naming ``--overwrite_output_dir true`` (the earlier demo moved aside) and ``--output_dir``."""
+    return dict(demo)
 
 
 def demo_task(overrides: Sequence[str]) -> Optional[str]:

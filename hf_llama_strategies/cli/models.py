@@ -7,6 +7,7 @@ from typing import Any
 
 from ..data.local import CAUSAL_LM, SEQ_CLS, SFT
 from ..errors import InvalidArgumentError
+from ..training.checkpoints import weights_problem
 from .config import ModelArguments
 
 
@@ -22,12 +23,50 @@ def load_model_config(model_args: ModelArguments) -> Any:
     option = "model_config" if model_args.model_config else "model_name_or_path"
     if model_args.model_config and not os.path.exists(source):
         raise InvalidArgumentError(option, source, "a config.json file or a directory holding one", "No such path.")
+    _check_local_model_path(option, source)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise InvalidArgumentError(
             option, source, "a model directory, a config.json or a reachable Hub id", str(exc)
         ) from None
+
+
+def looks_like_a_path(value: str) -> bool:
+    """A value that can only be a local path, never a Hub id (``org/name``): absolute, relative, or deeper."""
+    return (os.path.isabs(value) or value.startswith(("./", "../", "~")) or value.count("/") > 1
+            or value.endswith("/") or (os.sep != "/" and os.sep in value))
+
+
+def _check_local_model_path(option: str, source: str) -> None:
+    """A local model folder that is missing, or holds no config.json, in this library's words (not the Hub's)."""
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "config.json")) and option == "model_name_or_path":
+            raise InvalidArgumentError(option, source, "a model directory", "It holds no config.json.")
+        return
+    if os.path.exists(source):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if looks_like_a_path(source) or offline:
+        hint = "No such directory." if looks_like_a_path(source) else (
+            "No such directory here, and HF_HUB_OFFLINE is set (no Hub lookup).")
+        raise InvalidArgumentError(option, source, "a model directory or a Hub id", hint)
+
+
+def check_model_weights(path: str) -> None:
+    """Refuse a local model folder whose weights are missing or not whole, before ``from_pretrained`` reads them.
+
+    Raises:
+        InvalidArgumentError: naming ``model_name_or_path``, the folder and the file.
+    """
+    if not os.path.isdir(path):
+        return
+    problem = weights_problem(path, allow_other_layouts=False)
+    if problem:
+        raise InvalidArgumentError(
+            "model_name_or_path", path, "a model directory with whole weights",
+            f"In it: {problem}. To train from fresh weights instead, give model_config.",
+        )
 
 
 def _auto_model_class(task: str) -> Any:
@@ -98,10 +137,16 @@ def build_model(model_args: ModelArguments, config: Any, task: str, meta: bool =
                 return auto.from_config(config, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
         torch.manual_seed(0)
         return auto.from_config(config, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
-    return auto.from_pretrained(
-        model_args.model_name_or_path, config=config, dtype=_dtype(model_args),
-        trust_remote_code=model_args.trust_remote_code,
-    )
+    path = str(model_args.model_name_or_path)
+    check_model_weights(path)
+    try:
+        return auto.from_pretrained(
+            path, config=config, dtype=_dtype(model_args), trust_remote_code=model_args.trust_remote_code,
+        )
+    except OSError as exc:  # the Hub's or a file's error, named as this option's
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidArgumentError("model_name_or_path", path, "a model directory or a reachable Hub id",
+                                   first[:300]) from None
 
 
 def load_tokenizer(model_args: ModelArguments) -> Any:

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from ..core.faults import writing
 from ..data.local import CAUSAL_LM, SEQ_CLS, SFT
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, TrainingStopped
+from ..training.checkpoints import checkpoint_problem
+from ..training.stop_signal import SignalReceived, SignalStop, signal_name
 from .config import ParsedConfig, given, parse_config
 from .models import build_model, configure_for_task, load_model_config, load_tokenizer
-from .output_dir import check_output_dir, created_output_dir
+from .output_dir import OutputDir
 from .quiet import quiet_run
+
+#: Keys whose values are input paths: an output_dir holding one is never moved aside.
+_INPUT_KEYS = ("model_name_or_path", "model_config", "tokenizer_name_or_path", "train_file", "validation_file",
+               "deepspeed")
 
 
 @dataclass
@@ -24,29 +33,78 @@ class _TaskData:
     data: Any
 
 
-def run_train(config: dict[str, Any], overrides: Sequence[str] = ()) -> dict[str, float]:
-    """Fine-tune as ``config`` says; returns the final metrics. Everything is checked before writing."""
-    from ..training.loss_plot import plot_loss, require_matplotlib
+def run_train(config: dict[str, Any], overrides: Sequence[str] = (), config_file: Optional[str] = None
+              ) -> dict[str, float]:
+    """Fine-tune as ``config`` says; returns the final metrics. Everything is checked before writing.
+
+    ``config_file``, where ``config`` was read from, is one of the run's inputs (never moved aside).
+
+    Raises:
+        TrainingStopped: SIGTERM or SIGUSR1 stopped the run (after a complete checkpoint, once
+            training began); no final model or results were written.
+        StorageError: the machine failed a write (disk full, ...); what the run had begun of its
+            final outputs is removed, its complete checkpoints stay.
+    """
+    from ..training.loss_plot import require_matplotlib
 
     parsed = parse_config(config, overrides)
     if parsed.run.plot_loss:
         require_matplotlib()
     if parsed.run.resume_note:
         print(f"hf-llama-strategies: {parsed.run.resume_note}")
-    check_output_dir(parsed.training, parsed.run)
     quiet_run(parsed.training)
-    with created_output_dir(parsed.training.output_dir):
+    inputs = [str(v) for v in (getattr(a, k, None) for a in parsed for k in _INPUT_KEYS) if isinstance(v, str)]
+    inputs += [config_file] if config_file else []
+    # The CLI holds output_dir's lock itself, for the whole run (not for the trainer's lifetime).
+    lock, parsed.strategy.lock_output_dir = parsed.strategy.lock_output_dir, False
+    signals = SignalStop(defer=False) if parsed.strategy.checkpoint_on_signal else contextlib.nullcontext()
+    try:
+        with signals, OutputDir(parsed, inputs, lock=lock) as output:
+            for note in output.notes:
+                print(f"hf-llama-strategies: {note}")
+            metrics = _run(parsed, config, overrides)
+    except SignalReceived as received:  # before training began: nothing of this run is kept
+        raise TrainingStopped(received.signum, signal_name(received.signum), 0, None) from None
+    if parsed.training.process_index == 0:
+        print(written_summary(parsed.training.output_dir))
+    return metrics
+
+
+def _run(parsed: ParsedConfig, config: dict[str, Any], overrides: Sequence[str]) -> dict[str, float]:
+    """Load, build, train, evaluate, save; a stop signal after training began ends at a complete checkpoint."""
+    trainer = None
+    try:
         task_data = _load_data(parsed)
         trainer = _build_trainer(parsed, task_data, config, overrides)
         metrics = _train_or_finish(trainer, parsed.training)
         if task_data.data.eval is not None:
             metrics.update(_evaluate(trainer, task_data.task))
-        trainer.save_state()
+        with writing("saving trainer_state.json", parsed.training.output_dir):
+            trainer.save_state()
         if parsed.run.plot_loss and trainer.is_world_process_zero():
-            plot_loss(trainer.state.log_history, parsed.training.output_dir)
-    if parsed.training.process_index == 0:
-        print(written_summary(parsed.training.output_dir))
-    return metrics
+            from ..training.loss_plot import plot_loss
+
+            with writing("writing training_loss.png", parsed.training.output_dir):
+                plot_loss(trainer.state.log_history, parsed.training.output_dir)
+        return metrics
+    except SignalReceived as received:
+        raise _stopped_after_training(trainer, received.signum) from None
+
+
+def _stopped_after_training(trainer: Any, signum: int) -> TrainingStopped:
+    """A signal outside the training loop: once steps were trained, make sure a checkpoint holds them."""
+    name = signal_name(signum)
+    step = trainer.state.global_step if trainer is not None else 0
+    if step == 0:
+        return TrainingStopped(signum, name, 0, None)
+    path = os.path.join(trainer.args.output_dir, f"checkpoint-{step}")
+    args = trainer.args
+    # After load_best_model_at_end the model holds another step's weights; several processes
+    # cannot meet at the save's barriers from wherever the signal found each: resume from the last one.
+    if checkpoint_problem(path) is not None and not args.load_best_model_at_end and args.world_size == 1:
+        with writing(f"saving checkpoint-{step}", path):
+            trainer._save_checkpoint(trainer.model, None)
+    return TrainingStopped(signum, name, step, path if checkpoint_problem(path) is None else None)
 
 
 def written_summary(output_dir: str) -> str:
@@ -133,14 +191,15 @@ def _cli_defaults(training_args: Any, config: dict[str, Any], overrides: Sequenc
 
 def _train_or_finish(trainer: Any, training_args: Any) -> dict[str, float]:
     """Train (resuming where asked), save the model and the training metrics."""
-    from ..training.resume import checkpoint_finished, set_aside_incomplete
+    from ..training.resume import checkpoint_finished, set_aside_incomplete_once
 
+    out = training_args.output_dir
     resume: Optional[str] = training_args.resume_from_checkpoint
     if resume:
         # The plan check first: a refused resume changes nothing in output_dir.
         if trainer.strategy_callback.plan is not None:
             trainer.strategy_callback.check_resume(resume)
-        set_aside_incomplete(training_args.output_dir)
+        set_aside_incomplete_once(out, trainer)
     if resume and checkpoint_finished(resume, training_args):
         # Killed after its last checkpoint: its weights are the result (training again would add a step).
         from transformers import TrainerState
@@ -148,12 +207,19 @@ def _train_or_finish(trainer: Any, training_args: Any) -> dict[str, float]:
         print(f"hf-llama-strategies: {resume} is the end of this run; saving its final outputs")
         trainer._load_from_checkpoint(resume)
         trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
-        trainer.save_model()
+        with writing("saving the final model", out):
+            trainer.save_model()
         return {}
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
+    jit_step = getattr(trainer, "jit_checkpoint_step", None)
+    if jit_step is not None:
+        # transformers' enable_jit_checkpoint saved and stopped at SIGTERM: the run is not finished.
+        path = os.path.join(out, f"checkpoint-{jit_step}")
+        raise TrainingStopped(signal.SIGTERM, "SIGTERM", jit_step, path if os.path.isdir(path) else None)
+    with writing("saving the final model", out):
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
     return dict(result.metrics)
 
 
@@ -164,7 +230,8 @@ def _evaluate(trainer: Any, task: str) -> dict[str, float]:
     if task in (CAUSAL_LM, SFT) and "eval_loss" in metrics:
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
+    with writing("saving the evaluation results", trainer.args.output_dir):
+        trainer.save_metrics("eval", metrics)
     return dict(metrics)
 
 

@@ -11,9 +11,10 @@ the run's manager it is given).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -113,6 +114,24 @@ class StrategyPlan:
             if "dtype" in changes:
                 decision.nbytes = None  # measured for the old dtype
             setattr(decision, reason_field, reason)
+
+    def bad_number(self) -> Optional[str]:
+        """The first learning rate, rate scale or weight decay no run survives, described; ``None`` when all are fine.
+
+        A rate must be a finite number > 0 (a frozen parameter's is not read), a weight decay a
+        finite number >= 0: a NaN rate trains every weight into NaN without an error.
+        """
+        for d in self.decisions.values():
+            for attr, low, expected in (("lr", 0.0, "a finite number > 0"), ("lr_scale", 0.0, "a finite number > 0"),
+                                        ("weight_decay", None, "a finite number >= 0")):
+                value = getattr(d, attr)
+                if value is None or (attr != "weight_decay" and not d.trainable):
+                    continue
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                if not ok or (value <= low if low is not None else value < 0):
+                    who = d.lr_reason if attr != "weight_decay" else d.reason
+                    return f"{d.name}: {attr}={value!r} (set by {who or 'an unnamed decision'}), expected {expected}"
+        return None
 
     def select(self, predicate: Callable[[ParamDecision], bool]) -> list[str]:
         """Names of the decisions for which ``predicate`` is true, in model order."""

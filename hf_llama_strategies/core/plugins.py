@@ -315,7 +315,11 @@ def _guard(function: Callable[..., Any], hook: str, display: str) -> Callable[..
 
 
 def _check_answer(hook: str, where: str, result: Any, kwargs: dict[str, Any]) -> None:
-    """Refuse an answer of the wrong type or about things that do not exist."""
+    """Refuse an answer of the wrong type or about things that do not exist, or a plan it left unusable."""
+    if hook in ("hfls_plan_parameters", "hfls_adjust_plan") and kwargs.get("plan") is not None:
+        problem = kwargs["plan"].bad_number()
+        if problem:
+            raise PluginError(f"{where} left a value no run survives in the plan: {problem}.")
     if result is None:
         return
     if hook == "hfls_model_anatomy":

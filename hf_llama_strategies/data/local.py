@@ -6,7 +6,9 @@ training: a missing file or column is an :class:`InvalidArgumentError` that name
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Optional
@@ -23,6 +25,9 @@ SEQ_CLS = "seq_cls"
 SFT = "sft"  # instruction and chat data: sft.py
 TASKS = ("auto", CAUSAL_LM, SEQ_CLS, SFT)
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+#: The longest line a text, JSON-lines or CSV file may hold: one example. Longer is refused by
+#: size before it is read whole (a 2 GB one-line file grew the reader's memory until it was killed).
+MAX_LINE_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -81,13 +86,33 @@ class TaskData:
     label_names: list[str] = field(default_factory=list)
 
 
+def not_a_file(path: str) -> Optional[str]:
+    """Why ``path`` is not a regular file this process can read, in words; ``None`` when it is one."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "It is a symbolic link loop."
+        if exc.errno == errno.ENOENT:
+            return "It is a symbolic link to a missing file." if os.path.islink(path) else "No such file."
+        return f"It cannot be opened ({exc.strerror})."
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe): reading it waits for a writer"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    for test, what in kinds:
+        if test(info.st_mode):
+            return f"It is {what}, not a regular file."
+    if not os.access(path, os.R_OK):
+        return "It cannot be read (permission denied)."
+    return None
+
+
 def _builder(option: str, path: str) -> str:
     if not isinstance(path, str) or not path:
         raise InvalidArgumentError(option, path, "a path to a .txt, .json, .jsonl or .csv file")
-    if os.path.isdir(path):
-        raise InvalidArgumentError(option, path, "a data file", "It is a directory.")
-    if not os.path.isfile(path):
-        raise InvalidArgumentError(option, path, "an existing file", "No such file.")
+    problem = not_a_file(path)
+    if problem:
+        raise InvalidArgumentError(option, path, "an existing file" if problem == "No such file." else "a data file",
+                                   problem)
     ext = os.path.splitext(path)[1].lower()
     if ext not in _BUILDERS:
         raise InvalidArgumentError(option, path, f"a file ending in one of {sorted(_BUILDERS)}")
@@ -109,6 +134,7 @@ def check_data_file(option: str, path: str, builder: str) -> None:
 
     if os.path.getsize(path) == 0:
         raise DataFileError(option, path, "The file is empty.")
+    check_line_lengths(option, path, builder)
     decoder = codecs.getincrementaldecoder("utf-8")()
     chunks: list[str] = []
     offset = 0
@@ -173,19 +199,43 @@ def check_data_file(option: str, path: str, builder: str) -> None:
                 )
 
 
+def check_line_lengths(option: str, path: str, builder: str) -> None:
+    """Refuse a line over :data:`MAX_LINE_BYTES`, reading the file in blocks (never a whole line at once).
+
+    A JSON file that is one list (often written on one line) is read whole as JSON anyway: not checked.
+    """
+    with open(path, "rb") as fh:
+        if builder == "json" and fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            return
+        fh.seek(0)
+        line, current = 1, 0  # the line being read, and its bytes so far
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            pieces = block.split(b"\n")
+            lengths = [current + len(pieces[0]), *map(len, pieces[1:])]
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            if lengths[longest] > MAX_LINE_BYTES:
+                raise DataFileError(
+                    option, path, f"Line {line + longest} is over {MAX_LINE_BYTES // 2**20} MiB long (a line is one "
+                    "example). Split it into lines or records of reasonable length."
+                )
+            line, current = line + len(pieces) - 1, lengths[-1]
+
+
 def _load(builder: str, files: dict[str, str]) -> Any:
-    """``datasets.load_dataset``; anything it still fails on becomes one message naming the file."""
+    """``datasets.load_dataset``, each file on its own; what it still fails on becomes one message naming the file."""
     import datasets
 
-    try:
-        return datasets.load_dataset(builder, data_files=files)
-    except Exception as exc:  # datasets/pyarrow raise many types for one bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        names = " or ".join(files.values())
-        raise DataFileError(
-            "train_file" if len(files) == 1 else "train_file/validation_file", names,
-            f"datasets cannot read it as {builder}: {first[:300]}",
-        ) from None
+    loaded = {}
+    for split, path in files.items():
+        try:
+            loaded[split] = datasets.load_dataset(builder, data_files={split: path})[split]
+        except Exception as exc:  # datasets/pyarrow raise many types for one bad file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataFileError(
+                "train_file" if split == "train" else "validation_file", path,
+                f"datasets cannot read it as {builder}: {first[:300]}",
+            ) from None
+    return datasets.DatasetDict(loaded)
 
 
 def load_raw(data_args: DataArguments) -> Any:
@@ -346,8 +396,8 @@ def prepare(raw: Any, task: str, tokenizer: Any, data_args: DataArguments) -> Ta
             out["labels"] = [index[_label_key(v)] for v in batch[data_args.label_column]]
             return out
 
-        columns = raw["train"].column_names
-        tokenised = {k: v.map(encode, batched=True, remove_columns=columns) for k, v in raw.items()}
+        # Each file's own columns: a validation file may hold others than the train file.
+        tokenised = {k: v.map(encode, batched=True, remove_columns=v.column_names) for k, v in raw.items()}
     else:
         block = data_args.max_seq_length
 

@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from ..errors import BadRecordError, InvalidArgumentError, StrategyError
 from .chat_templates import MULTIMODAL_TEMPLATE, TEMPLATES, build_chat_template, stop_token
+from .local import check_line_lengths, not_a_file
 
 logger = logging.get_logger(__name__)
 
@@ -149,10 +150,12 @@ def normalise_format(value: str, option: str = "sft_format") -> str:
 
 def read_records(path: str, option: str) -> list[Any]:
     """The records of a ``.json`` (a list) or ``.jsonl`` (one per line) file."""
-    if not os.path.isfile(path):
-        raise InvalidArgumentError(option, path, "an existing .json or .jsonl file", "No such file.")
+    problem = not_a_file(path)
+    if problem:
+        raise InvalidArgumentError(option, path, "an existing .json or .jsonl file", problem)
     if not path.lower().endswith(_EXTENSIONS):
         raise InvalidArgumentError(option, path, "a .json or .jsonl file of records")
+    check_line_lengths(option, path, "json")
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     try:

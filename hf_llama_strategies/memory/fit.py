@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ..core.plugins import PluginManager
 
 _UNITS = {
-    "": 1, "b": 1,
+    "b": 1,
     "k": 2**10, "kib": 2**10, "kb": 10**3,
     "m": 2**20, "mib": 2**20, "mb": 10**6,
     "g": 2**30, "gib": 2**30, "gb": 10**9,
@@ -59,6 +59,12 @@ def parse_size(text: Any, option: str = "--fit") -> int:
     """
     match = _SIZE.match(str(text)) if isinstance(text, (str, int, float)) and not isinstance(text, bool) else None
     unit = match.group(2).lower() if match else None
+    if unit == "":
+        # `--fit 80` meant 80 GiB, not 80 bytes: a size needs its unit.
+        raise InvalidArgumentError(
+            option, text, "a memory size with its unit, such as 80GiB, 80GB or 24G",
+            f"A bare number is not taken as bytes: write {match.group(1)}GiB (or B for bytes).",
+        )
     if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
         raise InvalidArgumentError(
             option, text, "a positive memory size such as 80GiB, 80GB, 24G or 81920MiB (KiB/MiB/GiB/TiB: powers "

@@ -41,6 +41,7 @@ from ..arguments import StrategyArguments
 from ..context import RunContext
 from ..core.decisions import DEFAULT_GROUP
 from ..core.distributed import check_distributed
+from ..core.faults import writing
 from ..core.plan import StrategyPlan
 from ..core.plugins import plugin_manager_for
 from ..errors import PlanError
@@ -296,7 +297,8 @@ class StrategyCallback(TrainerCallback):
             for note in self.plan.notes:
                 logger.warning(note)
         if args.should_save:
-            self.plan.save(args.output_dir)
+            with writing("saving strategy_plan.json", args.output_dir):
+                self.plan.save(args.output_dir)
         # The optimizer (and its resumed state) exists now; the step about to run decides.
         self.runner.apply(model, state.global_step, kwargs.get("optimizer"))
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from transformers.utils import logging
 
+from ..core.faults import writing
 from ..core.plan import PLAN_FILE_NAME, StrategyPlan
 
 logger = logging.get_logger(__name__)
@@ -34,6 +35,8 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safete
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
 _SCHEDULER_FILE = "scheduler.pt"
+#: What transformers' ``enable_jit_checkpoint`` writes into ``checkpoint-N`` before saving it, removes after.
+JIT_SENTINEL = "checkpoint-is-incomplete.txt"
 
 
 def checkpoint_step(path: str) -> Optional[int]:
@@ -87,7 +90,13 @@ def _file_problem(path: str) -> Optional[str]:
     return None
 
 
-def _weights_problem(path: str) -> Optional[str]:
+def weights_problem(path: str, allow_other_layouts: bool = True) -> Optional[str]:
+    """What makes the model weights of folder ``path`` unusable (missing, truncated, damaged), or ``None``.
+
+    Args:
+        path: a checkpoint or model folder.
+        allow_other_layouts: FSDP's and DeepSpeed's own weight folders count as weights.
+    """
     names = set(os.listdir(path))
     for index in _INDEX_FILES:
         if index in names:
@@ -107,7 +116,8 @@ def _weights_problem(path: str) -> Optional[str]:
     if not present:
         # FSDP and DeepSpeed keep weights in folders of their own: their layout is theirs to check.
         own_layout = ("pytorch_model_fsdp", "global_step")
-        if any(os.path.isdir(os.path.join(path, n)) and n.startswith(own_layout) for n in names):
+        own = [n for n in names if n.startswith(own_layout) and os.path.isdir(os.path.join(path, n))]
+        if allow_other_layouts and own:
             return None
         return f"no model weights ({' or '.join(_WEIGHT_FILES[:2])})"
     for name in present:
@@ -126,6 +136,8 @@ def checkpoint_problem(path: str, require_optimizer: bool = True) -> Optional[st
     """
     if not os.path.isdir(path):
         return "no such directory"
+    if os.path.exists(os.path.join(path, JIT_SENTINEL)):
+        return f"{JIT_SENTINEL} (its enable_jit_checkpoint save was interrupted)"
     state_path = os.path.join(path, TRAINER_STATE)
     if not os.path.isfile(state_path):
         return f"no {TRAINER_STATE} (its save was interrupted)"
@@ -145,7 +157,7 @@ def checkpoint_problem(path: str, require_optimizer: bool = True) -> Optional[st
     for key, kind in (("log_history", list), ("best_metric", (int, float, type(None)))):
         if key in state and not isinstance(state[key], kind) or isinstance(state.get(key), bool):
             return f"{TRAINER_STATE} holds {key}={state[key]!r}, not a {getattr(kind, '__name__', 'number')}"
-    problem = _weights_problem(path)
+    problem = weights_problem(path)
     if problem:
         return problem
     names = set(os.listdir(path))
@@ -205,13 +217,67 @@ def _fsync_tree(path: str) -> None:
 
 
 def can_stage(args: Any, trial: Any) -> bool:
-    """Whether a checkpoint can be staged: one process writes it, no hyperparameter trial, no Hub push.
+    """Whether a checkpoint can be staged: no hyperparameter trial, no Hub push, one folder per save.
 
-    Several processes write one checkpoint together under DDP/FSDP/DeepSpeed, with no barrier
-    once they are done; those checkpoints are written in place, as transformers does (a partial
-    one is still recognised and skipped on resume).
+    Under DDP/FSDP/DeepSpeed every process writes into the one staging folder, the main process
+    creates it and publishes it, with a barrier before and after. ``save_on_each_node`` (one
+    copy per node, each written by its node's processes) is written in place, as transformers
+    does: a partial one is still recognised and skipped on resume.
     """
-    return trial is None and getattr(args, "world_size", 1) == 1 and not getattr(args, "push_to_hub", False)
+    several = getattr(args, "world_size", 1) > 1
+    return trial is None and not getattr(args, "push_to_hub", False) and not (
+        several and getattr(args, "save_on_each_node", False)
+    )
+
+
+def rotate_by_step(run_dir: str, save_total_limit: Optional[int], best_model_checkpoint: Optional[str]) -> None:
+    """Delete the oldest ``checkpoint-N`` beyond ``save_total_limit``, ordered by N (never by file time).
+
+    Keeps the newest and the best one, as the Trainer does. The Trainer orders by modification
+    time: a clock set back makes the checkpoint just written the "oldest", and it is deleted.
+    """
+    from transformers.trainer_utils import rotate_checkpoints
+
+    rotate_checkpoints(
+        output_dir=run_dir, save_total_limit=save_total_limit, best_model_checkpoint=best_model_checkpoint,
+        use_mtime=False,
+    )
+
+
+def _barrier(trainer: Any) -> None:
+    if getattr(trainer.args, "world_size", 1) > 1:
+        trainer.accelerator.wait_for_everyone()
+
+
+def _is_jit_marker_of(final: str, step: int) -> bool:
+    """``final`` is what transformers' ``enable_jit_checkpoint`` made for this very save (its sentinel)."""
+    sentinel = os.path.join(final, JIT_SENTINEL)
+    if not os.path.isfile(sentinel):
+        return False
+    try:
+        with open(sentinel, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return f"step {step} " in text
+
+
+def _publish(run_dir: str, name: str, staged: str, step: int) -> str:
+    """Rename ``staged`` to ``run_dir/name``; an incomplete folder of that name is kept aside, a whole one replaced."""
+    final = os.path.join(run_dir, name)
+    if os.path.isdir(final):
+        jit = _is_jit_marker_of(final, step)
+        complete = jit or checkpoint_problem(final, require_optimizer=False) is None
+        aside = os.path.join(run_dir, (STAGING_PREFIX + "old-" if complete else INCOMPLETE_PREFIX) + name)
+        if os.path.exists(aside):
+            shutil.rmtree(aside)
+        os.rename(final, aside)
+        if complete:
+            shutil.rmtree(aside)
+        else:
+            logger.warning(f"{final} was incomplete (an interrupted save); kept as {aside}.")
+    os.rename(staged, final)
+    return final
 
 
 def save_checkpoint_staged(
@@ -230,19 +296,48 @@ def save_checkpoint_staged(
     Returns:
         The path of the published checkpoint. The files are the ones the Trainer writes;
         the best-model path in ``trainer_state.json`` is the final one; older checkpoints are
-        rotated after the new one is in place, as the Trainer does.
-    """
-    from transformers.trainer_utils import rotate_checkpoints
+        rotated (by step number) after the new one is in place. Under several processes every
+        process writes into the staging folder and the main one publishes it.
 
+    Raises:
+        StorageError: the machine failed the save (disk full, ...): the staging folder is
+            removed, every earlier checkpoint is as it was.
+    """
     run_dir = trainer.args.output_dir
-    name = f"checkpoint-{trainer.state.global_step}"
-    final = os.path.join(run_dir, name)
+    step = trainer.state.global_step
+    name = f"checkpoint-{step}"
     staging_root = os.path.join(run_dir, f"{STAGING_PREFIX}{name}")
-    if os.path.isdir(staging_root):
-        # Left by a run killed while it staged this step: never published, never complete.
-        shutil.rmtree(staging_root)
-    os.makedirs(staging_root)
-    staged = os.path.join(staging_root, name)
+    main = trainer.args.should_save
+    try:
+        with writing(f"saving {name}", staging_root):
+            if main:
+                if os.path.isdir(staging_root):
+                    # Left by a run killed while it staged this step: never published, never complete.
+                    shutil.rmtree(staging_root)
+                os.makedirs(staging_root)
+            _barrier(trainer)
+            _write_staged(trainer, write, staging_root)
+            _barrier(trainer)
+            final = os.path.join(run_dir, name)
+            if main:
+                staged = os.path.join(staging_root, name)
+                finish(staged)
+                _fsync_tree(staged)
+                final = _publish(run_dir, name, staged, step)
+                os.rmdir(staging_root)
+    except BaseException:
+        if main:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        raise
+    if main:
+        rotate_by_step(run_dir, trainer.args.save_total_limit, trainer.state.best_model_checkpoint)
+    _barrier(trainer)
+    return final
+
+
+def _write_staged(trainer: Any, write: Callable[[], None], staging_root: str) -> None:
+    """``write`` with the Trainer's output folder pointed at ``staging_root``; paths in its state made final."""
+    run_dir = trainer.args.output_dir
     # Trainer._save_checkpoint asks _get_output_dir for its folder; an instance attribute
     # shadows the method for this call only (the rotation it runs there sees one checkpoint).
     trainer._get_output_dir = lambda trial=None: staging_root
@@ -253,31 +348,9 @@ def save_checkpoint_staged(
     state = trainer.state
     if state.best_model_checkpoint and os.path.dirname(os.path.normpath(state.best_model_checkpoint)) == staging_root:
         state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(state.best_model_checkpoint))
-    if os.path.isfile(os.path.join(staged, TRAINER_STATE)):
-        state.save_to_json(os.path.join(staged, TRAINER_STATE))
-    finish(staged)
-    _fsync_tree(staged)
-    if os.path.isdir(final):
-        # Trainer would write over it; keep an incomplete one aside and replace a complete one.
-        complete = checkpoint_problem(final, require_optimizer=False) is None
-        aside = os.path.join(run_dir, (STAGING_PREFIX + "old-" if complete else INCOMPLETE_PREFIX) + name)
-        if os.path.exists(aside):
-            shutil.rmtree(aside)
-        os.rename(final, aside)
-        if complete:
-            shutil.rmtree(aside)
-        else:
-            logger.warning(f"{final} was incomplete (an interrupted save); kept as {aside}.")
-    os.rename(staged, final)
-    os.rmdir(staging_root)
-    if trainer.args.should_save:
-        rotate_checkpoints(
-            output_dir=run_dir,
-            save_total_limit=trainer.args.save_total_limit,
-            best_model_checkpoint=state.best_model_checkpoint,
-            use_mtime=True,
-        )
-    return final
+    staged_state = os.path.join(staging_root, f"checkpoint-{state.global_step}", TRAINER_STATE)
+    if trainer.args.should_save and os.path.isfile(staged_state):
+        state.save_to_json(staged_state)
 
 
 # -- resuming -------------------------------------------------------------------------------

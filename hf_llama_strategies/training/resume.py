@@ -40,6 +40,7 @@ from .checkpoints import (
     latest_complete_checkpoint,
     list_checkpoints,
 )
+from .run_lock import LOCK_FILE_NAME
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -150,9 +151,11 @@ def _restart_note(output_dir: str) -> Optional[str]:
     Nothing to lose: ``output_dir`` is missing or empty (killed while loading), or it holds only what
     a run writes before its first complete checkpoint (its plan, logs, staged or incomplete checkpoints).
     """
-    if not os.path.exists(output_dir) or (os.path.isdir(output_dir) and not os.listdir(output_dir)):
+    # This run's own lock (the CLI checks again once it holds it) is no earlier run.
+    names = [n for n in os.listdir(output_dir) if n != LOCK_FILE_NAME] if os.path.isdir(output_dir) else None
+    if not os.path.exists(output_dir) or names == []:
         return f"{output_dir} holds no earlier run yet; training from the start."
-    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    names = names or []
     if PLAN_FILE_NAME not in names:
         return None
     for name in names:
@@ -162,6 +165,11 @@ def _restart_note(output_dir: str) -> Optional[str]:
             continue
         return None
     return f"{output_dir} holds a run interrupted before its first complete checkpoint; training from the start."
+
+
+def nothing_to_lose(output_dir: str) -> bool:
+    """``output_dir`` is missing, empty, or holds only what a run writes before its first complete checkpoint."""
+    return _restart_note(output_dir) is not None
 
 
 def describe_skipped(skipped: list[tuple[str, str]]) -> str:
@@ -225,12 +233,25 @@ def check_resumed_plan(
     )
 
 
+def set_aside_incomplete_once(folder: str, trainer: Any) -> list[str]:
+    """:func:`set_aside_incomplete` by the main process only; every other process waits for it at a barrier.
+
+    Under DDP/FSDP/DeepSpeed every process runs the resume: two renaming one folder at once
+    fail (the second finds it gone). The main process is the one that saves
+    (``TrainingArguments.should_save``).
+    """
+    moved = set_aside_incomplete(folder) if trainer.args.should_save else []
+    if getattr(trainer.args, "world_size", 1) > 1:
+        trainer.accelerator.wait_for_everyone()
+    return moved
+
+
 def set_aside_incomplete(folder: str) -> list[str]:
     """Rename every incomplete ``checkpoint-N`` of ``folder`` to ``incomplete-checkpoint-N`` (kept, never deleted).
 
-    The Trainer rotates checkpoints by modification time: a partial directory a kill left
-    behind (or one half deleted by an interrupted rotation) would otherwise count as a recent
-    checkpoint and make rotation delete complete ones.
+    A partial directory a kill left behind (or one half deleted by an interrupted rotation)
+    would otherwise count as a checkpoint for rotation and for ``resume_from_checkpoint``. One
+    process only (see :func:`set_aside_incomplete_once`).
 
     Returns:
         The new paths.

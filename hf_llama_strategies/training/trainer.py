@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 import torch
@@ -20,12 +21,14 @@ from ..core.distributed import DistributedFixes, DistributedSettings, check_dist
 from ..core.dtypes import torch_dtype
 from ..core.plan import StrategyPlan
 from ..core.precision import PrecisionDecision
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, TrainingStopped
 from ..planner import build_plan, check_something_trains
 from .callback import StrategyCallback
 from .checkpoints import can_stage, save_checkpoint_staged
 from .optimizer import create_optimizer_from_plan, settle_requires_grad
 from .resume import resolve_resume
+from .run_lock import acquire_run_lock, release_run_lock
+from .stop_signal import SignalStop, StopOnSignalCallback, signal_name
 from .validation import check_trainer_arguments
 
 logger = logging.get_logger(__name__)
@@ -112,11 +115,65 @@ class StrategyTrainerMixin(_TrainerBase):
             # Before Trainer.__init__: a bad strategy fails before output_dir is created,
             # and DDP settings are known before the Trainer builds its accelerator.
             self._prepare_trainer_model_for(model, training_args, can_set=True)
+        self._lock_output_dir(training_args)
         super().__init__(*args, **kwargs)
         # A subclass that replaced the model after Trainer.__init__: plan the model it trains.
         self._prepare_trainer_model(can_set=False)
         # First in line, so the plan table prints before the progress bar starts.
         self.callback_handler.callbacks.insert(0, self.strategy_callback)
+        self._set_up_signals()
+
+    def _lock_output_dir(self, training_args: TrainingArguments) -> None:
+        """``lock_output_dir``: lock it before Trainer.__init__ creates it; released with the trainer."""
+        if not self.strategy_args.lock_output_dir or not training_args.should_save:
+            return
+        note = acquire_run_lock(training_args.output_dir)
+        if note:
+            logger.warning(f"lock_output_dir: {note}.")
+        weakref.finalize(self, release_run_lock, training_args.output_dir)
+
+    def _set_up_signals(self) -> None:
+        """``checkpoint_on_signal``: the stop callback; transformers' ``enable_jit_checkpoint`` handler stood down."""
+        self._hfls_stop: Optional[SignalStop] = None
+        self._hfls_jit_step: Optional[int] = None
+        jit = next((c for c in self.callback_handler.callbacks if type(c).__name__ == "JITCheckpointCallback"), None)
+        manager = getattr(jit, "jit_manager", None)
+        if self.strategy_args.checkpoint_on_signal:
+            self.add_callback(StopOnSignalCallback(self._stop_requested))
+            if manager is not None:
+                # One handler for SIGTERM: this one saves through the staged path and stops alike.
+                import signal
+
+                if manager._original_sigterm_handler is not None:
+                    signal.signal(signal.SIGTERM, manager._original_sigterm_handler)
+                jit.jit_manager = None
+                logger.info("enable_jit_checkpoint: SIGTERM is handled by checkpoint_on_signal (the same checkpoint).")
+        elif manager is not None:
+            execute = manager.execute_jit_checkpoint
+
+            def execute_and_record() -> None:
+                execute()
+                self._hfls_jit_step = self.state.global_step
+
+            manager.execute_jit_checkpoint = execute_and_record
+
+    @property
+    def jit_checkpoint_step(self) -> Optional[int]:
+        """The step at which transformers' ``enable_jit_checkpoint`` saved and stopped training (``None``: none)."""
+        return getattr(self, "_hfls_jit_step", None)
+
+    def _stop_requested(self) -> Optional[int]:
+        """The stop signal, agreed by every process (the first that saw one decides for all)."""
+        stop = self._hfls_stop
+        local = stop.signum if stop is not None and stop.signum is not None else 0
+        if getattr(self.args, "world_size", 1) > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                flag = torch.tensor([local], device=self.args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                local = int(flag.item())
+        return local or None
 
     def create_accelerator_and_postprocess(self) -> None:
         """Plan ``self.model`` if it is not the model planned so far, then ``Trainer``'s own.
@@ -196,7 +253,25 @@ class StrategyTrainerMixin(_TrainerBase):
             if self.strategy_callback.plan is not None:
                 self.strategy_callback.check_resume(checkpoint)
             self.strategy_callback.resume_checkpoint = checkpoint
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        if not self.strategy_args.checkpoint_on_signal:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._hfls_stop = SignalStop(defer=True).install()
+        try:
+            result = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._hfls_stop.uninstall()
+        signum = self._stop_requested()
+        if signum is None:
+            return result
+        raise self._stopped(signum)
+
+    def _stopped(self, signum: int) -> TrainingStopped:
+        """What ``train()`` raises after a stop signal: the step and the checkpoint saved at it (logged)."""
+        path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        step = self.state.global_step
+        stopped = TrainingStopped(signum, signal_name(signum), step, path if os.path.isdir(path) else None)
+        logger.warning(f"{stopped}.")
+        return stopped
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """``Trainer._save_checkpoint``, written into a hidden sibling and renamed into place.

@@ -103,6 +103,7 @@ def check_run_arguments(args: Any) -> None:
     unknown = [r for r in reporters if r is not None and r not in valid]
     if unknown:
         raise InvalidArgumentError("report_to", unknown[0], f"one of {valid}")
+    _check_reporters_installed([r for r in reporters if r not in (None, "all", "none")])
     out = args.output_dir
     if not isinstance(out, str) or not out.strip():
         raise InvalidArgumentError("output_dir", out, "a directory path")
@@ -114,3 +115,26 @@ def check_run_arguments(args: Any) -> None:
                                    f"{parent} is a file.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InvalidArgumentError("output_dir", out, "a writable directory", f"{parent} is not writable.")
+
+
+#: The package to install for a reporter, where its name is not the reporter's.
+_REPORTER_PACKAGES = {"azure_ml": "azureml-core", "flyte": "flytekit", "kubeflow": "kubeflow-training"}
+
+
+def _check_reporters_installed(reporters: list[str]) -> None:
+    """``report_to: wandb`` without wandb fails inside ``Trainer.__init__``: say it first, naming the package."""
+    import importlib.util
+
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    if importlib.util.find_spec("flytekit") is not None:
+        available.add("flyte")  # transformers' list leaves it out
+    for reporter in reporters:
+        if reporter not in available:
+            package = _REPORTER_PACKAGES.get(reporter, reporter.replace("_", "-"))
+            usable = ", ".join(sorted(available)) or "none of them here"
+            raise InvalidArgumentError(
+                "report_to", reporter, f"a reporter whose package is installed ({usable}), or none",
+                f"Install it (pip install {package}) or remove it from report_to.",
+            )

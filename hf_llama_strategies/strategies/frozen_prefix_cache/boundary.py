@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from transformers import TrainingArguments
 
 #: Bumped whenever keys, values or files change meaning: older caches are then never read.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: shards carry their fingerprint and a checksum
 
 
 @dataclass(frozen=True)
