@@ -64,6 +64,14 @@ def test_plan_device_decides_precision_for_that_hardware(tmp_path, tiny_config_d
     assert _plan_json(capsys, path, "--device", device)["plan"]["settings"]["precision"]["mode"] == mode
 
 
+def test_a_config_with_bf16_plans_for_a_gpu_this_machine_lacks(tmp_path, tiny_config_dir, capsys):
+    # TrainingArguments(bf16=True) is refused on a machine without a bf16 GPU: the flag is the named GPU's.
+    path = write_yaml(tmp_path / "p.yaml", {"model_config": tiny_config_dir, "bf16": True, "precision": "auto"})
+    assert _plan_json(capsys, path, "--device", "h100")["plan"]["settings"]["precision"]["mode"] == "bf16"
+    assert cli.main(["plan", path, "--device", "t4"]) == 2
+    assert "no native bf16" in capsys.readouterr().err
+
+
 def test_device_memory_overrides_a_named_gpus(tmp_path, tiny_config_dir, capsys):
     path = write_yaml(tmp_path / "p.yaml", {"model_config": tiny_config_dir})
     report = _plan_json(capsys, path, "--device", "a100", "--device_memory", "40GiB")

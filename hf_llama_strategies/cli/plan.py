@@ -59,8 +59,11 @@ def run_plan(
 
     options = options or PlanOptions(plot=plot)
     # parse_config has refused a batch size, accumulation or max_seq_length below 1 (cli/config.py).
-    model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
     probe = options.probe()
+    if probe is not None and probe.device_type != "cpu" and not _has_gpu():
+        # TrainingArguments refuses bf16/fp16 on a machine without a GPU; these are the named GPU's, not this one's.
+        overrides = [*overrides, "--use_cpu", "true"]
+    model_args, data_args, training_args, strategy_args, run_args = parse_config(config, overrides)
     model, context, plan = _model_and_plan(model_args, data_args, training_args, strategy_args, probe)
     training_args = context.training_args
     hardware = context.hardware or context.plugin_manager.hook.hfls_hardware_probe(training_args=training_args)
@@ -78,6 +81,12 @@ def run_plan(
         if not options.json:
             print(f"plot written to {options.plot}")
     return plan
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _model_and_plan(model_args: Any, data_args: Any, training_args: Any, strategy_args: Any,
