@@ -7,13 +7,15 @@ so that it works run as a script (``python benchmarks/x.py``) and loaded by path
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import os
 from typing import Any, Optional
 
 import torch
+
+from hf_llama_strategies.memory.peak import libc, reset_peak_rss, rss_kib
+
+__all__ = ["RandomTokens", "load_average", "pin_malloc", "reset_peak_rss", "rss_kib", "write_report"]
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -31,15 +33,7 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-# -- peak resident set (Linux) -----------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _libc() -> Optional[Any]:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
+# -- peak resident set (Linux): the package's probes (the CLI's `compare` measures with them too) --
 
 
 def pin_malloc() -> bool:
@@ -48,37 +42,13 @@ def pin_malloc() -> bool:
     By default glibc raises the threshold as large blocks are freed, after which one run's
     freed tensors serve the next run from the heap and its peak resident set shows nothing.
     """
-    libc = _libc()
+    glibc = libc()
     try:
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        glibc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        glibc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
         return True
     except AttributeError:  # no glibc
         return False
-
-
-def reset_peak_rss() -> bool:
-    """Give freed heap back and reset the kernel's peak (``VmHWM``) to the current RSS; whether it could."""
-    with contextlib.suppress(AttributeError):
-        _libc().malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_kib(field_name: str) -> Optional[int]:
-    """A KiB figure of ``/proc/self/status`` (``VmRSS``, ``VmHWM``); None where there is none."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def load_average() -> Optional[list[float]]:

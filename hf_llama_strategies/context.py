@@ -42,6 +42,8 @@ class RunContext:
             ``precision`` must agree with them.
         hardware: the device the decision was made for (the ``hfls_hardware_probe`` hook's
             answer, or the ``probe`` given), once a precision option asked for it.
+        reports: what plugins publish of the run while it trains, by name, for the caller
+            that runs it (``"frozen_prefix_cache"``: the installed cache and its counters).
     """
 
     plugin_manager: PluginManager
@@ -51,6 +53,7 @@ class RunContext:
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     fixed: bool = False
     hardware: Optional[HardwareProbe] = None
+    reports: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The README joins once it is restructured (its blocks are marked or made runnable then).
 PAGES = sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
 MARKER = re.compile(r"<!--\s*docs-test:\s*skip\s*\((.+?)\)\s*-->")
-REASONS = ("a GPU", "the Hub", "the real model", "several processes", "an installed package")
+REASONS = ("a GPU", "the Hub", "the real model", "several processes", "an installed package", "a synopsis")
 SHELL = ("bash", "sh", "shell", "console")
 TRAIN_QUICK = ["--max_steps", "1", "--eval_strategy", "no", "--max_eval_samples", "8", "--save_strategy", "no",
                "--disable_tqdm", "true", "--report_to", "none"]
@@ -108,7 +108,7 @@ def run_block(block: Block, tmp_path) -> None:
 def test_every_documented_block_runs(block, tmp_path):
     if block.skip is not None:
         assert any(reason in block.skip for reason in REASONS), f"say why it cannot run here: {REASONS}"
-        pytest.skip(f"{block.page}:{block.line} needs {block.skip}")
+        pytest.skip(f"{block.page}:{block.line}: {block.skip}")
     run_block(block, tmp_path)
 
 

@@ -105,13 +105,13 @@ def test_a_signal_before_training_keeps_nothing_and_one_after_it_keeps_a_checkpo
     from hf_llama_strategies.cli import train as cli_train
 
     out = tmp_path / "early"
-    real_load = cli_train._load_data
+    real_load = cli_train.load_task_data
 
     def load_then_signal(parsed):
         os.kill(os.getpid(), signal.SIGUSR1)
         return real_load(parsed)
 
-    monkeypatch.setattr(cli_train, "_load_data", load_then_signal)
+    monkeypatch.setattr(cli_train, "load_task_data", load_then_signal)
     assert cli.main(["train", write_yaml(tmp_path / "a.yaml", run_config(reference, out))]) == 138  # 128 + 10
     assert "stopped by SIGUSR1 before training began; nothing of this run was kept" in stopped_line(capsys)
     assert not out.exists()

@@ -2,10 +2,12 @@
 
 ``config`` parses and checks a flat YAML (and ``--key value`` overrides); ``llamafactory``
 translates a LLaMA-Factory YAML into one; ``output_dir`` keeps an earlier run's files safe;
-``models`` loads the model and tokenizer; ``train``, ``plan`` and ``app`` are the commands.
+``models`` loads the model and tokenizer; ``train``, ``plan``, ``compare`` (with ``candidates``,
+``compare_runs`` and ``compare_report``) and ``app`` are the commands.
 """
 
 from .app import main, run_plugins
+from .compare import run_compare
 from .config import load_config_file, parse_config
 from .demo import CONFIGS_DIR, DEMO_CONFIG, DEMO_DIR, DEMO_SFT_CONFIG, DEMO_SFT_DIR
 from .plan import run_plan
@@ -20,6 +22,7 @@ __all__ = [
     "load_config_file",
     "main",
     "parse_config",
+    "run_compare",
     "run_plan",
     "run_plugins",
     "run_train",

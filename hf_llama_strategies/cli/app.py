@@ -1,17 +1,18 @@
-"""The ``hf-llama-strategies`` command: ``train``, ``plan`` and ``plugins``; bad input is one line and exit code 2."""
+"""The ``hf-llama-strategies`` command: ``train``, ``plan``, ``compare`` and ``plugins``; bad input is one line and
+exit code 2."""
 
 from __future__ import annotations
 
 import difflib
 import os
-import re
 import sys
 from typing import Any, Optional, Sequence
 
 from ..core.faults import machine_fault
 from ..data.local import SFT
 from ..errors import EXIT_STORAGE, CliError, StorageError, StrategyError, TrainingStopped
-from .config import ArgumentsParser, load_config_file
+from .compare import CompareOptions, run_compare, split_compare_options
+from .config import ArgumentsParser, load_config_file, one_line
 from .demo import CONFIGS_DIR, DEMO_CONFIG, DEMO_SFT_CONFIG, demo_config, demo_task
 from .llamafactory import (
     is_llamafactory_config,
@@ -45,12 +46,18 @@ commands:
                                           print the plan and the peak memory of a training step
                                           (dry run on fake tensors: loads no weights); --fit finds
                                           settings that fit, --json prints one JSON object
+  compare CONFIG.yaml [--candidates YAML] [--budget 10m | --max_steps N] [--device_memory 80GiB]
+          [--plot PNG] [--json] [--lr_grid 1e-4,3e-4] [--eval_points 4] [--keep_runs]
+          [--share_prefix false] [--key value ...]
+                                          train candidate strategies (default: head only, last 2, last 25%,
+                                          last 50%, full, layer-wise LR decay, LISA) on the same data and
+                                          budget; a table, a plot, a recommendation (docs/compare.md)
   plugins                                 list installed and active plugins with their hooks
 
 `hf-llama-strategies train --help` lists the keys a config file or the command line may set, strategy keys
 first; `--help-all` (or docs/cli-reference.md) every key with its whole help.
 """
-_COMMANDS = ("train", "plan", "plugins")
+_COMMANDS = ("train", "plan", "compare", "plugins")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -116,13 +123,22 @@ def _run(command: str, rest: list[str]) -> None:
     config_path = rest[0] if rest and not rest[0].startswith("-") else None
     overrides = rest[1:] if config_path is not None else rest
     plan_options = PlanOptions()
+    compare_options = CompareOptions()
     if command == "plan":
         plan_options, overrides = split_plan_options(overrides)
         if config_path is None:
             raise CliError(f"plan needs a config file, e.g. {os.path.join(CONFIGS_DIR, 'llama3-8b.yaml')}")
-    config = _config(config_path, overrides, echo=not plan_options.json)  # `plan --json` prints JSON alone
+    if command == "compare":
+        compare_options, overrides = split_compare_options(overrides)
+        if config_path is None:
+            raise CliError("compare needs a config file (model, data with an eval split, training keys); "
+                           "see docs/compare.md")
+    # `plan --json` and `compare --json` print JSON alone.
+    config = _config(config_path, overrides, echo=not (plan_options.json or compare_options.json))
     if command == "train":
         run_train(config, overrides, config_file=config_path)
+    elif command == "compare":
+        run_compare(config, overrides, compare_options)
     else:
         run_plan(config, overrides, options=plan_options)
 
@@ -140,20 +156,6 @@ def _config(path: Optional[str], overrides: list[str], echo: bool) -> dict[str, 
     if echo:
         print(render_translation(native, notes))
     return native
-
-
-#: The longest error line printed: a value quoted from a file (a 64 MB CSV header) is cut.
-MAX_LINE = 1000
-
-
-def one_line(message: str) -> str:
-    """A multi-line message (a plan difference) as one line: its lines joined by ' | ', cut to :data:`MAX_LINE`."""
-    parts = [re.sub(r"^-\s+", "", p.strip()) for p in message.splitlines()]
-    line = " | ".join(p for p in parts if p)
-    if len(line) > MAX_LINE:
-        cut = len(line) - MAX_LINE
-        line = f"{line[:MAX_LINE // 2]} ... [{cut} characters cut] ... {line[-MAX_LINE // 2:]}"
-    return line
 
 
 def stopped_line(stopped: TrainingStopped) -> str:

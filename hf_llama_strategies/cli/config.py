@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -425,3 +426,17 @@ def _accepts_str(hint: Any) -> bool:
 _STRUCTURED_TEXT_OPTIONS = frozenset({"sft_datasets", "sft_eval_datasets"})
 # Text options whose value may be a YAML boolean (`resume_from_checkpoint: true`).
 _FLAG_TEXT_OPTIONS = frozenset({"resume_from_checkpoint"})
+
+
+#: The longest error line printed: a value quoted from a file (a 64 MB CSV header) is cut.
+MAX_LINE = 1000
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a plan difference) as one line: its lines joined by ' | ', cut to :data:`MAX_LINE`."""
+    parts = [re.sub(r"^-\s+", "", p.strip()) for p in message.splitlines()]
+    line = " | ".join(p for p in parts if p)
+    if len(line) > MAX_LINE:
+        cut = len(line) - MAX_LINE
+        line = f"{line[:MAX_LINE // 2]} ... [{cut} characters cut] ... {line[-MAX_LINE // 2:]}"
+    return line

@@ -25,7 +25,7 @@ _INPUT_KEYS = ("model_name_or_path", "model_config", "tokenizer_name_or_path", "
 
 
 @dataclass
-class _TaskData:
+class TaskData:
     """What the trainer is built from: the task, the tokenizer and the datasets."""
 
     task: str
@@ -53,8 +53,7 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = (), config_file
     if parsed.run.resume_note:
         print(f"hf-llama-strategies: {parsed.run.resume_note}")
     quiet_run(parsed.training)
-    inputs = [str(v) for v in (getattr(a, k, None) for a in parsed for k in _INPUT_KEYS) if isinstance(v, str)]
-    inputs += [config_file] if config_file else []
+    inputs = run_inputs(parsed, config_file)
     # The CLI holds output_dir's lock itself, for the whole run (not for the trainer's lifetime).
     lock, parsed.strategy.lock_output_dir = parsed.strategy.lock_output_dir, False
     signals = SignalStop(defer=False) if parsed.strategy.checkpoint_on_signal else contextlib.nullcontext()
@@ -70,12 +69,19 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = (), config_file
     return metrics
 
 
+def run_inputs(parsed: ParsedConfig, config_file: Optional[str] = None) -> list[str]:
+    """The paths a run reads (model, tokenizer, data, DeepSpeed config, its config file): never moved aside."""
+    inputs = [str(v) for v in (getattr(a, k, None) for a in parsed for k in _INPUT_KEYS) if isinstance(v, str)]
+    return inputs + ([config_file] if config_file else [])
+
+
 def _run(parsed: ParsedConfig, config: dict[str, Any], overrides: Sequence[str]) -> dict[str, float]:
     """Load, build, train, evaluate, save; a stop signal after training began ends at a complete checkpoint."""
     trainer = None
     try:
-        task_data = _load_data(parsed)
-        trainer = _build_trainer(parsed, task_data, config, overrides)
+        task_data = load_task_data(parsed)
+        model = build_task_model(parsed, task_data)
+        trainer = build_trainer(parsed, task_data, model, config, overrides)
         metrics = _train_or_finish(trainer, parsed.training)
         if task_data.data.eval is not None:
             metrics.update(_evaluate(trainer, task_data.task))
@@ -122,7 +128,7 @@ def written_summary(output_dir: str) -> str:
     return "\n".join(lines)
 
 
-def _load_data(parsed: ParsedConfig) -> _TaskData:
+def load_task_data(parsed: ParsedConfig) -> TaskData:
     """The task (``auto`` inferred from the data), the tokenizer and the tokenised or converted datasets."""
     import datasets
 
@@ -140,15 +146,34 @@ def _load_data(parsed: ParsedConfig) -> _TaskData:
         data = load_sft_data(data_args, data_args, tokenizer, seed=parsed.training.seed)
         for split, count in data.skipped.items():
             print(f"hf-llama-strategies: skipped {count} bad {split} record(s) (bad_records: skip)")
-        return _TaskData(SFT, tokenizer, data)
+        return TaskData(SFT, tokenizer, data)
     raw = load_raw(data_args)
     task = detect_task(raw, data_args) if task == "auto" else task
     tokenizer = load_tokenizer(model_args)
-    return _TaskData(task, tokenizer, prepare(raw, task, tokenizer, data_args))
+    return TaskData(task, tokenizer, prepare(raw, task, tokenizer, data_args))
 
 
-def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str, Any], overrides: Sequence[str]) -> Any:
-    """The model, then the trainer: ``StrategyTrainer``, or TRL's SFT trainer with the plan for ``task: sft``."""
+def build_task_model(parsed: ParsedConfig, task_data: TaskData, meta: bool = False) -> Any:
+    """The model ``train`` trains: its config fitted to the task (a classifier's labels), loaded or built.
+
+    ``meta``: built on the meta device, with no weights (for a plan or a memory estimate). A real one
+    is built after ``set_seed(seed)``, as transformers' example scripts do: weights the checkpoint
+    lacks (a new classification head) start the same in every run of the config.
+    """
+    model_config = load_model_config(parsed.model)
+    # What `plan` does too (cli/plan.py): the same model, the same trainable count.
+    configure_for_task(model_config, task_data.task, getattr(task_data.data, "label_names", []), task_data.tokenizer)
+    if not meta:
+        from transformers import set_seed
+
+        set_seed(parsed.training.seed)
+    return build_model(parsed.model, model_config, task_data.task, meta=meta)
+
+
+def build_trainer(
+    parsed: ParsedConfig, task_data: TaskData, model: Any, config: dict[str, Any], overrides: Sequence[str]
+) -> Any:
+    """The trainer of ``model``: ``StrategyTrainer``, or TRL's SFT trainer with the plan for ``task: sft``."""
     from transformers import DataCollatorWithPadding, default_data_collator
 
     from ..data.metrics import compute_metrics_for
@@ -157,12 +182,6 @@ def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str,
 
     model_args, data_args, training_args, strategy_args, run_args = parsed
     task, tokenizer, data = task_data.task, task_data.tokenizer, task_data.data
-    model_config = load_model_config(model_args)
-    compute_metrics = None
-    configure_for_task(model_config, task, getattr(data, "label_names", []), tokenizer)
-    if task == SEQ_CLS:
-        compute_metrics = compute_metrics_for(run_args.metric)
-    model = build_model(model_args, model_config, task)
     if training_args.eval_strategy != "no" and data.eval is None:
         raise InvalidArgumentError(
             "eval_strategy", getattr(training_args.eval_strategy, "value", training_args.eval_strategy),
@@ -175,7 +194,8 @@ def _build_trainer(parsed: ParsedConfig, task_data: _TaskData, config: dict[str,
     collator = DataCollatorWithPadding(tokenizer) if task == SEQ_CLS else default_data_collator
     return StrategyTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
-        processing_class=tokenizer, data_collator=collator, compute_metrics=compute_metrics,
+        processing_class=tokenizer, data_collator=collator,
+        compute_metrics=compute_metrics_for(run_args.metric) if task == SEQ_CLS else None,
         strategy_args=strategy_args,
     )
 

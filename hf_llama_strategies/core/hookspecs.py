@@ -43,7 +43,7 @@ among the others.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import pluggy
 
@@ -77,6 +77,8 @@ class HookContext(Protocol):
         precision: the precision decision; ``None`` when no precision option is set.
         distributed: the run's DDP / FSDP / DeepSpeed settings.
         hardware: the device the precision decision was made for, once one was asked for.
+        reports: where a plugin publishes what it did during training, by name, for the caller
+            that runs it (the frozen-prefix cache puts its cache, with its counters, there).
     """
 
     plugin_manager: pluggy.PluginManager
@@ -85,6 +87,7 @@ class HookContext(Protocol):
     precision: Optional["PrecisionDecision"]
     distributed: "DistributedSettings"
     hardware: Optional["HardwareProbe"]
+    reports: dict[str, Any]
 
 
 @hookspec

@@ -1,4 +1,5 @@
-"""The frozen-prefix cache's options: ``frozen_prefix_cache``, ``..._dir``, ``..._max_gb``."""
+"""The frozen-prefix cache's options: ``frozen_prefix_cache``, ``..._dir``, ``..._max_gb``, ``..._boundary``,
+``..._prepass``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ...core.options import OptionGroup
+from ...core.options import OptionGroup, check_bool, check_optional_positive_int
 from ...errors import InvalidArgumentError
 
 OFF, MEMORY, DISK = "off", "memory", "disk"
@@ -47,12 +48,34 @@ class FrozenPrefixCacheArguments(OptionGroup):
             )
         },
     )
+    frozen_prefix_cache_boundary: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Cache the input of this decoder layer instead of the lowest layer that ever trains (the default): "
+                "runs that train different top layers then read one cache (`compare` uses it), each running the "
+                "layers between it and its own lowest trained layer without gradients. The number of layers means "
+                "the final norm's input. Must lie at or below the lowest layer that trains."
+            )
+        },
+    )
+    frozen_prefix_cache_prepass: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "true (default): compute every training sample's prefix in a pre-pass before the first step. false: "
+                "compute a sample's prefix when training or evaluation first meets it (a run shorter than an epoch "
+                "computes only what it uses; `compare` uses it)."
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         value = self.frozen_prefix_cache
         if value is not None and (not isinstance(value, str) or value.strip().lower() not in MODES):
             raise InvalidArgumentError("frozen_prefix_cache", value, "'off', 'memory' or 'disk'")
+        self._check_placement()
         mode = self.cache_mode  # null in a YAML file spells the default, off
         directory = self.frozen_prefix_cache_dir
         if directory is not None and (not isinstance(directory, str) or not directory.strip()):
@@ -73,6 +96,21 @@ class FrozenPrefixCacheArguments(OptionGroup):
             raise InvalidArgumentError(
                 "frozen_prefix_cache_max_gb", limit, "unset unless frozen_prefix_cache is 'memory' or 'disk'"
             )
+
+    def _check_placement(self) -> None:
+        """``frozen_prefix_cache_boundary`` and ``frozen_prefix_cache_prepass``: their types, and a cache to place."""
+        check_optional_positive_int(
+            "frozen_prefix_cache_boundary", self.frozen_prefix_cache_boundary, "a decoder layer index, at least 1"
+        )
+        check_bool("frozen_prefix_cache_prepass", self.frozen_prefix_cache_prepass)
+        if self.cache_mode != OFF:
+            return
+        for option, given in (("frozen_prefix_cache_boundary", self.frozen_prefix_cache_boundary is not None),
+                              ("frozen_prefix_cache_prepass", self.frozen_prefix_cache_prepass is False)):
+            if given:
+                raise InvalidArgumentError(
+                    option, getattr(self, option), "unset unless frozen_prefix_cache is 'memory' or 'disk'"
+                )
 
     @property
     def cache_mode(self) -> str:

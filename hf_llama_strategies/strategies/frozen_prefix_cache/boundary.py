@@ -66,6 +66,8 @@ class CacheSettings:
         dir: the cache directory (``disk``).
         max_gb: ``frozen_prefix_cache_max_gb``.
         bytes_per_token: the size of one token's cached hidden states.
+        prepass: compute the training samples in a pre-pass (``frozen_prefix_cache_prepass``);
+            ``False``: when first met.
     """
 
     mode: str
@@ -74,6 +76,7 @@ class CacheSettings:
     dir: Optional[str] = None
     max_gb: Optional[float] = None
     bytes_per_token: int = 0
+    prepass: bool = True
 
     KEY = "frozen_prefix_cache"
 
@@ -130,8 +133,7 @@ def find_boundary(plan: StrategyPlan, anatomy: ModelAnatomy, mode: str = MEMORY)
                 f"({first.reason}). The cache needs frozen layers at the bottom (for example trainable_layers: "
                 "'-2:', or lisa_layers over layers that leave layer 0 out); otherwise set frozen_prefix_cache: off."
             )
-        path = plan.layers_path
-        return Boundary(LAYER, lowest, f"{path}.{lowest}", tuple(f"{path}.{i}" for i in range(lowest)))
+        return _layer_boundary(plan, lowest)
     all_layers = tuple(f"{plan.layers_path}.{i}" for i in range(plan.num_layers))
     norms = [d.name for d in plan if d.kind == NORM]
     if any(d.kind == NORM for d in trainable):
@@ -140,6 +142,42 @@ def find_boundary(plan: StrategyPlan, anatomy: ModelAnatomy, mode: str = MEMORY)
     heads += [alias for d in plan for alias in d.tied_with if anatomy.classify(alias)[0] == HEAD]
     norm_modules = (_single_module(norms, "final norm"),) if norms else ()
     return Boundary(HEAD, plan.num_layers, _single_module(heads, "head"), all_layers + norm_modules)
+
+
+def _layer_boundary(plan: StrategyPlan, index: int) -> Boundary:
+    path = plan.layers_path
+    return Boundary(LAYER, index, f"{path}.{index}", tuple(f"{path}.{i}" for i in range(index)))
+
+
+def boundary_at(plan: StrategyPlan, own: Boundary, index: int) -> Boundary:
+    """``frozen_prefix_cache_boundary``: the input of decoder layer ``index`` (the layer count: the final norm's).
+
+    It may lie below ``own``, the plan's boundary (:func:`find_boundary`): the layers between
+    then run at every step, without gradients (frozen weights fed cached states that need none
+    build no autograd graph), and one cache serves plans whose lowest trained layers differ.
+
+    Raises:
+        PlanError: ``index`` lies above ``own`` (the layers between would be skipped, not
+            trained) or past the last decoder layer.
+    """
+    option = f"frozen_prefix_cache_boundary={index}"
+    if index > plan.num_layers:
+        raise PlanError(
+            f"{option}: {plan.model_class} has {plan.num_layers} decoder layers; give a layer index from 1 to "
+            f"{plan.num_layers} ({plan.num_layers}: the final norm's input)."
+        )
+    if index > own.index:
+        raise PlanError(
+            f"{option} lies above {own.describe()}, the lowest block that trains: the layers between would be "
+            f"skipped instead of trained. Give at most {own.index}, or leave it unset."
+        )
+    if index < plan.num_layers:
+        return _layer_boundary(plan, index)
+    norms = [d.name for d in plan if d.kind == NORM]
+    if own.kind != HEAD or not norms:
+        return own  # already the input of whatever follows the last layer
+    all_layers = tuple(f"{plan.layers_path}.{i}" for i in range(plan.num_layers))
+    return Boundary(NORM, plan.num_layers, _single_module(norms, "final norm"), all_layers)
 
 
 def dtype_size(name: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
@@ -53,6 +54,9 @@ class FrozenPrefixCache:
         prepass_seconds: time of the last pre-pass (``None`` before it ran).
         prepass_samples: samples the last pre-pass computed.
         loaded_entries: entries read from disk when training began.
+        compute_seconds: time spent computing missing rows (the prefix's forward and the copy to
+            the host; the pre-pass included).
+        store_seconds: time spent storing them (in memory, and on disk for ``disk``).
     """
 
     def __init__(self, model: nn.Module, boundary: Boundary, digest: str, store: Optional[ShardStore],
@@ -70,6 +74,8 @@ class FrozenPrefixCache:
         self.prepass_seconds: Optional[float] = None
         self.prepass_samples = 0
         self.loaded_entries = 0
+        self.compute_seconds = 0.0
+        self.store_seconds = 0.0
         self._computing = False
         self._bypass = True
         self._stash: Optional[torch.Tensor] = None
@@ -314,14 +320,18 @@ class FrozenPrefixCache:
                 first_row.setdefault(key, r)
         if not first_row:
             return {}
+        started = time.perf_counter()
         rows = list(first_row.values())
         # Out of inference mode, a clone is an ordinary tensor, which autograd may save.
         hidden = self.compute(inputs, rows).to("cpu").clone()
         new = {key: hidden[i, : ends[r]].clone() for i, (key, r) in enumerate(first_row.items())}
+        computed = time.perf_counter()
+        self.compute_seconds += computed - started
         self.misses += len(rows)
         stored = {key: value for key, value in new.items() if self._store(key, value)}
         if stored and self.store is not None:
             self.store.write(stored)
+        self.store_seconds += time.perf_counter() - computed
         return new
 
     def lookup(self, inputs: Mapping[str, torch.Tensor], labels: Any = None) -> torch.Tensor:

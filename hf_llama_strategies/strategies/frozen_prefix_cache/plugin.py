@@ -9,7 +9,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ...core.anatomy import EMBEDDINGS, ModelAnatomy
-from ...core.hookspecs import hookimpl
+from ...core.hookspecs import HookContext, hookimpl
 from ...core.plan import StrategyPlan
 from ...core.units import format_bytes
 from ...errors import InvalidArgumentError, PlanError
@@ -18,6 +18,7 @@ from .boundary import (
     Boundary,
     CacheSettings,
     active_dropout,
+    boundary_at,
     dtype_size,
     estimated_run_ratio,
     find_boundary,
@@ -25,7 +26,7 @@ from .boundary import (
     prefix_text,
 )
 from .cache import FrozenPrefixCache, get_frozen_prefix_cache, install_frozen_prefix_cache, remove_frozen_prefix_cache
-from .prepass import prepare
+from .prepass import check_samples, prepare
 from .storage import ShardStore
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ def _settings(plan: StrategyPlan, anatomy: ModelAnatomy, args: FrozenPrefixCache
               epochs: Optional[float]) -> CacheSettings:
     mode = args.cache_mode
     boundary = find_boundary(plan, anatomy, mode)
+    if args.frozen_prefix_cache_boundary is not None:
+        boundary = boundary_at(plan, boundary, args.frozen_prefix_cache_boundary)
     embedding = next((d for d in plan if d.kind == EMBEDDINGS and len(d.shape) == 2), None)
     per_token = embedding.shape[1] * dtype_size(embedding.dtype) if embedding is not None else 0
     summary = (
@@ -83,7 +86,7 @@ def _settings(plan: StrategyPlan, anatomy: ModelAnatomy, args: FrozenPrefixCache
         summary += f"; limit {args.frozen_prefix_cache_max_gb:g} GB"
     return CacheSettings(
         mode, summary, boundary, dir=args.cache_dir if mode == DISK else None,
-        max_gb=args.frozen_prefix_cache_max_gb, bytes_per_token=per_token,
+        max_gb=args.frozen_prefix_cache_max_gb, bytes_per_token=per_token, prepass=args.frozen_prefix_cache_prepass,
     )
 
 
@@ -170,9 +173,14 @@ def _installed(model: nn.Module, plan: StrategyPlan, settings: CacheSettings, bo
 
 @hookimpl
 def hfls_on_train_begin(
-    model: nn.Module, plan: StrategyPlan, training_args: Optional["TrainingArguments"], train_dataloader: Any
+    model: nn.Module, plan: StrategyPlan, training_args: Optional["TrainingArguments"], train_dataloader: Any,
+    context: HookContext,
 ) -> None:
-    """Install the cache (reusing a compatible one), size it from the training data, schedule the pre-pass."""
+    """Install the cache (reusing a compatible one), size it from the training data, schedule the pre-pass.
+
+    The installed cache is published as ``context.reports["frozen_prefix_cache"]`` (its counters:
+    ``hits``, ``misses``, ``compute_seconds``, ``store_seconds``...) for the caller that runs the training.
+    """
     settings = CacheSettings.read_from(plan)
     if settings is None or settings.mode == OFF or settings.boundary is None:
         remove_frozen_prefix_cache(model)
@@ -181,10 +189,27 @@ def hfls_on_train_begin(
     cache = _installed(model, plan, settings, settings.boundary, training_args)
     dataset = getattr(train_dataloader, "dataset", None)
     collate = getattr(train_dataloader, "collate_fn", None)
+    if train_dataloader is not None:
+        context.reports[CacheSettings.KEY] = cache
     if dataset is None or collate is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         logger.warning("%s: the training data cannot be indexed; samples are cached as they first arrive.", option)
         return
     batch_size = getattr(training_args, "per_device_eval_batch_size", None) or 8
+    if not settings.prepass:
+        check_samples(cache, dataset, collate, batch_size, option)
+        figure = "no pre-pass (frozen_prefix_cache_prepass: false), samples computed when first met"
+    else:
+        figure = _prepared(cache, settings, dataset, collate, batch_size, training_args, option)
+    if cache.store is not None:
+        figure += f", {cache.loaded_entries} read from {cache.store.directory}"
+    settings.summary = settings.summary.split("; cache: ")[0] + f"; cache: {figure}"
+    settings.write_to(plan)
+    logger.info("%s: %s", option, figure)
+
+
+def _prepared(cache: FrozenPrefixCache, settings: CacheSettings, dataset: Any, collate: Any, batch_size: int,
+              training_args: Optional["TrainingArguments"], option: str) -> str:
+    """Size the cache from the training data and schedule the pre-pass; the figure for the plan's summary."""
     show = training_args is None or (not training_args.disable_tqdm and training_args.process_index == 0)
     # Under DDP a rank trains on 1/world_size of the data per epoch: a pre-pass over all of it would cost
     # each rank world_size epochs of the prefix. Each rank caches what its shard brings as it first arrives.
@@ -194,9 +219,4 @@ def hfls_on_train_begin(
     if world_size > 1:
         logger.info("%s: %d processes: no pre-pass; each rank caches its samples when it first trains on them.",
                     option, world_size)
-    figure = f"{len(dataset)} training samples, {count} to compute (~{format_bytes(estimate)})"
-    if cache.store is not None:
-        figure += f", {cache.loaded_entries} read from {cache.store.directory}"
-    settings.summary = settings.summary.split("; cache: ")[0] + f"; cache: {figure}"
-    settings.write_to(plan)
-    logger.info("%s: %s", option, figure)
+    return f"{len(dataset)} training samples, {count} to compute (~{format_bytes(estimate)})"

@@ -35,15 +35,14 @@ def prepare(cache: FrozenPrefixCache, dataset: Any, collate: Callable[[list], An
         PlanError: the collator or dataset gives a sample other inputs each time, or the cache would
             exceed ``frozen_prefix_cache_max_gb``.
     """
-    chunks = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    chunks = _chunks(dataset, batch_size)
     if not chunks:
         return 0, 0
     pending: list[list[int]] = []
     seen: set[bytes] = set()
     missing_tokens = 0
+    check_samples(cache, dataset, collate, batch_size, option)
     with _preserved_rng():
-        for chunk in chunks[:3]:  # a random collator could repeat itself once by chance
-            _check_deterministic(dataset, collate, chunk, option, cache)
         for chunk in chunks:
             inputs, labels = _collate(dataset, collate, chunk, option)
             ends = cache.row_ends(inputs, labels)
@@ -66,6 +65,22 @@ def prepare(cache: FrozenPrefixCache, dataset: Any, collate: Callable[[list], An
     if pending and prepass:
         cache._pending = lambda: _prepass(cache, dataset, collate, pending, show_progress, option)
     return len(seen), estimate
+
+
+def check_samples(cache: FrozenPrefixCache, dataset: Any, collate: Callable[[list], Any], batch_size: int,
+                  option: str) -> None:
+    """Refuse data whose samples reach the model differently each time (their first batches, collated twice).
+
+    Raises:
+        PlanError: the collator masks at random, or the same samples collate differently.
+    """
+    with _preserved_rng():
+        for chunk in _chunks(dataset, batch_size)[:3]:  # a random collator could repeat itself once by chance
+            _check_deterministic(dataset, collate, chunk, option, cache)
+
+
+def _chunks(dataset: Any, batch_size: int) -> list[list[int]]:
+    return [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
 
 
 def _prepass(cache: FrozenPrefixCache, dataset: Any, collate: Callable[[list], Any], chunks: list[list[int]],
