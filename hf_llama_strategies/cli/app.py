@@ -1,5 +1,5 @@
-"""The ``hf-llama-strategies`` command: ``train``, ``plan``, ``compare`` and ``plugins``; bad input is one line and
-exit code 2."""
+"""The ``hf-llama-strategies`` command: ``train``, ``plan``, ``compare``, ``export`` and ``plugins``; bad input
+is one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -52,12 +52,15 @@ commands:
                                           train candidate strategies (default: head only, last 2, last 25%,
                                           last 50%, full, layer-wise LR decay, LISA) on the same data and
                                           budget; a table, a plot, a recommendation (docs/compare.md)
+  export CONFIG.yaml [--key value ...]   merge LoRA adapter(s) into their base model and save it (a
+                                          LLaMA-Factory merge YAML, or model_name_or_path,
+                                          adapter_name_or_path and export_dir)
   plugins                                 list installed and active plugins with their hooks
 
 `hf-llama-strategies train --help` lists the keys a config file or the command line may set, strategy keys
 first; `--help-all` (or docs/cli-reference.md) every key with its whole help.
 """
-_COMMANDS = ("train", "plan", "compare", "plugins")
+_COMMANDS = ("train", "plan", "compare", "export", "plugins")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,6 +122,9 @@ def _run(command: str, rest: list[str]) -> None:
         print(_USAGE)
         print(short_help(), end="")
         return
+    if command == "export":
+        _export(rest)
+        return
     # The config file is the first word that is not a --key or its value.
     config_path = rest[0] if rest and not rest[0].startswith("-") else None
     overrides = rest[1:] if config_path is not None else rest
@@ -141,6 +147,16 @@ def _run(command: str, rest: list[str]) -> None:
         run_compare(config, overrides, compare_options)
     else:
         run_plan(config, overrides, options=plan_options)
+
+
+def _export(rest: list[str]) -> None:
+    from .export import run_export
+
+    if not rest or rest[0].startswith("-"):
+        raise CliError("export needs a config file (LLaMA-Factory's examples/merge_lora/*.yaml, or model_name_or_path, "
+                       "adapter_name_or_path and export_dir)")
+    out = run_export(load_config_file(rest[0]), rest[1:])
+    print(f"hf-llama-strategies: merged model and tokenizer saved in {out}")
 
 
 def _config(path: Optional[str], overrides: list[str], echo: bool) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from ..data.local import TASKS, DataArguments, check_data_arguments, not_a_file
 from ..data.metrics import metric_path
 from ..data.sft import SFTArguments
 from ..errors import CliError, InvalidArgumentError, StrategyError
+from ..training.peft import PeftArguments, check_peft_arguments
 from ..training.resume import resolve_resume
 from ..training.validation import check_run_arguments
 
@@ -39,8 +40,8 @@ _PATH_KEYS = ("model_name_or_path", "model_config", "tokenizer_name_or_path", "t
 
 
 @dataclass
-class ModelArguments:
-    """Which model to fine-tune."""
+class ModelArguments(PeftArguments):
+    """Which model to fine-tune, and (TRL's keys) whether through LoRA adapters."""
 
     model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "A local model directory or a Hub id: weights are loaded from it."}
@@ -259,6 +260,7 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> Parse
     config = check_config_types(config, ARGUMENT_CLASSES)
     overrides = _join_dash_values(overrides)
     _check_precision_flags(config, overrides)
+    _check_lora_keys(config, overrides)
     parsed = ParsedConfig(*_parse(config, overrides))
     _check_model_keys(parsed.model)
     check_run_arguments(parsed.training)
@@ -302,7 +304,22 @@ def _parse(config: dict[str, Any], overrides: Sequence[str]) -> list[Any]:
     return parsed
 
 
+_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
+              "use_dora")
+
+
+def _check_lora_keys(config: dict[str, Any], overrides: Sequence[str]) -> None:
+    """A LoRA key without ``use_peft`` would be silently ignored (as TRL ignores it): refused instead."""
+    if _truthy(_raw_value("use_peft", config, overrides)):
+        return
+    for key in _LORA_KEYS:
+        value = _raw_value(key, config, overrides)
+        if value is not None and value is not False:
+            raise InvalidArgumentError(key, value, "unset without use_peft: true (it configures the LoRA adapters)")
+
+
 def _check_model_keys(model_args: ModelArguments) -> None:
+    check_peft_arguments(model_args)
     if model_args.task not in TASKS:
         raise InvalidArgumentError("task", model_args.task, f"one of {list(TASKS)}")
     if model_args.model_dtype not in _MODEL_DTYPES:

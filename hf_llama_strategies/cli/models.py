@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 from ..data.local import CAUSAL_LM, SEQ_CLS, SFT
 from ..errors import InvalidArgumentError
@@ -149,7 +150,8 @@ def build_model(model_args: ModelArguments, config: Any, task: str, meta: bool =
                                    first[:300]) from None
 
 
-def load_tokenizer(model_args: ModelArguments) -> Any:
+def load_tokenizer(model_args: ModelArguments, pad_with_eos: bool = True) -> Any:
+    """The tokenizer of ``model_args``; ``pad_with_eos``: one without a pad token pads with EOS."""
     from transformers import AutoTokenizer
 
     source = model_args.tokenizer_name_or_path or _config_source(model_args)
@@ -161,7 +163,34 @@ def load_tokenizer(model_args: ModelArguments) -> Any:
         raise InvalidArgumentError(
             "tokenizer_name_or_path", source, "a tokenizer directory or a reachable Hub id", str(exc)
         ) from None
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None and pad_with_eos:
         # Llama tokenizers ship without a pad token; EOS padding is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def fit_embeddings(model: Any, tokenizer: Any) -> Optional[str]:
+    """Grow the model's embeddings (and head) to the tokenizer's vocabulary; a note saying so, or None.
+
+    As LLaMA-Factory's ``resize_vocab``: rows for a multiple of 64 tokens, each new row the mean
+    of the existing rows plus Gaussian noise of standard deviation ``1/sqrt(hidden size)``.
+    """
+    import torch
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return None
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    new_rows = model.get_input_embeddings().weight.shape[0]
+    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+    outputs = [model.get_input_embeddings().weight]
+    if model.get_output_embeddings() is not None and not tied:
+        outputs.append(model.get_output_embeddings().weight)
+    with torch.no_grad():
+        for weight in outputs:
+            added = new_rows - rows
+            mean = weight[:rows].mean(dim=0, keepdim=True)
+            noise = torch.empty_like(weight[rows:]).normal_(mean=0.0, std=1.0 / math.sqrt(weight.shape[1]))
+            weight[rows:] = mean + noise
+    return (f"embeddings resized from {rows} to {new_rows} rows for the {len(tokenizer) - rows} token(s) added to the "
+            f"vocabulary ({added} new rows: their mean plus noise, as LLaMA-Factory's resize_vocab)")

@@ -100,6 +100,10 @@ def _model_and_plan(model_args: Any, data_args: Any, training_args: Any, strateg
     task, label_names = plan_task(model_args, data_args, model_config)
     configure_for_task(model_config, task, label_names)
     model = build_model(model_args, model_config, task, meta=True)
+    if model_args.use_peft:
+        from ..training.peft import meta_peft_model
+
+        model = meta_peft_model(model, model_args, "SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
     # As `train` would: precision resolved for the hardware (this machine's, or any installed probe plugin's,
     # or --device's).
     context = RunContext.create(strategy_args, training_args, model=model, probe=probe)
