@@ -38,14 +38,16 @@ def key_groups() -> Iterator[tuple[str, str, list[dataclasses.Field]]]:
     from transformers import TrainingArguments
 
     from ..arguments import StrategyArguments
-    from ..data.local import DataArguments
-    from ..data.sft import SFTArguments
-    from .config import ModelArguments, RunArguments
+    from .config import ARGUMENT_CLASSES
 
-    strategy_groups = [c for c in reversed(StrategyArguments.__mro__[1:]) if _own_fields(c)]
-    for cls in [*strategy_groups, StrategyArguments, ModelArguments, DataArguments, SFTArguments, RunArguments]:
-        title = "Options of no one strategy" if cls is StrategyArguments else _title(cls)
-        yield cls.__name__, title, _own_fields(cls)
+    tops = [StrategyArguments] + [c for c in ARGUMENT_CLASSES if c not in (StrategyArguments, TrainingArguments)]
+    seen: set[type] = set()
+    for top in tops:
+        # Each dataclass of its bases that declares fields is a group (the strategies' option groups, a mixin).
+        for cls in [c for c in reversed(top.__mro__) if _own_fields(c) and c not in seen]:
+            seen.add(cls)
+            title = "Options of no one strategy" if cls is StrategyArguments else _title(cls)
+            yield cls.__name__, title, _own_fields(cls)
     yield "TrainingArguments", "transformers.TrainingArguments", [
         f for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")
     ]
