@@ -1,4 +1,8 @@
-"""The model and tokenizer of a CLI run: loaded with weights, or built from a config (on the meta device, ``plan``)."""
+"""The model and tokenizer of a CLI run: loaded with weights, or built from a config (on the meta device, ``plan``).
+
+A GGUF model (``gguf_file``, resolved to its path by ``parse_config``) loads from the ordinary
+folder it converts into (:mod:`.gguf`); ``plan`` reads its config alone.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,27 @@ from ..data.local import CAUSAL_LM, SEQ_CLS, SFT
 from ..errors import InvalidArgumentError
 from ..training.checkpoints import weights_problem
 from .config import ModelArguments
+from .gguf import gguf_model_folder, load_gguf_config
 
 
 def _config_source(model_args: ModelArguments) -> str:
     return str(model_args.model_config or model_args.model_name_or_path)
 
 
+def weights_source(model_args: ModelArguments) -> str:
+    """Where the weights load from: ``model_name_or_path``, or the folder its GGUF file converts into (cached)."""
+    if model_args.gguf_file:
+        option = "gguf_file" if model_args.gguf_file != model_args.model_name_or_path else "model_name_or_path"
+        return gguf_model_folder(model_args.gguf_file, option=option)
+    return str(model_args.model_name_or_path)
+
+
 def load_model_config(model_args: ModelArguments) -> Any:
-    """The model's ``PretrainedConfig`` from ``model_config`` or ``model_name_or_path``."""
+    """The model's ``PretrainedConfig`` from ``model_config``, ``model_name_or_path`` or the GGUF file."""
     from transformers import AutoConfig
 
+    if model_args.gguf_file and model_args.model_config is None:
+        return load_gguf_config(model_args.gguf_file)
     source = _config_source(model_args)
     option = "model_config" if model_args.model_config else "model_name_or_path"
     if model_args.model_config and not os.path.exists(source):
@@ -138,8 +153,10 @@ def build_model(model_args: ModelArguments, config: Any, task: str, meta: bool =
                 return auto.from_config(config, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
         torch.manual_seed(0)
         return auto.from_config(config, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
-    path = str(model_args.model_name_or_path)
-    check_model_weights(path)
+    # A GGUF model loads from the folder it converts into (once); that folder is ours and whole.
+    path = weights_source(model_args)
+    if not model_args.gguf_file:
+        check_model_weights(path)
     try:
         return auto.from_pretrained(
             path, config=config, dtype=_dtype(model_args), trust_remote_code=model_args.trust_remote_code,
@@ -154,7 +171,9 @@ def load_tokenizer(model_args: ModelArguments, pad_with_eos: bool = True) -> Any
     """The tokenizer of ``model_args``; ``pad_with_eos``: one without a pad token pads with EOS."""
     from transformers import AutoTokenizer
 
-    source = model_args.tokenizer_name_or_path or _config_source(model_args)
+    source = model_args.tokenizer_name_or_path
+    if source is None:
+        source = weights_source(model_args) if model_args.gguf_file else _config_source(model_args)
     if source and os.path.isfile(source):
         source = os.path.dirname(source)
     try:

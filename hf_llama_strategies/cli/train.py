@@ -15,13 +15,13 @@ from ..errors import InvalidArgumentError, TrainingStopped
 from ..training.checkpoints import checkpoint_problem
 from ..training.stop_signal import SignalReceived, SignalStop, signal_name
 from .config import ParsedConfig, given, parse_config
-from .models import build_model, configure_for_task, fit_embeddings, load_model_config, load_tokenizer
+from .models import build_model, configure_for_task, fit_embeddings, load_model_config, load_tokenizer, weights_source
 from .output_dir import OutputDir
 from .quiet import quiet_run
 
 #: Keys whose values are input paths: an output_dir holding one is never moved aside.
-_INPUT_KEYS = ("model_name_or_path", "model_config", "tokenizer_name_or_path", "train_file", "validation_file",
-               "deepspeed", "adapter_name_or_path")
+_INPUT_KEYS = ("model_name_or_path", "gguf_file", "model_config", "tokenizer_name_or_path", "train_file",
+               "validation_file", "deepspeed", "adapter_name_or_path")
 
 
 @dataclass
@@ -53,6 +53,8 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = (), config_file
     if parsed.run.resume_note:
         print(f"hf-llama-strategies: {parsed.run.resume_note}")
     quiet_run(parsed.training)
+    if parsed.model.gguf_file:
+        weights_source(parsed.model)  # a GGUF model converted (once) before output_dir is touched
     inputs = run_inputs(parsed, config_file)
     # The CLI holds output_dir's lock itself, for the whole run (not for the trainer's lifetime).
     lock, parsed.strategy.lock_output_dir = parsed.strategy.lock_output_dir, False
