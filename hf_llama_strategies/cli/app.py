@@ -62,7 +62,8 @@ commands:
                                           adapter_name_or_path and export_dir)
   plugins                                 list installed and active plugins with their hooks
 
-`hf-llama-strategies train --help` lists every key a config file or the command line may set.
+`hf-llama-strategies train --help` lists the keys a config file or the command line may set, strategy keys
+first; `--help-all` (or docs/cli-reference.md) every key with its whole help.
 """
 _COMMANDS = ("train", "plan", "compare", "chat", "export", "plugins")
 
@@ -122,9 +123,15 @@ def _run(command: str, rest: list[str]) -> None:
             return
         run_chat(rest)
         return
-    if "-h" in rest or "--help" in rest:
+    if "--help-all" in rest:
         print(_USAGE)
         ArgumentsParser().print_help()
+        return
+    if "-h" in rest or "--help" in rest:
+        from .reference import short_help
+
+        print(_USAGE)
+        print(short_help(), end="")
         return
     if command == "export":
         _export(rest)

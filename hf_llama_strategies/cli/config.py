@@ -104,6 +104,14 @@ class RunArguments:
     metric: str = field(
         default="accuracy", metadata={"help": "Evaluation metric for seq_cls, a module shipped with the package."}
     )
+    plot_loss: bool = field(
+        default=False,
+        metadata={"help": (
+            "At the end, write training_loss.png in output_dir: the training loss by step (and the evaluation "
+            "loss), and each optimizer group's learning rate. Needs matplotlib (the plot extra). As "
+            "LLaMA-Factory's plot_loss."
+        )},
+    )
     #: Set by `resume_from_checkpoint: true` when output_dir holds a run killed before its first checkpoint.
     restart_interrupted: bool = field(default=False, init=False)
     #: What resolving `resume_from_checkpoint` decided that the user should hear (printed by `train`).

@@ -16,8 +16,9 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 DEMO_DIR = os.path.join(ASSETS, "demo")
 CONFIGS_DIR = os.path.join(ASSETS, "configs")
 DEMO_CONFIG: dict[str, Any] = {
-    # The classic recipe on a small Llama built from a bundled config: body frozen except the
-    # last two layers, the classification head trained at a higher rate.
+    # The classic recipe on a small Llama built from a bundled config: the embeddings and the
+    # last two layers train, the layers between them are frozen, the classification head trains
+    # at a higher rate.
     "model_config": DEMO_DIR,
     "tokenizer_name_or_path": DEMO_DIR,
     "task": SEQ_CLS,
@@ -36,6 +37,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "warmup_steps": 10,
     "weight_decay": 0.01,
     "eval_strategy": "epoch",
+    "eval_on_start": True,  # the untrained model's loss first: the before of the before/after
     "save_strategy": "no",
     "logging_steps": 20,
     "seed": 0,
@@ -61,6 +63,7 @@ DEMO_SFT_CONFIG: dict[str, Any] = {
     "learning_rate": 1e-3,
     "warmup_steps": 10,
     "eval_strategy": "epoch",
+    "eval_on_start": True,  # the untrained model's loss first: the before of the before/after
     "save_strategy": "no",
     "logging_steps": 20,
     "seed": 0,

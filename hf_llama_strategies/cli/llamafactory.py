@@ -47,7 +47,6 @@ DROPPED = {
     "overwrite_cache": "no preprocessing cache is kept",
     "tokenized_path": "no preprocessing cache is kept",
     "data_shared_file_system": "no preprocessing cache is kept",
-    "plot_loss": "losses are in trainer_state.json and TensorBoard",
     "include_effective_tokens_per_second": "a logging knob",
     "print_param_status": "the plan table lists every block's trainable parameters",
     "flash_attn": "attention kernel choice (the model's default is used)",

@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any, Optional
 
-from ..data.local import CAUSAL_LM, SEQ_CLS
+from ..data.local import CAUSAL_LM, SEQ_CLS, SFT
 from ..errors import InvalidArgumentError
 from ..training.checkpoints import weights_problem
 from .config import ModelArguments
@@ -94,6 +94,42 @@ def _auto_model_class(task: str) -> Any:
 def task_from_config(config: Any) -> str:
     architectures = getattr(config, "architectures", None) or []
     return SEQ_CLS if any("SequenceClassification" in a for a in architectures) else CAUSAL_LM
+
+
+def plan_task(model_args: ModelArguments, data_args: Any, model_config: Any) -> tuple[str, list[str]]:
+    """The task ``train`` will train, and the classes of a classifier, decided as ``train`` decides them.
+
+    With data, ``task: auto`` is read from the data (instruction records: ``sft``; a label column:
+    ``seq_cls``; else ``causal_lm``) and a classifier's head gets one output per class of the data;
+    without data (``plan`` of a bare model config) the model config's architecture decides.
+    """
+    from ..data.local import detect_task, label_names_of, limit_samples, load_raw
+    from ..data.sft import looks_like_sft
+
+    task = model_args.task
+    if task == SFT or (task == "auto" and getattr(data_args, "train_file", None) is None):
+        return (task_from_config(model_config) if task == "auto" else task), []
+    if task == "auto" and looks_like_sft(data_args):
+        return SFT, []
+    if task == CAUSAL_LM:
+        return task, []
+    import datasets
+
+    datasets.disable_progress_bars()  # as `train` does: local files load in moments
+    raw = load_raw(data_args)
+    task = detect_task(raw, data_args) if task == "auto" else task
+    return task, (label_names_of(limit_samples(raw, data_args), data_args) if task == SEQ_CLS else [])
+
+
+def configure_for_task(model_config: Any, task: str, label_names: list[str], tokenizer: Any = None) -> None:
+    """A classifier's config gets one output per class (and the tokenizer's pad token, to find each text's end)."""
+    if task != SEQ_CLS:
+        return
+    model_config.num_labels = len(label_names)
+    model_config.id2label = dict(enumerate(label_names))
+    model_config.label2id = {name: i for i, name in enumerate(label_names)}
+    if tokenizer is not None:
+        model_config.pad_token_id = tokenizer.pad_token_id
 
 
 def _dtype(model_args: ModelArguments) -> Any:

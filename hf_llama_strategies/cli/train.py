@@ -15,8 +15,9 @@ from ..errors import InvalidArgumentError, TrainingStopped
 from ..training.checkpoints import checkpoint_problem
 from ..training.stop_signal import SignalReceived, SignalStop, signal_name
 from .config import ParsedConfig, given, parse_config
-from .models import build_model, fit_embeddings, load_model_config, load_tokenizer, weights_source
+from .models import build_model, configure_for_task, fit_embeddings, load_model_config, load_tokenizer, weights_source
 from .output_dir import OutputDir
+from .quiet import quiet_run
 
 #: Keys whose values are input paths: an output_dir holding one is never moved aside.
 _INPUT_KEYS = ("model_name_or_path", "gguf_file", "model_config", "tokenizer_name_or_path", "train_file",
@@ -44,9 +45,14 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = (), config_file
         StorageError: the machine failed a write (disk full, ...); what the run had begun of its
             final outputs is removed, its complete checkpoints stay.
     """
+    from ..training.loss_plot import require_matplotlib
+
     parsed = parse_config(config, overrides)
+    if parsed.run.plot_loss:
+        require_matplotlib()
     if parsed.run.resume_note:
         print(f"hf-llama-strategies: {parsed.run.resume_note}")
+    quiet_run(parsed.training)
     if parsed.model.gguf_file:
         weights_source(parsed.model)  # a GGUF model converted (once) before output_dir is touched
     inputs = run_inputs(parsed, config_file)
@@ -60,7 +66,8 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = (), config_file
             metrics = _run(parsed, config, overrides)
     except SignalReceived as received:  # before training began: nothing of this run is kept
         raise TrainingStopped(received.signum, signal_name(received.signum), 0, None) from None
-    print(f"model, tokenizer, strategy_plan.json, metrics and logs saved in {parsed.training.output_dir}")
+    if parsed.training.process_index == 0:
+        print(written_summary(parsed.training.output_dir))
     return metrics
 
 
@@ -82,6 +89,11 @@ def _run(parsed: ParsedConfig, config: dict[str, Any], overrides: Sequence[str])
             metrics.update(_evaluate(trainer, task_data.task))
         with writing("saving trainer_state.json", parsed.training.output_dir):
             trainer.save_state()
+        if parsed.run.plot_loss and trainer.is_world_process_zero():
+            from ..training.loss_plot import plot_loss
+
+            with writing("writing training_loss.png", parsed.training.output_dir):
+                plot_loss(trainer.state.log_history, parsed.training.output_dir)
         return metrics
     except SignalReceived as received:
         raise _stopped_after_training(trainer, received.signum) from None
@@ -101,6 +113,21 @@ def _stopped_after_training(trainer: Any, signum: int) -> TrainingStopped:
         with writing(f"saving checkpoint-{step}", path):
             trainer._save_checkpoint(trainer.model, None)
     return TrainingStopped(signum, name, step, path if checkpoint_problem(path) is None else None)
+
+
+def written_summary(output_dir: str) -> str:
+    """What the run left in ``output_dir``, every file and folder named, and how to look at the logs."""
+    from ..training.loss_plot import LOSS_PLOT
+
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    lines = [f"written in {output_dir}:"]
+    lines += [f"  {name}{os.sep if os.path.isdir(os.path.join(output_dir, name)) else ''}" for name in names]
+    if LOSS_PLOT in names:
+        lines.append(f"the loss plot: open {os.path.join(output_dir, LOSS_PLOT)}")
+    if "runs" in names:
+        lines.append(f"TensorBoard logs: tensorboard --logdir {os.path.join(output_dir, 'runs')}  "
+                     "(then open http://localhost:6006)")
+    return "\n".join(lines)
 
 
 def load_task_data(parsed: ParsedConfig) -> TaskData:
@@ -143,12 +170,8 @@ def build_task_model(parsed: ParsedConfig, task_data: TaskData, meta: bool = Fal
     lacks (a new classification head) start the same in every run of the config.
     """
     model_config = load_model_config(parsed.model)
-    if task_data.task == SEQ_CLS:
-        labels = task_data.data.label_names
-        model_config.num_labels = len(labels)
-        model_config.id2label = dict(enumerate(labels))
-        model_config.label2id = {name: i for i, name in enumerate(labels)}
-        model_config.pad_token_id = task_data.tokenizer.pad_token_id
+    # What `plan` does too (cli/plan.py): the same model, the same trainable count.
+    configure_for_task(model_config, task_data.task, getattr(task_data.data, "label_names", []), task_data.tokenizer)
     if not meta:
         from transformers import set_seed
 
@@ -264,7 +287,9 @@ def _train_or_finish(trainer: Any, training_args: Any) -> dict[str, float]:
 
 
 def _evaluate(trainer: Any, task: str) -> dict[str, float]:
-    metrics = trainer.evaluate()
+    # An evaluation at the last step (eval_strategy: epoch or steps) is the final one: not run twice.
+    last = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+    metrics = {k: v for k, v in last[-1].items() if k != "step"} if last else trainer.evaluate()
     if task in (CAUSAL_LM, SFT) and "eval_loss" in metrics:
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     trainer.log_metrics("eval", metrics)

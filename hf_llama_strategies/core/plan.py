@@ -138,9 +138,13 @@ class StrategyPlan:
         return [name for name, d in self.decisions.items() if predicate(d)]
 
     def note(self, message: str) -> None:
-        """Record a remark shown under the table and stored in the JSON (and log it)."""
+        """Record a remark shown under the table and stored in the JSON.
+
+        Logged at info level only: a run shows it once, in its plan table (``StrategyCallback``
+        logs the notes as warnings instead when ``print_plan: false`` hides the table).
+        """
         self.notes.append(message)
-        logger.warning(message)
+        logger.info(message)
 
     # -- reading --------------------------------------------------------------------------
 

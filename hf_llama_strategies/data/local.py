@@ -331,6 +331,38 @@ def detect_task(raw: Any, data_args: DataArguments) -> str:
     return SEQ_CLS if data_args.label_column in raw["train"].column_names else CAUSAL_LM
 
 
+def limit_samples(raw: Any, data_args: DataArguments) -> Any:
+    """``raw`` cut to ``max_train_samples`` / ``max_eval_samples``."""
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    return type(raw)({k: v.select(range(min(len(v), limits[k]))) if limits.get(k) else v for k, v in raw.items()})
+
+
+def label_names_of(raw: Any, data_args: DataArguments) -> list[str]:
+    """The classes of the label column, in the order the classifier numbers them (checked: two or more).
+
+    Raises:
+        DataFileError: the training data holds one class only.
+        InvalidArgumentError: the validation data has a class the training data lacks.
+    """
+    _check_columns(raw, data_args, [data_args.label_column])
+    _check_labels(raw, data_args)
+    values = raw["train"].unique(data_args.label_column)
+    label_names = list(dict.fromkeys(_label_key(v) for v in sorted(values, key=lambda v: (str(type(v)), v))))
+    if len(label_names) < 2:
+        option, path = _file_of("train", data_args)
+        raise DataFileError(
+            option, path, f"Its label column {data_args.label_column!r} holds one class only "
+            f"({label_names[0]!r} in {len(raw['train'])} example(s)): a classifier needs at least two. Add "
+            "examples of the other classes, or check label_column.",
+        )
+    unseen = {_label_key(v) for split in raw.values() for v in split.unique(data_args.label_column)} - set(label_names)
+    if unseen:
+        raise InvalidArgumentError(
+            "validation_file", sorted(unseen), f"labels that the training data has: {label_names}"
+        )
+    return label_names
+
+
 def _check_columns(raw: Any, data_args: DataArguments, needed: list[str]) -> None:
     for split, dataset in raw.items():
         option = "train_file" if split == "train" else "validation_file"
@@ -351,28 +383,13 @@ def prepare(raw: Any, task: str, tokenizer: Any, data_args: DataArguments) -> Ta
         text = "text"
     needed = [text] + ([data_args.label_column] if task == SEQ_CLS else [])
     _check_columns(raw, data_args, needed)
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
-    raw = type(raw)({k: v.select(range(min(len(v), limits[k]))) if limits.get(k) else v for k, v in raw.items()})
+    raw = limit_samples(raw, data_args)
 
     label_names: list[str] = []
     _check_texts(raw, text, data_args, allow_empty=task != SEQ_CLS)
     if task == SEQ_CLS:
-        _check_labels(raw, data_args)
-        values = raw["train"].unique(data_args.label_column)
-        label_names = list(dict.fromkeys(_label_key(v) for v in sorted(values, key=lambda v: (str(type(v)), v))))
-        if len(label_names) < 2:
-            option, path = _file_of("train", data_args)
-            raise DataFileError(
-                option, path, f"Its label column {data_args.label_column!r} holds one class only "
-                f"({label_names[0]!r} in {len(raw['train'])} example(s)): a classifier needs at least two. Add "
-                "examples of the other classes, or check label_column.",
-            )
+        label_names = label_names_of(raw, data_args)
         index = {name: i for i, name in enumerate(label_names)}
-        unseen = {_label_key(v) for split in raw.values() for v in split.unique(data_args.label_column)} - set(index)
-        if unseen:
-            raise InvalidArgumentError(
-                "validation_file", sorted(unseen), f"labels that the training data has: {label_names}"
-            )
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
             out = tokenizer(batch[text], truncation=True, max_length=data_args.max_seq_length)

@@ -292,7 +292,10 @@ class StrategyCallback(TrainerCallback):
                 context=self.context,
             )
         if state.is_world_process_zero and self.strategy_args.print_plan:
-            plan_report.info(self.plan.table())
+            plan_report.info(self.plan.table())  # the notes are under it: each said once
+        elif state.is_world_process_zero:
+            for note in self.plan.notes:
+                logger.warning(note)
         if args.should_save:
             with writing("saving strategy_plan.json", args.output_dir):
                 self.plan.save(args.output_dir)
