@@ -69,6 +69,27 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(DEMO_DIR)
 
 
+@pytest.fixture
+def gguf_cache(tmp_path, monkeypatch) -> str:
+    """``$HF_HOME`` in ``tmp_path``: GGUF files convert into ``<it>/hf_llama_strategies/gguf``; returns that."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
+    return str(tmp_path / "hf_home" / "hf_llama_strategies" / "gguf")
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, gguf_cache) -> str:
+    """A tiny Llama written as a GGUF file (see ``helpers.write_tiny_gguf``), with the GGUF cache in tmp_path."""
+    pytest.importorskip("gguf")
+    from helpers import write_tiny_gguf
+
+    path = tmp_path / "models" / "tiny-llama.gguf"
+    path.parent.mkdir()
+    write_tiny_gguf(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """One uninterrupted CLI run of 6 steps with checkpoints 2, 4, 6: the result every resume must reach."""

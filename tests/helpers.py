@@ -174,6 +174,97 @@ def write_yaml(path, config):
     return str(path)
 
 
+# -- GGUF files (llama.cpp's format), written from a tiny Llama ---------------------------------
+
+#: ChatML, as SmolLM2's GGUF file ships it (without its default system prompt).
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+GGUF_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+GGUF_MERGES = ["l l", "\u0120 w", "h e"]
+
+
+def _byte_level_chars() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 byte values, in byte order (a byte-level BPE's base vocabulary)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b if b in printable else next(extra)) for b in range(256)]
+
+
+def _llama_cpp_permute(weight, heads: int):
+    """llama.cpp's layout of a q/k projection (rotary halves interleaved), which transformers undoes on load."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+def write_tiny_gguf(path, *, tie: bool = True, layers: int = 2, seed: int = 0, architecture: str = "llama"):
+    """Write a 2-layer Llama (hidden 32, byte-level BPE, ChatML template) as an F32 GGUF file; return the model.
+
+    The tensors and keys are those llama.cpp's converter writes for a Llama; transformers reads the
+    file back to the same weights, bit for bit.
+    """
+    import gguf
+    import numpy as np
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokens = GGUF_SPECIAL + _byte_level_chars() + ["".join(m.split()) for m in GGUF_MERGES]
+    config = LlamaConfig(
+        vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name("tiny-llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(128)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(8)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * len(GGUF_SPECIAL) + [1] * (len(tokens) - len(GGUF_SPECIAL)))
+    writer.add_token_merges(GGUF_MERGES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_chat_template(CHATML)
+    weights = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    for name, value in _gguf_tensors(weights, layers, tie).items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+def _gguf_tensors(weights: dict, layers: int, tie: bool) -> dict:
+    renames = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+    out = {"token_embd.weight": weights["model.embed_tokens.weight"]}
+    for i in range(layers):
+        ours = f"model.layers.{i}."
+        out[f"blk.{i}.attn_q.weight"] = _llama_cpp_permute(weights[ours + "self_attn.q_proj.weight"], 4)
+        out[f"blk.{i}.attn_k.weight"] = _llama_cpp_permute(weights[ours + "self_attn.k_proj.weight"], 2)
+        for theirs, name in renames.items():
+            out[f"blk.{i}.{theirs}.weight"] = weights[ours + name + ".weight"]
+    out["output_norm.weight"] = weights["model.norm.weight"]
+    if not tie:
+        out["output.weight"] = weights["lm_head.weight"]
+    return out
+
+
 # -- TRL (an optional extra: imported only when a test asks for it) ---------------------------
 
 

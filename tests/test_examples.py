@@ -82,3 +82,24 @@ def test_python_api_example(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eval loss" in result.stdout
     assert (tmp_path / "strategy_plan.json").is_file() and (tmp_path / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_identity_demo_trains_and_chats_on_a_tiny_gguf_model(tmp_path, gguf_cache, capsys):
+    """`make demo`'s two commands, with a tiny 8-layer GGUF Llama standing in for SmolLM2 (2 steps)."""
+    pytest.importorskip("gguf")
+    from helpers import write_tiny_gguf
+
+    model, out = str(tmp_path / "tiny.gguf"), tmp_path / "identity"
+    write_tiny_gguf(model, layers=8)
+    demo = os.path.join(ROOT, "examples", "identity")
+    assert cli.main(["train", os.path.join(demo, "identity.yaml"), "--model_name_or_path", model,
+                     "--output_dir", str(out), "--max_steps=2", "--disable_tqdm=true", "--use_cpu=true"]) == 0
+    plan = json.loads((out / "strategy_plan.json").read_text())
+    assert plan["strategy_args"]["trainable_layers"] == "-6:" and plan["settings"]["frozen_prefix_cache"]
+    capsys.readouterr()
+    questions = os.path.join(demo, "questions.txt")
+    assert cli.main(["chat", str(out), "--compare", model, "--prompts", questions, "--max_new_tokens", "3"]) == 0
+    printed = capsys.readouterr().out
+    prompts = [line for line in open(questions, encoding="utf-8").read().splitlines() if line and line[0] != "#"]
+    assert printed.count("\n> ") + printed.startswith("> ") == len(prompts) == printed.count("  base : ")

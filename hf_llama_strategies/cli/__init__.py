@@ -2,8 +2,9 @@
 
 ``config`` parses and checks a flat YAML (and ``--key value`` overrides); ``llamafactory``
 translates a LLaMA-Factory YAML into one; ``output_dir`` keeps an earlier run's files safe;
-``models`` loads the model and tokenizer; ``train``, ``plan``, ``compare`` (with ``candidates``,
-``compare_runs`` and ``compare_report``) and ``app`` are the commands.
+``models`` loads the model and tokenizer, ``gguf`` converts a GGUF file into a model folder (once,
+cached); ``train``, ``plan``, ``compare`` (with ``candidates``, ``compare_runs`` and
+``compare_report``), ``chat`` and ``app`` are the commands.
 """
 
 from .app import main, run_plugins

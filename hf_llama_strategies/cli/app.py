@@ -1,5 +1,5 @@
-"""The ``hf-llama-strategies`` command: ``train``, ``plan``, ``compare`` and ``plugins``; bad input is one line and
-exit code 2."""
+"""The ``hf-llama-strategies`` command: ``train``, ``plan``, ``compare``, ``chat``, ``export`` and ``plugins``; bad
+input is one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 from ..core.faults import machine_fault
 from ..data.local import SFT
 from ..errors import EXIT_STORAGE, CliError, StorageError, StrategyError, TrainingStopped
+from .chat import run_chat
 from .compare import CompareOptions, run_compare, split_compare_options
 from .config import ArgumentsParser, load_config_file, one_line
 from .demo import CONFIGS_DIR, DEMO_CONFIG, DEMO_SFT_CONFIG, demo_config, demo_task
@@ -52,11 +53,18 @@ commands:
                                           train candidate strategies (default: head only, last 2, last 25%,
                                           last 50%, full, layer-wise LR decay, LISA) on the same data and
                                           budget; a table, a plot, a recommendation (docs/compare.md)
+  chat MODEL [--prompt TEXT | --prompts FILE] [--system TEXT] [--max_new_tokens N] [--compare BASE]
+                                          greedy answers of a model folder or .gguf file through its
+                                          chat template (no --prompt: type prompts, an empty line ends);
+                                          --compare prints BASE's answer beside each one
+  export CONFIG.yaml [--key value ...]   merge LoRA adapter(s) into their base model and save it (a
+                                          LLaMA-Factory merge YAML, or model_name_or_path,
+                                          adapter_name_or_path and export_dir)
   plugins                                 list installed and active plugins with their hooks
 
 `hf-llama-strategies train --help` lists every key a config file or the command line may set.
 """
-_COMMANDS = ("train", "plan", "compare", "plugins")
+_COMMANDS = ("train", "plan", "compare", "chat", "export", "plugins")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -108,9 +116,18 @@ def _run(command: str, rest: list[str]) -> None:
             raise CliError(f"plugins takes no arguments, got {' '.join(rest)!r}.")
         run_plugins()
         return
+    if command == "chat":
+        if "-h" in rest or "--help" in rest:
+            print(_USAGE, end="")
+            return
+        run_chat(rest)
+        return
     if "-h" in rest or "--help" in rest:
         print(_USAGE)
         ArgumentsParser().print_help()
+        return
+    if command == "export":
+        _export(rest)
         return
     # The config file is the first word that is not a --key or its value.
     config_path = rest[0] if rest and not rest[0].startswith("-") else None
@@ -134,6 +151,16 @@ def _run(command: str, rest: list[str]) -> None:
         run_compare(config, overrides, compare_options)
     else:
         run_plan(config, overrides, options=plan_options)
+
+
+def _export(rest: list[str]) -> None:
+    from .export import run_export
+
+    if not rest or rest[0].startswith("-"):
+        raise CliError("export needs a config file (LLaMA-Factory's examples/merge_lora/*.yaml, or model_name_or_path, "
+                       "adapter_name_or_path and export_dir)")
+    out = run_export(load_config_file(rest[0]), rest[1:])
+    print(f"hf-llama-strategies: merged model and tokenizer saved in {out}")
 
 
 def _config(path: Optional[str], overrides: list[str], echo: bool) -> dict[str, Any]:

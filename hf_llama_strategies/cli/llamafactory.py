@@ -1,4 +1,4 @@
-"""LLaMA-Factory training YAMLs (``stage: sft``, ``finetuning_type: freeze`` or ``full``), translated.
+"""LLaMA-Factory training YAMLs (``stage: sft``, ``finetuning_type: lora``, ``freeze`` or ``full``), translated.
 
 ``hf-llama-strategies train lf.yaml`` reads a LLaMA-Factory 0.9.5 config, prints the
 equivalent native YAML (with a note for every key that is renamed, dropped or means
@@ -27,11 +27,16 @@ from .config import known_keys, unknown_key_error
 MARKERS = ("stage", "finetuning_type")
 _DATA_MARKERS = ("template", "cutoff_len", "dataset_dir", "freeze_trainable_layers")
 
+# LoRA keys (finetuning_type: lora), translated into PEFT's LoraConfig through TRL's key names.
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "loraplus_lr_ratio",
+             "loraplus_lr_embedding", "use_rslora", "use_dora", "create_new_adapter", "adapter_name_or_path")
+
 TRANSLATED = {
     "stage", "finetuning_type", "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules",
     "use_llama_pro", "dataset", "eval_dataset", "dataset_dir", "cutoff_len", "template", "max_samples", "val_size",
-    "train_on_prompt", "packing", "neat_packing", "default_system", "enable_thinking", "deepspeed",
+    "train_on_prompt", "packing", "neat_packing", "default_system", "enable_thinking", "deepspeed", "tool_format",
     "evaluation_strategy", "warmup_ratio", "mask_history", "use_dft_loss", "bf16", "fp16",
+    *LORA_KEYS,
 }
 
 # Dropped with a note: they change speed, memory, logging or inference, not what is trained.
@@ -70,6 +75,8 @@ DROPPED = {
     "generation_config": "generation setting", "sortish_sampler": "Seq2Seq sampler option",
     "master_addr": "set by the launcher", "master_port": "set by the launcher",
     "compute_dtype": "derived from bf16/fp16", "profile_modules": "a profiling knob",
+    "resize_vocab": "the embeddings grow whenever the template adds tokens (as LLaMA-Factory's resize_vocab: "
+                    "64-row multiples, new rows the mean plus noise, trained with LoRA)",
 }
 _DROPPED_PREFIXES = ("vllm_", "sglang_", "export_", "profiler_", "swanlab_", "ray_")
 _GENERATION = {"do_sample", "temperature", "top_p", "top_k", "num_beams", "max_length", "max_new_tokens",
@@ -81,7 +88,6 @@ REFUSED_UNLESS = {
     "mix_strategy": ("concat", "datasets are concatenated"),
     "interleave_probs": (None, "datasets are concatenated"),
     "eval_on_each_dataset": (False, "one evaluation set"),
-    "tool_format": (None, "tool calls are trained as the text of the reply"),
     "preserve_thinking": (False, "thoughts of earlier turns are kept as written"),
     "use_galore": (False, "GaLore is another optimizer"), "use_apollo": (False, "APOLLO is another optimizer"),
     "use_badam": (False, "BAdam is another optimizer"), "use_adam_mini": (False, "Adam-mini is another optimizer"),
@@ -91,14 +97,13 @@ REFUSED_UNLESS = {
     "use_eaft_loss": (False, "another loss"), "use_unsloth": (False, "Unsloth patches the model"),
     "use_unsloth_gc": (False, "Unsloth patches the model"),
     "mixture_of_depths": (None, "it changes the model"), "shift_attn": (False, "it changes the attention"),
-    "rope_scaling": (None, "it changes the model"), "resize_vocab": (False, "the vocabulary stays as it is"),
+    "rope_scaling": (None, "it changes the model"),
     "split_special_tokens": (False, "special tokens stay whole"), "add_tokens": (None, "the vocabulary stays"),
     "add_special_tokens": (None, "the vocabulary stays"), "new_special_tokens_config": (None, "the vocabulary stays"),
     "init_special_tokens": (None, "the vocabulary stays"),
     "upcast_layernorm": (False, "it changes the numerics"), "upcast_lmhead_output": (False, "it changes the numerics"),
     "train_from_scratch": (False, "use the native model_config key to build fresh weights"),
     "model_revision": ("main", "models load from a local path"),
-    "adapter_name_or_path": (None, "adapters are PEFT's business (see README: PEFT)"),
     "adapter_folder": (None, "adapters are PEFT's business"),
     "quantization_bit": (None, "quantized (QLoRA) models are not supported"),
     "quantization_method": ("bnb", "quantized models are not supported"),
@@ -117,10 +122,9 @@ REFUSED_UNLESS = {
 }
 # Refused whatever their value: they belong to methods this library does not run.
 _REFUSED_PREFIXES = {
-    "lora_": "LoRA (finetuning_type: lora) is PEFT's: wrap the model with peft and use StrategyTrainer",
-    "loraplus_": "LoRA+ is `lr_rules: [\"lora_B=x16\"]` on a PEFT model here",
-    "use_rslora": "LoRA", "use_dora": "LoRA", "pissa_": "LoRA (PiSSA)", "create_new_adapter": "LoRA",
-    "additional_target": "LoRA", "module_dropout": "OFT", "oft_": "OFT",
+    "lora_": "not a LoRA key of LLaMA-Factory 0.9.5 (lora_rank, lora_alpha, lora_dropout, lora_target are)",
+    "loraplus_": "LoRA+ keys here are loraplus_lr_ratio and loraplus_lr_embedding",
+    "pissa_": "PiSSA initialisation is not translated (plain LoRA is)", "module_dropout": "OFT", "oft_": "OFT",
     "pref_": "preference training (DPO/ORPO/SimPO) is not SFT", "dpo_": "DPO is not SFT", "kto_": "KTO is not SFT",
     "simpo_": "SimPO is not SFT", "ppo_": "PPO is not SFT", "ref_model": "a reference model is for preference "
     "training", "reward_model": "reward models are for PPO", "ld_alpha": "preference training",
@@ -145,7 +149,7 @@ def is_llamafactory_config(config: dict[str, Any]) -> bool:
 def _refuse(key: str, value: Any, why: str) -> UnsupportedKeyError:
     return UnsupportedKeyError(
         f"LLaMA-Factory key {key}={value!r} has no meaning here: {why}. Remove it to train the rest "
-        "(hf-llama-strategies translates stage: sft with finetuning_type: freeze or full)."
+        "(hf-llama-strategies translates stage: sft with finetuning_type: lora, freeze or full)."
     )
 
 
@@ -222,18 +226,17 @@ def _dataset_specs(names: list[str], dataset_dir: str, max_samples: Optional[int
                           "local files: download it and give its file_name in dataset_info.json")
         if attr.get("ranking"):
             raise _refuse(f"dataset {name!r}", "ranking: true", "pairwise (DPO/RM) data is not SFT data")
-        columns = _mapping(attr.get("columns"), f"dataset {name!r} columns")
+        given = _mapping(attr.get("columns"), f"dataset {name!r} columns")
         fmt = normalise_format(attr.get("formatting", "alpaca"), f"dataset {name!r} formatting")
-        if fmt == "alpaca" and set(columns) == {"prompt"}:
-            raise _refuse(f"dataset {name!r} columns", columns, "one text column is LLaMA-Factory's pre-training "
+        if fmt == "alpaca" and set(given) == {"prompt"}:
+            raise _refuse(f"dataset {name!r} columns", given, "one text column is LLaMA-Factory's pre-training "
                           "(stage: pt) data, with no response to learn; for raw text use the native task: causal_lm")
-        # LLaMA-Factory reads these only when dataset_info.json names them.
-        columns = {**{c: None for c in UNREAD_BY_DEFAULT if c not in columns}, **columns}
         for column in ("images", "videos", "audios", "chosen", "rejected", "kto_tag"):
-            if columns.get(column):
-                raise _refuse(f"dataset {name!r} columns.{column}", columns[column],
+            if given.get(column):
+                raise _refuse(f"dataset {name!r} columns.{column}", given[column],
                               "multimodal and preference columns are not supported")
-        tags = _mapping(attr.get("tags"), f"dataset {name!r} tags")
+        columns = _lf_columns(name, attr, given, fmt)
+        tags = _lf_tags(attr, f"dataset {name!r} tags")
         path = os.path.join(dataset_dir, attr["file_name"])
         files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith((".json", ".jsonl"))]
                  if os.path.isdir(path) else [path])
@@ -252,6 +255,29 @@ def _dataset_specs(names: list[str], dataset_dir: str, max_samples: Optional[int
                 spec["max_samples"] = int(limit)
             specs.append(spec)
     return specs
+
+
+def _lf_columns(name: str, attr: dict[str, Any], given: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The columns LLaMA-Factory reads: with a ``columns`` entry, exactly those it names (the others
+    unread, whatever their defaults); without one, its defaults, ``system``, ``history`` and
+    ``tools`` unread."""
+    if "columns" not in attr:
+        return {column: None for column in UNREAD_BY_DEFAULT}
+    names = ("prompt", "query", "response", "history", "system", "tools") if fmt == "alpaca" \
+        else ("messages", "system", "tools")
+    if fmt != "alpaca" and not given.get("messages"):
+        raise InvalidArgumentError(f"dataset {name!r} columns", given, "a mapping naming the `messages` column "
+                                   "(LLaMA-Factory reads only the columns an entry names)")
+    return {column: given.get(column) for column in names}
+
+
+def _lf_tags(attr: dict[str, Any], option: str) -> dict[str, Any]:
+    """With a ``tags`` entry, exactly the tags it names (LLaMA-Factory leaves the others unset)."""
+    if "tags" not in attr:
+        return {}
+    given = _mapping(attr["tags"], option)
+    return {tag: given.get(tag) for tag in ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag",
+                                            "function_tag", "system_tag")}
 
 
 def _model_config(path: Optional[str], trust_remote_code: bool) -> Any:
@@ -351,7 +377,7 @@ def translate_llamafactory(
 
     Raises:
         UnsupportedKeyError: a key with no meaning here (named), a stage other than ``sft``,
-            a ``finetuning_type`` other than ``freeze``/``full``.
+            a ``finetuning_type`` other than ``lora``/``freeze``/``full``.
         CliError: an unknown key (with a "did you mean").
         InvalidArgumentError: a dataset not in ``dataset_info.json``, a missing file.
     """
@@ -367,7 +393,13 @@ def translate_llamafactory(
         ignored = [k for k in ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")
                    if k in config]
         if ignored:
-            notes.append(f"{', '.join(ignored)}: ignored with finetuning_type: full (as LLaMA-Factory does)")
+            notes.append(f"{', '.join(ignored)}: ignored with finetuning_type: {finetuning} (as LLaMA-Factory does)")
+    if finetuning == "lora":
+        out.update(_lora_options(config, out, base_dir, notes))
+    else:
+        given = [k for k in LORA_KEYS if config.get(k) not in (None, False)]
+        if given:
+            raise _refuse(given[0], config[given[0]], f"it is a LoRA key, and finetuning_type is {finetuning}")
     out.update(_data_options(config, base_dir, model_config, notes))
     out.update(_template_options(config, notes))
     out.update(_training_options(config, base_dir))
@@ -381,11 +413,56 @@ def _check_stage(config: dict[str, Any]) -> str:
         hint = "; for pre-training on raw text use the native task: causal_lm" if stage == "pt" else ""
         raise _refuse("stage", stage, f"only stage: sft is translated{hint}")
     finetuning = config.get("finetuning_type", "lora")
-    if finetuning not in ("freeze", "full"):
-        default = "" if "finetuning_type" in config else " (LLaMA-Factory's default)"
-        raise _refuse("finetuning_type", finetuning, f"only freeze and full are translated{default}; LoRA and OFT "
-                      "are PEFT's (see README: PEFT)")
+    if finetuning not in ("freeze", "full", "lora"):
+        raise _refuse("finetuning_type", finetuning, "only lora, freeze and full are translated (OFT is not)")
     return str(finetuning)
+
+
+def _lora_options(config: dict[str, Any], passed: dict[str, Any], base_dir: str, notes: list[str]) -> dict[str, Any]:
+    """LLaMA-Factory's LoRA keys as TRL's (PEFT's ``LoraConfig``), LoRA+ as ``lr_rules``."""
+    if _flag(config, "use_llama_pro"):
+        raise _refuse("use_llama_pro", True, "with finetuning_type: lora LLaMA-Factory puts adapters in the expanded "
+                      "layers only; here set use_peft with trainable_layers natively (adapters of those layers train)")
+    rank = _whole(config, "lora_rank", 8, positive=True)
+    alpha = config.get("lora_alpha") or 2 * rank
+    if isinstance(alpha, bool) or not isinstance(alpha, int) or alpha < 1:
+        raise InvalidArgumentError("lora_alpha", alpha, "a whole number of at least 1")
+    dropout = config.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise InvalidArgumentError("lora_dropout", dropout, "a probability in [0, 1)")
+    targets = _names(config.get("lora_target", "all"))
+    out: dict[str, Any] = {"use_peft": True, "lora_r": rank, "lora_alpha": alpha, "lora_dropout": float(dropout),
+                           "lora_target_modules": ["all-linear"] if targets == ["all"] else targets}
+    if targets == ["all"]:
+        notes.append("lora_target: all: PEFT's all-linear, every linear layer but the output head (as LLaMA-Factory)")
+    if config.get("additional_target"):
+        out["lora_modules_to_save"] = _names(config["additional_target"])
+    for key in ("use_rslora", "use_dora", "create_new_adapter"):
+        if _flag(config, key):
+            out[key] = True
+    if config.get("adapter_name_or_path"):
+        out["adapter_name_or_path"] = [_resolve(path, base_dir) for path in _names(config["adapter_name_or_path"])]
+    ratio = config.get("loraplus_lr_ratio")
+    if ratio is not None:
+        out["lr_rules"] = list(passed.get("lr_rules") or []) + _loraplus_rules(config, ratio, targets)
+        notes.append(f"loraplus_lr_ratio {ratio}: lr_rules {out['lr_rules']} (LLaMA-Factory also puts 1-D "
+                     "parameters of additional_target modules at the ratio; here they keep learning_rate)")
+    elif config.get("loraplus_lr_embedding") is not None:
+        notes.append("loraplus_lr_embedding: dropped (it applies with loraplus_lr_ratio only)")
+    return out
+
+
+def _loraplus_rules(config: dict[str, Any], ratio: Any, targets: list[str]) -> list[str]:
+    """LoRA+ as learning-rate rules: ``lora_B`` (and DoRA's magnitudes) at ``ratio`` times the rate."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+        raise InvalidArgumentError("loraplus_lr_ratio", ratio, "a positive number (lr of lora_B / lr of lora_A)")
+    rules = [f"lora_B=x{ratio}"]
+    if _flag(config, "use_dora"):
+        rules.append(f"lora_magnitude_vector=x{ratio}")
+    if any("embed" in t for t in targets):
+        embedding = config.get("loraplus_lr_embedding", 1e-6)
+        rules.append(f"lora_embedding_B={embedding}")
+    return rules
 
 
 def _passed_keys(config: dict[str, Any], notes: list[str]) -> dict[str, Any]:
@@ -423,8 +500,9 @@ def _data_options(config: dict[str, Any], base_dir: str, model_config: Any, note
         out["max_seq_length"] = int(positions)
     out["bad_records"] = "skip"
     notes.append("bad_records: skip: malformed records are left out and counted, as LLaMA-Factory skips them")
-    notes.append("cutoff_len: sequences are cut at the end (TRL); LLaMA-Factory shortens prompt and reply in "
-                 "proportion")
+    if config.get("template") is None:
+        notes.append("cutoff_len: sequences are cut at the end (TRL); LLaMA-Factory shortens prompt and reply in "
+                     "proportion (as here with a template)")
     if _flag(config, "use_dft_loss"):
         out["sft_loss"] = "dft"
     for key in ("train_on_prompt", "mask_history", "default_system", "enable_thinking"):
@@ -439,15 +517,21 @@ def _data_options(config: dict[str, Any], base_dir: str, model_config: Any, note
 def _template_options(config: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     template = config.get("template")
     if template is None:
-        notes.append("no template: the tokenizer's own chat template (LLaMA-Factory falls back to `empty`)")
+        if config.get("tool_format") is not None:
+            raise _refuse("tool_format", config["tool_format"], "it needs a template")
+        notes.append("no template: the tokenizer's own chat template, rendered whole by TRL (LLaMA-Factory parses "
+                     "it into its own template, or falls back to `empty`)")
         return {}
     if template in TEMPLATES:
-        return {"chat_template": template}
+        out = {"template": template}
+        if config.get("tool_format") is not None:
+            out["tool_format"] = config["tool_format"]
+        return out
     if MULTIMODAL_TEMPLATE.search(str(template)):
         raise _refuse("template", template, "a multimodal template (images, video, audio) has no text-only meaning")
     shipped = ", ".join(sorted(TEMPLATES))
-    raise _refuse("template", template, f"no chat template is shipped for it; shipped: {shipped} (or give the "
-                  "native chat_template key a .jinja file)")
+    raise _refuse("template", template, f"it is not one of the templates written here: {shipped} (or give the "
+                  "native chat_template key a .jinja file, for TRL to render)")
 
 
 def _training_options(config: dict[str, Any], base_dir: str) -> dict[str, Any]:

@@ -43,6 +43,10 @@ def run_plan(
     model_config = load_model_config(model_args)
     task = task_from_config(model_config) if model_args.task == "auto" else model_args.task
     model = build_model(model_args, model_config, task, meta=True)
+    if model_args.use_peft:
+        from ..training.peft import meta_peft_model
+
+        model = meta_peft_model(model, model_args, "SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
     # As `train` would: precision resolved for this machine (and by any installed probe plugin).
     context = RunContext.create(strategy_args, training_args, model=model)
     training_args = context.resolve_training_arguments(in_place=False)

@@ -15,12 +15,12 @@ from ..errors import InvalidArgumentError, TrainingStopped
 from ..training.checkpoints import checkpoint_problem
 from ..training.stop_signal import SignalReceived, SignalStop, signal_name
 from .config import ParsedConfig, given, parse_config
-from .models import build_model, load_model_config, load_tokenizer
+from .models import build_model, fit_embeddings, load_model_config, load_tokenizer, weights_source
 from .output_dir import OutputDir
 
 #: Keys whose values are input paths: an output_dir holding one is never moved aside.
-_INPUT_KEYS = ("model_name_or_path", "model_config", "tokenizer_name_or_path", "train_file", "validation_file",
-               "deepspeed")
+_INPUT_KEYS = ("model_name_or_path", "gguf_file", "model_config", "tokenizer_name_or_path", "train_file",
+               "validation_file", "deepspeed", "adapter_name_or_path")
 
 
 @dataclass
@@ -47,6 +47,8 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = (), config_file
     parsed = parse_config(config, overrides)
     if parsed.run.resume_note:
         print(f"hf-llama-strategies: {parsed.run.resume_note}")
+    if parsed.model.gguf_file:
+        weights_source(parsed.model)  # a GGUF model converted (once) before output_dir is touched
     inputs = run_inputs(parsed, config_file)
     # The CLI holds output_dir's lock itself, for the whole run (not for the trainer's lifetime).
     lock, parsed.strategy.lock_output_dir = parsed.strategy.lock_output_dir, False
@@ -107,6 +109,7 @@ def load_task_data(parsed: ParsedConfig) -> TaskData:
 
     from ..data.local import detect_task, load_raw, prepare
     from ..data.sft import load_sft_data, looks_like_sft
+    from ..data.template_data import load_template_data
     from ..training.trl import require_trl
 
     # Local files load in moments; their progress bars would bury the plan and any error.
@@ -114,9 +117,15 @@ def load_task_data(parsed: ParsedConfig) -> TaskData:
     model_args, data_args = parsed.model, parsed.data
     task = model_args.task
     if task == SFT or (task == "auto" and looks_like_sft(data_args)):
-        tokenizer = load_tokenizer(model_args)
+        # A LLaMA-Factory template prepares the tokenizer itself (EOS first, then padding).
+        tokenizer = load_tokenizer(model_args, pad_with_eos=data_args.template is None)
         require_trl()
-        data = load_sft_data(data_args, data_args, tokenizer, seed=parsed.training.seed)
+        if data_args.template is not None:
+            data = load_template_data(data_args, data_args, tokenizer, seed=parsed.training.seed)
+        else:
+            data = load_sft_data(data_args, data_args, tokenizer, seed=parsed.training.seed)
+        for note in data.notes:
+            print(f"hf-llama-strategies: template {data_args.template}: {note}")
         for split, count in data.skipped.items():
             print(f"hf-llama-strategies: skipped {count} bad {split} record(s) (bad_records: skip)")
         return TaskData(SFT, tokenizer, data)
@@ -164,10 +173,12 @@ def build_trainer(
             "eval_strategy", getattr(training_args.eval_strategy, "value", training_args.eval_strategy),
             "'no' when there is no validation data", "Give validation_file or validation_split.",
         )
+    model, peft_config = _adapted(parsed, task_data, model)
     _cli_defaults(training_args, config, overrides)
     # StrategyTrainer builds and checks the plan before Trainer.__init__ creates output_dir.
     if task == SFT:
-        return build_sft_trainer(model, training_args, data_args, data_args, data, tokenizer, strategy_args)
+        return build_sft_trainer(model, training_args, data_args, data_args, data, tokenizer, strategy_args,
+                                 peft_config=peft_config)
     collator = DataCollatorWithPadding(tokenizer) if task == SEQ_CLS else default_data_collator
     return StrategyTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
@@ -175,6 +186,38 @@ def build_trainer(
         compute_metrics=compute_metrics_for(run_args.metric) if task == SEQ_CLS else None,
         strategy_args=strategy_args,
     )
+
+
+def _adapted(parsed: ParsedConfig, task_data: TaskData, model: Any) -> tuple[Any, Any]:
+    """``model`` with its embeddings grown for a template's new tokens and its adapters applied, and the
+    LoRA config TRL is to wrap it with (None: no LoRA, or an adapter that keeps training)."""
+    from transformers import set_seed
+
+    from ..training.peft import embedding_module_names, load_adapters, lora_config
+
+    model_args, training_args = parsed.model, parsed.training
+    task, tokenizer, data = task_data.task, task_data.tokenizer, task_data.data
+    # New embedding rows and adapters are drawn at random: from the run's seed, as LLaMA-Factory seeds first.
+    set_seed(training_args.seed)
+    resized = fit_embeddings(model, tokenizer) if task == SFT and data.tokenized else None
+    if resized:
+        print(f"hf-llama-strategies: {resized}")
+    if not model_args.use_peft:
+        return model, None
+    model, notes = load_adapters(model, model_args)
+    for note in notes:
+        print(f"hf-llama-strategies: {note}")
+    if model_args.adapter_name_or_path and not model_args.create_new_adapter:
+        return model, None  # the last adapter keeps training
+    # New tokens train with the adapter (LLaMA-Factory's resize_vocab does the same).
+    extra = embedding_module_names(model) if resized else ()
+    config = lora_config(model_args, model, "SEQ_CLS" if task == SEQ_CLS else "CAUSAL_LM", modules_to_save=extra)
+    if task == SFT:
+        return model, config  # TRL's SFTTrainer wraps it (peft_config), after setting the seed again
+    from ..training.peft import require_peft
+
+    set_seed(training_args.seed)
+    return require_peft().get_peft_model(model, config), None
 
 
 def _cli_defaults(training_args: Any, config: dict[str, Any], overrides: Sequence[str]) -> None:

@@ -182,13 +182,19 @@ def _has_params(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
+def _saved_original(module: nn.Module) -> nn.Module:
+    """A layer PEFT trains in full (a ``modules_to_save`` wrapper) counts as the layer it wraps."""
+    original = getattr(module, "original_module", None)
+    return original if type(module).__name__ == "ModulesToSaveWrapper" and isinstance(original, nn.Module) else module
+
+
 def _find_layer_list(root: nn.Module) -> Optional[str]:
     """The homogeneous ModuleList of parameterised blocks that holds the most parameters."""
     best: Optional[tuple[int, int, str]] = None
     for path, module in root.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        kinds = {type(child) for child in module}
+        kinds = {type(_saved_original(child)) for child in module}
         if len(kinds) != 1 or not all(_has_params(child) for child in module):
             continue
         numel = sum(parameter_numel(p) for p in module.parameters())

@@ -76,8 +76,20 @@ class SFTArguments:
     )
     chat_template: Optional[str] = field(
         default=None,
-        metadata={"help": "Chat template: a LLaMA-Factory template name (llama3, qwen, mistral, alpaca, default, "
-                          "empty, ...), a .jinja file, or Jinja text. Unset: the tokenizer's own."},
+        metadata={"help": "Chat template that TRL renders (the transformers way): a LLaMA-Factory template name "
+                          "(llama3, qwen, mistral, alpaca, default, empty, ...) written as Jinja, a .jinja file, or "
+                          "Jinja text. Unset: the tokenizer's own."},
+    )
+    template: Optional[str] = field(
+        default=None,
+        metadata={"help": "A LLaMA-Factory template name (llama3, qwen, ...): the examples are tokenized as "
+                          "LLaMA-Factory 0.9.5 tokenizes them (each template piece on its own, its stop words added "
+                          "as special tokens, cutoff in proportion), then handed to TRL. Excludes chat_template."},
+    )
+    tool_format: Optional[str] = field(
+        default=None,
+        metadata={"help": "With template: the tool prompt and function-call format to use instead of the "
+                          "template's own (default, llama3, mistral, qwen, qwen3_5, glm4), as LLaMA-Factory's key."},
     )
     default_system: Optional[str] = field(
         default=None, metadata={"help": "System prompt for records without one (replaces the template's default)."}
@@ -409,16 +421,7 @@ def _load_messages(spec: DatasetSpec, option: str, sft_args: SFTArguments, bad: 
         raise InvalidArgumentError(option, spec.file, "a file with at least one record")
     if spec.max_samples is not None:
         records = records[: int(spec.max_samples)]
-    fmt = normalise_format(spec.format, option)
-    if fmt == "auto":
-        fmt = detect_format(records[0], spec.columns)
-        if fmt is None:
-            keys = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
-            raise InvalidArgumentError(
-                "sft_format", "auto", "alpaca, sharegpt or openai",
-                f"The first record of {spec.file} has keys {keys}: none of instruction/output, conversations, "
-                "messages. Set sft_format (and the columns) for it.",
-            )
+    fmt = record_format(records, spec, option)
     rows = []
     for number, record in enumerate(records, start=1):
         try:
@@ -478,6 +481,10 @@ class SFTData:
     assistant_only_loss: bool  # else prompt/completion form (or the whole sequence with train_on_prompt)
     #: Records left out by ``bad_records: skip``, by split (``train``, ``validation``).
     skipped: dict[str, int] = field(default_factory=dict)
+    #: The datasets hold ``input_ids`` and ``labels`` already (``template:``); TRL takes them as they are.
+    tokenized: bool = False
+    #: What preparing the data changed that the user should hear (tokens added to the vocabulary...).
+    notes: list[str] = field(default_factory=list)
 
 
 def _load_split(split: str, data_args: Any, sft_args: SFTArguments, tokenizer: Any, template: str,
@@ -509,6 +516,33 @@ def _load_split(split: str, data_args: Any, sft_args: SFTArguments, tokenizer: A
     return kept[:limit] if limit else kept
 
 
+def check_sft_arguments(sft_args: SFTArguments) -> None:
+    """Refuse ``task: sft`` options no run can use (each named, with what is valid)."""
+    if sft_args.bad_records not in BAD_RECORDS:
+        raise InvalidArgumentError("bad_records", sft_args.bad_records, f"one of {list(BAD_RECORDS)}")
+    if sft_args.sft_loss not in SFT_LOSSES:
+        raise InvalidArgumentError("sft_loss", sft_args.sft_loss, f"one of {list(SFT_LOSSES)}")
+    normalise_format(sft_args.sft_format)
+    if sft_args.default_system is not None and not isinstance(sft_args.default_system, str):
+        raise InvalidArgumentError("default_system", sft_args.default_system, "the system prompt as text")
+
+
+def record_format(records: list[Any], spec: DatasetSpec, option: str) -> str:
+    """The format of ``spec``'s records: as given, or (``auto``) from the first record's keys."""
+    fmt = normalise_format(spec.format, option)
+    if fmt != "auto":
+        return fmt
+    fmt = detect_format(records[0], spec.columns)
+    if fmt is None:
+        keys = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
+        raise InvalidArgumentError(
+            "sft_format", "auto", "alpaca, sharegpt or openai",
+            f"The first record of {spec.file} has keys {keys}: none of instruction/output, conversations, "
+            "messages. Set sft_format (and the columns) for it.",
+        )
+    return fmt
+
+
 def load_sft_data(data_args: Any, sft_args: SFTArguments, tokenizer: Any, seed: int = 0) -> SFTData:
     """Read, convert and check every record; the datasets in TRL's conversational form.
 
@@ -523,13 +557,10 @@ def load_sft_data(data_args: Any, sft_args: SFTArguments, tokenizer: Any, seed: 
     """
     import datasets
 
-    if sft_args.bad_records not in BAD_RECORDS:
-        raise InvalidArgumentError("bad_records", sft_args.bad_records, f"one of {list(BAD_RECORDS)}")
-    if sft_args.sft_loss not in SFT_LOSSES:
-        raise InvalidArgumentError("sft_loss", sft_args.sft_loss, f"one of {list(SFT_LOSSES)}")
-    normalise_format(sft_args.sft_format)
-    if sft_args.default_system is not None and not isinstance(sft_args.default_system, str):
-        raise InvalidArgumentError("default_system", sft_args.default_system, "the system prompt as text")
+    check_sft_arguments(sft_args)
+    if sft_args.template is not None:
+        raise InvalidArgumentError("template", sft_args.template, "unset for load_sft_data (template data is read "
+                                   "by hf_llama_strategies.data.template_data.load_template_data)")
     template = resolve_chat_template(tokenizer, sft_args)
     # Every reply is learned through the template's generation markers; without them, or with
     # mask_history, TRL's prompt/completion form learns the last one.

@@ -45,22 +45,27 @@ def sft_config(training_args: Any, data_args: Any, sft_args: SFTArguments, data:
 
     trl = require_trl()
     values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    # Tokenized data (template:) is already within cutoff_len, and TRL's truncation would drop the records whose
+    # labels are all masked, which LLaMA-Factory keeps: TRL cuts only to pack.
+    max_length = data_args.max_seq_length if sft_args.packing or not data.tokenized else None
     return trl.SFTConfig(
         **values,
-        max_length=data_args.max_seq_length,
+        max_length=max_length,
         packing=sft_args.packing,
         loss_type=sft_args.sft_loss,
         assistant_only_loss=data.assistant_only_loss,
-        # prompt/completion data: TRL masks the prompt; messages data: the markers do (or nothing, train_on_prompt).
+        # prompt/completion data: TRL masks the prompt; messages data: the markers do (or nothing, train_on_prompt);
+        # tokenized data: its labels.
         completion_only_loss=None,
     )
 
 
 def build_sft_trainer(model: Any, training_args: Any, data_args: Any, sft_args: SFTArguments, data: SFTData,
-                      tokenizer: Any, strategy_args: Any) -> Any:
-    """TRL's ``SFTTrainer`` with :class:`StrategyTrainerMixin` first among its bases."""
+                      tokenizer: Any, strategy_args: Any, peft_config: Any = None) -> Any:
+    """TRL's ``SFTTrainer`` with :class:`StrategyTrainerMixin` first among its bases (``peft_config``: TRL wraps
+    the model in those adapters)."""
     trainer_class = strategy_sft_trainer_class()
     return trainer_class(
         model=model, args=sft_config(training_args, data_args, sft_args, data), train_dataset=data.train,
-        eval_dataset=data.eval, processing_class=tokenizer, strategy_args=strategy_args,
+        eval_dataset=data.eval, processing_class=tokenizer, strategy_args=strategy_args, peft_config=peft_config,
     )
