@@ -281,6 +281,28 @@ def test_plan_says_when_a_run_would_gain(tmp_path):
     assert "per token" in cached.settings["frozen_prefix_cache"]["summary"]
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_estimate_counts_the_head_tied_or_not(tmp_path, tied):
+    # SmolLM2-135M's head, tied to the embeddings, costs per token what 8 of its 30 layers do: an
+    # estimate that left it out (a tied head is listed as the embeddings) promised too much.
+    from hf_llama_strategies.strategies.frozen_prefix_cache.boundary import estimated_run_ratio, find_boundary
+
+    model = tiny_model("llama", tie_word_embeddings=tied)
+    args = make_training_args(tmp_path, max_steps=-1, num_train_epochs=2)
+    plan = build_plan(model, strategy(trainable_layers="-1:", frozen_prefix_cache="memory"), args)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    head, norm = model.lm_head.weight.numel(), model.model.norm.weight.numel()
+    layers = model.config.num_hidden_layers
+    forward = layers * layer + head + norm
+    prefix = (layers - 1) * layer
+    # The weight gradients of what trains (the last layer, the norm, an untied head), the input gradients above.
+    backward = layer + norm + (0 if tied else head) + (forward - prefix)
+    share, ratio = estimated_run_ratio(plan, find_boundary(plan, None), 2)
+    assert (share, ratio) == (prefix / forward, 1 - prefix / (2 * (forward + backward)))
+    assert f"estimated {ratio:.2f} of the uncached run's compute over 2 epochs" in plan.settings[
+        "frozen_prefix_cache"]["summary"]
+
+
 # -- refusals ---------------------------------------------------------------------------------
 
 

@@ -126,6 +126,10 @@ def translate(workdir, **extra):
         ({"pure_bf16": True, "bf16": False}, {"pure_bf16": True, "model_dtype": "bfloat16", "precision": "auto"}),
         ({"neat_packing": True}, {"packing": True}),
         ({"use_dft_loss": True, "mask_history": True}, {"sft_loss": "dft", "mask_history": True}),
+        # LLaMA-Factory checkpoints activations unless told not to (reentrant unless use_reentrant_gc: false).
+        ({}, {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}),
+        ({"use_reentrant_gc": False}, {"activation_checkpointing_kwargs": {"use_reentrant": False}}),
+        ({"gradient_checkpointing": False}, {"activation_checkpointing": True, "gradient_checkpointing": False}),
     ],
 )
 def test_keys_translate(workdir, lf, native):
@@ -133,6 +137,15 @@ def test_keys_translate(workdir, lf, native):
     for key, value in native.items():
         assert out[key] == value, key
     assert out["task"] == "sft"
+
+
+def test_disable_gradient_checkpointing_leaves_activations_unchecked(workdir):
+    out = translate(workdir, disable_gradient_checkpointing=True, use_reentrant_gc=False)
+    assert not {"activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing"} & set(out)
+    from hf_llama_strategies.cli.config import parse_config
+
+    assert parse_config(translate(workdir)).training.activation_checkpointing is True
+    assert parse_config(out).training.activation_checkpointing is False
 
 
 def test_datasets_translate_with_their_columns_tags_and_limits(workdir):

@@ -154,6 +154,7 @@ def test_cli_lora_equals_sft_trainer_given_the_same_peft_config_by_hand(workdir)
 
     from hf_llama_strategies.cli.config import CliDataArguments, parse_config
     from hf_llama_strategies.data.template_data import load_template_data
+    from hf_llama_strategies.training.label_head import install_label_head
 
     config = lf_lora()
     assert cli.main(["train", write(workdir, config)]) == 0
@@ -168,6 +169,9 @@ def test_cli_lora_equals_sft_trainer_given_the_same_peft_config_by_hand(workdir)
     peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     hand = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(workdir / "tiny"), args=args,
                       train_dataset=data.train, processing_class=tokenizer, peft_config=peft_config)
+    # The CLI's SFT trainer scores labels with the CPU label head (its agreement with TRL's own head is
+    # tests/test_label_head.py's); given the same head, the hand-built run is the CLI's bit for bit.
+    assert install_label_head(hand.model.get_base_model())
     hand.train()
     out = workdir / "saves" / "tiny" / "lora" / "sft"
     assert len(losses(out)) == 3 and losses(out) == [h["loss"] for h in hand.state.log_history if "loss" in h]

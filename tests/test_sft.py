@@ -258,7 +258,14 @@ def test_cli_equals_sft_trainer_run_by_hand_with_the_same_freezing(tmp_path, mod
     assert len(cli_losses) == 4 and cli_losses == hand_losses
     saved = load_file(str(out / "model.safetensors"))
     ours = snapshot(model)
+    params = dict(model.named_parameters())
     for name, tensor in saved.items():
+        if name in params and params[name].requires_grad:
+            # The CLI's CPU label head (training/label_head.py) sums the head's gradients over the
+            # vocabulary in another float32 order than TRL's tiles; Adam turns that into ~3e-6 on a
+            # trained weight (tests/test_label_head.py), so 1e-5. Frozen weights stay bit for bit.
+            assert torch.allclose(tensor, params[name].detach(), rtol=0, atol=1e-5), name
+            continue
         assert tensor.flatten().view(torch.uint8).numpy().tobytes() == ours[name], name
     assert ours["model.layers.0.mlp.up_proj.weight"] == start["model.layers.0.mlp.up_proj.weight"]
     assert ours["model.layers.2.mlp.up_proj.weight"] != start["model.layers.2.mlp.up_proj.weight"]

@@ -36,6 +36,7 @@ TRANSLATED = {
     "use_llama_pro", "dataset", "eval_dataset", "dataset_dir", "cutoff_len", "template", "max_samples", "val_size",
     "train_on_prompt", "packing", "neat_packing", "default_system", "enable_thinking", "deepspeed", "tool_format",
     "evaluation_strategy", "warmup_ratio", "mask_history", "use_dft_loss", "bf16", "fp16",
+    "disable_gradient_checkpointing", "use_reentrant_gc",
     *LORA_KEYS,
 }
 
@@ -52,9 +53,6 @@ DROPPED = {
     "flash_attn": "attention kernel choice (the model's default is used)",
     "enable_liger_kernel": "kernel choice",
     "use_v1_kernels": "kernel choice",
-    "disable_gradient_checkpointing": "LLaMA-Factory checkpoints activations by default; here it is "
-                                      "TrainingArguments' gradient_checkpointing (off unless set)",
-    "use_reentrant_gc": "gradient checkpointing detail",
     "low_cpu_mem_usage": "loading detail",
     "use_fast_tokenizer": "the tokenizer's fast version is used when it has one",
     "cache_dir": "models load from model_name_or_path",
@@ -403,6 +401,7 @@ def translate_llamafactory(
     out.update(_data_options(config, base_dir, model_config, notes))
     out.update(_template_options(config, notes))
     out.update(_training_options(config, base_dir))
+    out.update(_checkpointing_options(config, notes))
     return out
 
 
@@ -559,6 +558,30 @@ def _training_options(config: dict[str, Any], base_dir: str) -> dict[str, Any]:
         path = str(config["deepspeed"])
         resolved = _resolve(path, base_dir)
         out["deepspeed"] = resolved if os.path.isfile(resolved) else path
+    return out
+
+
+def _checkpointing_options(config: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """LLaMA-Factory checkpoints activations unless ``disable_gradient_checkpointing: true``.
+
+    It checkpoints only the layers with a trainable parameter (its
+    ``get_custom_gradient_checkpointing_func``); transformers' ``activation_checkpointing`` with
+    this library's ``activation_checkpointing`` plugin does the same: the frozen layers below run
+    once, without a backward.
+    """
+    if _flag(config, "disable_gradient_checkpointing"):
+        return {}
+    if any(key in config for key in ("gradient_checkpointing", "activation_checkpointing")):
+        notes.append("disable_gradient_checkpointing is unset, so LLaMA-Factory checkpoints activations whatever "
+                     "gradient_checkpointing says: so does this run")
+    out: dict[str, Any] = {"activation_checkpointing": True}
+    if not any(key in config for key in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        reentrant = config.get("use_reentrant_gc", True)
+        if not isinstance(reentrant, bool):
+            raise InvalidArgumentError("use_reentrant_gc", reentrant, "true or false")
+        out["activation_checkpointing_kwargs"] = {"use_reentrant": reentrant}
+    notes.append("disable_gradient_checkpointing unset: activations are checkpointed in the layers that train, as "
+                 "LLaMA-Factory does (set disable_gradient_checkpointing: true to trade memory for speed)")
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..data.sft import SFTArguments, SFTData
 from ..errors import StrategyError
+from .label_head import install_label_head
 from .trainer import StrategyTrainerMixin
 
 TRL_MISSING = (
@@ -32,9 +33,16 @@ def require_trl() -> Any:
 def strategy_sft_trainer_class() -> type:
     """``class StrategySFTTrainer(StrategyTrainerMixin, SFTTrainer)``, built once TRL is imported."""
     trl = require_trl()
+    from accelerate.utils import is_peft_model
 
     class StrategySFTTrainer(StrategyTrainerMixin, trl.SFTTrainer):
-        """TRL's ``SFTTrainer`` that trains by a plan."""
+        """TRL's ``SFTTrainer`` that trains by a plan; on a CPU its fused LM head scores only labelled tokens."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # TRL patched the model's forward with its fused head (on the base model of a PEFT model).
+            model = self.model.get_base_model() if is_peft_model(self.model) else self.model
+            install_label_head(model)
 
     return StrategySFTTrainer
 
