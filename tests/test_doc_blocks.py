@@ -21,10 +21,13 @@ import yaml
 from hf_llama_strategies import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The README joins once it is restructured (its blocks are marked or made runnable then).
-PAGES = sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
+PAGES = ["README.md"] + sorted(
+    os.path.relpath(os.path.join(folder, name), ROOT)
+    for folder, _, names in os.walk(os.path.join(ROOT, "docs")) for name in names if name.endswith(".md")
+)
 MARKER = re.compile(r"<!--\s*docs-test:\s*skip\s*\((.+?)\)\s*-->")
-REASONS = ("a GPU", "the Hub", "the real model", "several processes", "an installed package", "a synopsis")
+REASONS = ("a GPU", "the Hub", "the real model", "several processes", "an installed package", "a synopsis",
+           "an install or make target")
 SHELL = ("bash", "sh", "shell", "console")
 TRAIN_QUICK = ["--max_steps", "1", "--eval_strategy", "no", "--max_eval_samples", "8", "--save_strategy", "no",
                "--disable_tqdm", "true", "--report_to", "none"]
@@ -72,6 +75,12 @@ torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
 ds = datasets.Dataset.from_dict({{"input_ids": [[5, 6, 7, 8]] * 8, "labels": [[5, 6, 7, 8]] * 8}})
+# What a page's fragment takes from the script around it: the usual imports and TrainingArguments.
+from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
+from hf_llama_strategies import *
+training_args = TrainingArguments(output_dir="out", max_steps=1, per_device_train_batch_size=4, report_to="none",
+                                  save_strategy="no", use_cpu=True)
+config, strategy = model.config, StrategyArguments(trainable_layers="-2:", precision="auto")
 '''
 
 
@@ -87,12 +96,16 @@ def run_block(block: Block, tmp_path) -> None:
         finally:
             os.chdir(cwd)
     elif block.language in SHELL:
+        runs = 0
         for line in block.code.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if not words:
                 continue
             assert words[0] == "hf-llama-strategies", f"{block.page}:{block.line}: mark or run {line!r}"
-            args = words[1:] + (TRAIN_QUICK + ["--output_dir", str(tmp_path / "run")] if words[1] == "train" else [])
+            # Each train line its own output_dir, but a rerun with --overwrite_output_dir the one before it.
+            runs += "--overwrite_output_dir" not in words
+            out = ["--output_dir", str(tmp_path / f"run-{runs}")]
+            args = words[1:] + (TRAIN_QUICK + out if words[1] == "train" else [])
             cwd = os.getcwd()
             os.chdir(ROOT)
             try:

@@ -89,7 +89,7 @@ class ByHand(TrainerCallback):
 
 
 def lisa_by_hand(seed: int, interval: int, k: int, layers=range(NUM_LAYERS)):
-    # The draw as the README documents it: the k smallest sha256("<seed>:<interval>:<layer>").
+    # The draw as docs/strategies/dynamic-freezing.md documents it: the k smallest sha256("<seed>:<interval>:<layer>").
     def at(step: int) -> list[int]:
         index = step // interval
         key = lambda layer: hashlib.sha256(f"{seed}:{index}:{layer}".encode()).digest()  # noqa: E731
