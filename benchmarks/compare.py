@@ -159,13 +159,14 @@ def run_alone_timed(config: dict[str, Any], keys: dict[str, Any], steps: int, po
     wall = time.perf_counter() - started
     state = json.load(open(os.path.join(alone["output_dir"], "trainer_state.json"), encoding="utf-8"))
     history = state["log_history"]
-    evals = [h for h in history if "eval_loss" in h]
-    train_runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
+    end = next(i for i, h in enumerate(history) if "train_runtime" in h)
+    # The evaluations inside the training loop (train's final one reuses the last step's, or follows it).
+    evals = [h for h in history[:end] if "eval_loss" in h]
+    train_runtime = history[end]["train_runtime"]
     return {
         "wall_seconds": wall, "train_runtime": train_runtime,
-        # The training loop without its evaluations (the last one, after train(), is outside train_runtime).
-        "loop_seconds": train_runtime - sum(h["eval_runtime"] for h in evals[:-1]),
-        "losses": [h["loss"] for h in history if "loss" in h], "eval_losses": [h["eval_loss"] for h in evals[:-1]],
+        "loop_seconds": train_runtime - sum(h["eval_runtime"] for h in evals),
+        "losses": [h["loss"] for h in history if "loss" in h], "eval_losses": [h["eval_loss"] for h in evals],
     }
 
 
