@@ -414,14 +414,19 @@ def looks_like_sft(data_args: Any) -> bool:
     return detect_format(first) is not None
 
 
-def _load_messages(spec: DatasetSpec, option: str, sft_args: SFTArguments, bad: list) -> list[dict]:
-    """The file's records as messages (with where they came from); bad ones go to ``bad``."""
+def dataset_records(spec: DatasetSpec, option: str) -> tuple[list[Any], str]:
+    """A dataset entry's records (its first ``max_samples``) and their format; a file without records is refused."""
     records = read_records(spec.file, option)
     if not records:
         raise InvalidArgumentError(option, spec.file, "a file with at least one record")
     if spec.max_samples is not None:
         records = records[: int(spec.max_samples)]
-    fmt = record_format(records, spec, option)
+    return records, record_format(records, spec, option)
+
+
+def _load_messages(spec: DatasetSpec, option: str, sft_args: SFTArguments, bad: list) -> list[dict]:
+    """The file's records as messages (with where they came from); bad ones go to ``bad``."""
+    records, fmt = dataset_records(spec, option)
     rows = []
     for number, record in enumerate(records, start=1):
         try:

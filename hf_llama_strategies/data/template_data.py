@@ -33,8 +33,7 @@ from .sft import (
     _refuse_or_count,
     _specs,
     check_sft_arguments,
-    read_records,
-    record_format,
+    dataset_records,
 )
 from .template_tokens import (
     ASSISTANT,
@@ -197,12 +196,7 @@ def template_spec(sft_args: SFTArguments) -> TemplateSpec:
 def _encode_records(spec: Any, option: str, encoder: TemplateEncoder, options: EncodeOptions,
                     bad: list) -> list[dict[str, list[int]]]:
     rows = []
-    records = read_records(spec.file, option)
-    if not records:
-        raise InvalidArgumentError(option, spec.file, "a file with at least one record")
-    if spec.max_samples is not None:
-        records = records[: int(spec.max_samples)]
-    fmt = record_format(records, spec, option)
+    records, fmt = dataset_records(spec, option)
     for number, record in enumerate(records, start=1):
         try:
             input_ids, labels = encode_record(encoder, record, fmt, spec.columns, spec.tags, options)
