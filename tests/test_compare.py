@@ -41,8 +41,10 @@ def train_alone(config, keys, out, eval_steps):
     alone.pop("candidates", None)
     run_train(alone)
     history = json.load(open(os.path.join(out, "trainer_state.json"), encoding="utf-8"))["log_history"]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    return [h["loss"] for h in history if "loss" in h], evals[:-1]  # run_train evaluates once more at the end
+    end = next(i for i, h in enumerate(history) if "train_runtime" in h)
+    # The evaluations of the training loop (the final one reuses the last step's, or comes after it).
+    evals = [h["eval_loss"] for h in history[:end] if "eval_loss" in h]
+    return [h["loss"] for h in history if "loss" in h], evals
 
 
 # -- every candidate equals `train` of its keys ---------------------------------------------------------------
