@@ -224,7 +224,9 @@ def test_plan_shows_the_peak_beside_the_table(plan_yaml, capsys):
 def test_plan_json_is_one_object_with_the_estimate(plan_yaml, capsys):
     assert cli.main(["plan", plan_yaml, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == {"plan", "static_memory", "memory", "fit"} and data["fit"] is None
+    assert set(data) == {"plan", "hardware", "static_memory", "memory", "fit"} and data["fit"] is None
+    # The hardware planned for: this machine's, whatever it is (no --device given).
+    assert data["hardware"]["device_type"] and data["hardware"]["description"]
     memory = data["memory"]
     for key in ("peak_bytes", "weights_bytes", "gradients_bytes", "optimizer_state_bytes", "activations_bytes",
                 "peak_phase", "blocks", "not_seen"):
