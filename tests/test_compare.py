@@ -276,3 +276,17 @@ def test_an_earlier_compare_is_refused_or_moved_aside_never_overwritten(tmp_path
     assert code == 0 and report["partial"] is False
     [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("out.earlier-")]
     assert os.listdir(aside) == ["compare.json"] and (aside / "compare.json").read_text() == "{}"
+
+
+def test_compare_is_as_quiet_as_train_about_packages_it_does_not_use(tmp_path, tiny_config_dir, lm_file, monkeypatch,
+                                                                      capsys):
+    from hf_llama_strategies.cli import compare as compare_module
+
+    seen = []
+    monkeypatch.setattr(compare_module, "quiet_run", seen.append)
+    config = lm_config(tiny_config_dir, lm_file, tmp_path / "out")
+    del config["validation_split"]  # refused after the config is read: nothing trains
+    code, _ = compare(tmp_path, config)
+    assert code == 2 and "compare needs evaluation data" in capsys.readouterr().err
+    [training_args] = seen
+    assert training_args.output_dir == str(tmp_path / "out") and not training_args.deepspeed

@@ -36,6 +36,7 @@ from .compare_report import plot, require_matplotlib, table, to_json
 from .compare_runs import Budget, Progress, RunResult, SharedPrefix, train_run
 from .config import ParsedConfig, given, one_line, parse_config
 from .output_dir import OutputDir
+from .quiet import quiet_run
 from .train import TaskData, build_task_model, load_task_data, run_inputs
 
 RESULTS_FILE = "compare.json"
@@ -131,6 +132,7 @@ def run_compare(config: dict[str, Any], overrides: Sequence[str], options: Compa
     source = options.candidates if options.candidates is not None else config.pop("candidates", None)
     config.pop("candidates", None)
     base = parse_config(config, overrides)
+    quiet_run(base.training)  # as `train`: nothing about packages its candidates do not use
     _check_base(base)
     if options.plot:
         require_matplotlib()
