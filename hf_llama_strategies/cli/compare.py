@@ -147,8 +147,7 @@ def run_compare(config: dict[str, Any], overrides: Sequence[str], options: Compa
     # With --json, standard output holds the JSON object alone: whatever a library prints goes to stderr.
     quiet = contextlib.redirect_stdout(sys.stderr) if options.json else contextlib.nullcontext()
     # One rule for an occupied output_dir, as for `train`: refused, or moved aside with overwrite_output_dir.
-    lock, base.strategy.lock_output_dir = base.strategy.lock_output_dir, False
-    with OutputDir(base, run_inputs(base), lock=lock) as output, quiet:
+    with OutputDir(base, run_inputs(base)) as output, quiet:
         for note in output.notes:
             emit(f"hf-llama-strategies: {note}")
         task_data = load_task_data(base)

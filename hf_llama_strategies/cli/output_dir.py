@@ -195,9 +195,11 @@ class OutputDir:
         notes: what the user should hear (a dead run's lock taken over, the earlier run moved aside).
     """
 
-    def __init__(self, parsed: ParsedConfig, inputs: Iterable[str] = (), lock: bool = True) -> None:
+    def __init__(self, parsed: ParsedConfig, inputs: Iterable[str] = ()) -> None:
         self.parsed = parsed
-        self.lock = lock
+        # ``lock_output_dir``: the CLI holds the lock itself, for the whole run, so the trainer it builds
+        # (which would lock only for its own lifetime) is told not to.
+        self.lock, parsed.strategy.lock_output_dir = parsed.strategy.lock_output_dir, False
         self.inputs = list(inputs)
         self.out = parsed.training.output_dir
         self.notes: list[str] = []

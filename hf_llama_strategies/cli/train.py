@@ -56,11 +56,9 @@ def run_train(config: dict[str, Any], overrides: Sequence[str] = (), config_file
     if parsed.model.gguf_file:
         weights_source(parsed.model)  # a GGUF model converted (once) before output_dir is touched
     inputs = run_inputs(parsed, config_file)
-    # The CLI holds output_dir's lock itself, for the whole run (not for the trainer's lifetime).
-    lock, parsed.strategy.lock_output_dir = parsed.strategy.lock_output_dir, False
     signals = SignalStop(defer=False) if parsed.strategy.checkpoint_on_signal else contextlib.nullcontext()
     try:
-        with signals, OutputDir(parsed, inputs, lock=lock) as output:
+        with signals, OutputDir(parsed, inputs) as output:
             for note in output.notes:
                 print(f"hf-llama-strategies: {note}")
             metrics = _run(parsed, config, overrides)
